@@ -1,0 +1,221 @@
+"""HF-style checkpoint I/O: load an HF dir or a sparse checkpoint into a ModelIR, save one atomically.
+
+Every problem with a user's files is a UserError naming the file and tensor.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+from .errors import UserError
+from .ir import ArchConfig, LayerSparsity, ModelIR, Weights, ffn_names, predictor_names
+
+INDEX = "model.safetensors.index.json"
+ST_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL"}
+
+
+def expected_shapes(cfg: ArchConfig, layers: list[LayerSparsity]) -> dict[str, tuple[int, ...]]:
+    """Every tensor a model of this config must have, with its shape."""
+    H, I, V, hd = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
+    q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    s = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
+    if not cfg.tie_word_embeddings:
+        s["lm_head.weight"] = (V, H)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}"
+        s |= {f"{p}.input_layernorm.weight": (H,), f"{p}.post_attention_layernorm.weight": (H,),
+              f"{p}.self_attn.q_proj.weight": (q, H), f"{p}.self_attn.k_proj.weight": (kv, H),
+              f"{p}.self_attn.v_proj.weight": (kv, H), f"{p}.self_attn.o_proj.weight": (H, q)}
+        if cfg.attention_bias:
+            s |= {f"{p}.self_attn.q_proj.bias": (q,), f"{p}.self_attn.k_proj.bias": (kv,),
+                  f"{p}.self_attn.v_proj.bias": (kv,)}
+        experts = [None] if not cfg.is_moe else list(range(cfg.num_experts))
+        if cfg.is_moe:
+            s[f"{p}.block_sparse_moe.gate.weight"] = (cfg.num_experts, H)
+        for e in experts:
+            g, u, d = ffn_names(i, e)
+            s |= {g: (I, H), u: (I, H), d: (H, I)}
+            ann = layers[i] if e is None else layers[i].experts[e]
+            if ann.predictor is not None:
+                f1, f2 = predictor_names(i, e)
+                s |= {f1: (ann.predictor.rank, H), f2: (I, ann.predictor.rank)}
+    return s
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """Parse and sanity-check a safetensors header without loading tensors (no huge allocation on bad input)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise UserError(f"{path}: truncated safetensors file (no header)")
+            n = struct.unpack("<Q", raw)[0]
+            if n > min(size - 8, 100 * 1024**2):
+                raise UserError(f"{path}: safetensors header length {n} exceeds the file size")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path}: corrupt safetensors header") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: corrupt safetensors header")
+    data_len = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            lo, hi = info["data_offsets"]
+            dtype, shape = info["dtype"], info["shape"]
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path}: tensor {name}: corrupt header entry") from None
+        if dtype not in ST_DTYPES:
+            raise UserError(f"{path}: tensor {name}: unsupported dtype {dtype}")
+        if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi <= data_len):
+            raise UserError(f"{path}: tensor {name}: data lies outside the file (truncated?)")
+    return header
+
+
+def _weight_files(root: Path) -> dict[str, Path]:
+    """name -> file, from a single model.safetensors, an index, or every *.safetensors in the dir."""
+    index = root / INDEX
+    if index.exists():
+        wm = _read_json(index).get("weight_map")
+        if not isinstance(wm, dict):
+            raise UserError(f"{index}: no weight_map")
+        files = {}
+        for name, fname in wm.items():
+            p = root / str(fname)
+            if Path(fname).name != fname:
+                raise UserError(f"{index}: tensor {name}: shard name {fname!r} is not a plain file name")
+            if not p.exists():
+                raise UserError(f"{index}: tensor {name}: shard {fname} is missing")
+            files[name] = p
+        headers = {p: read_safetensors_header(p) for p in set(files.values())}
+        for name, p in files.items():
+            if name not in headers[p]:
+                raise UserError(f"{p}: tensor {name} listed in {INDEX} is not in the shard")
+        return files
+    shards = sorted(root.glob("*.safetensors"))
+    if not shards:
+        raise UserError(f"{root}: no *.safetensors weights found")
+    files = {}
+    for p in shards:
+        for name in read_safetensors_header(p):
+            if name != "__metadata__":
+                files[name] = p
+    return files
+
+
+def validate_weights(ir: ModelIR, where: Path, check_values: bool = True) -> None:
+    """Every expected tensor is present with the right shape, a float dtype and finite values."""
+    import torch
+    want = expected_shapes(ir.config, ir.layers)
+    for name, shape in want.items():
+        if name not in ir.weights:
+            raise UserError(f"{where}: missing tensor {name}")
+        t = ir.weights[name]
+        if tuple(t.shape) != shape:
+            raise UserError(f"{where}: tensor {name} has shape {tuple(t.shape)}, expected {shape}")
+        if not t.is_floating_point():
+            raise UserError(f"{where}: tensor {name} has dtype {t.dtype}, expected a float type")
+        if check_values and not torch.isfinite(t).all():
+            raise UserError(f"{where}: tensor {name} contains NaN or Inf")
+
+
+def load_checkpoint(root: Path, check_values: bool = True) -> ModelIR:
+    """Load an HF checkpoint dir or a tscompile sparse checkpoint."""
+    if not root.is_dir():
+        raise UserError(f"{root}: not a checkpoint directory")
+    cfg_json = _read_json(root / "config.json")
+    cfg = ArchConfig.from_hf(cfg_json, str(root / "config.json"))
+    ts = cfg_json.get("tscompile") or {}
+    if ts and ts.get("format_version") != 1:
+        raise UserError(f"{root / 'config.json'}: tscompile.format_version {ts.get('format_version')!r} "
+                        "is not supported (expected 1)")
+    layers_json = ts.get("layers")
+    if layers_json is not None:
+        if not isinstance(layers_json, list) or len(layers_json) != cfg.num_layers:
+            raise UserError(f"{root / 'config.json'}: tscompile.layers must list {cfg.num_layers} layers")
+        layers = [LayerSparsity.from_json(d, f"{root / 'config.json'}: tscompile.layers[{i}]")
+                  for i, d in enumerate(layers_json)]
+    else:
+        layers = []
+    tok = root / "tokenizer.json"
+    ir = ModelIR(cfg, Weights(_weight_files(root)), tok.read_text() if tok.exists() else None, layers,
+                 ts.get("meta", {}))
+    validate_weights(ir, root, check_values)
+    return ir
+
+
+def save_checkpoint(ir: ModelIR, out: Path, shard_bytes: int) -> None:
+    """Write into a temp dir beside `out`, then rename: a killed save never leaves a complete-looking dir."""
+    import torch
+    from safetensors.torch import save_file
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        names = sorted(ir.weights)
+        shards, cur, cur_bytes = [], {}, 0
+        for name in names:
+            t = ir.weights[name].contiguous()
+            nbytes = t.numel() * t.element_size()
+            if cur and cur_bytes + nbytes > shard_bytes:
+                shards.append(cur)
+                cur, cur_bytes = {}, 0
+            cur[name], cur_bytes = t, cur_bytes + nbytes
+        shards.append(cur)
+        if len(shards) == 1:
+            save_file(_untie(shards[0]), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            wm, total = {}, 0
+            for k, shard in enumerate(shards):
+                fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(_untie(shard), str(tmp / fname), metadata={"format": "pt"})
+                wm |= {n: fname for n in shard}
+                total += sum(t.numel() * t.element_size() for t in shard.values())
+            (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": wm}, indent=1))
+        (tmp / "config.json").write_text(json.dumps(ir.config_json(), indent=1, default=_json_default))
+        if ir.tokenizer_json is not None:
+            (tmp / "tokenizer.json").write_text(ir.tokenizer_json)
+        del torch
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _untie(tensors: dict) -> dict:
+    # safetensors refuses tensors sharing storage; clone the rare shared ones.
+    seen, out = set(), {}
+    for n, t in tensors.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        out[n] = t.clone() if key in seen else t
+        seen.add(key)
+    return out
+
+
+def _json_default(o):
+    try:
+        import numpy as np
+        if isinstance(o, np.generic):
+            return o.item()
+    except ImportError:
+        pass
+    raise TypeError(f"not JSON serializable: {type(o)}")

@@ -1,0 +1,293 @@
+"""ModelIR: architecture, lazily loaded weights (HF names), tokenizer, per-layer sparsity annotations.
+
+Saved as an HF-style *sparse checkpoint* (docs/checkpoint-format.md):
+  config.json        HF config (loadable by transformers for dense families) + a "tscompile" section
+  model.safetensors  HF tensor names (+ model.layers.{i}.mlp.predictor.fc{1,2}.weight), sharded with an index when large
+  tokenizer.json     HF tokenizers file
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+FAMILIES = ("llama", "mistral", "qwen2", "mixtral")
+ACTIVATIONS = ("swiglu", "geglu", "relu", "drelu")   # FATReLU = relu/drelu with threshold > 0
+MODES = ("dense", "exact", "predictor")              # how a backend picks the neurons to compute
+FORMAT_VERSION = 1
+SHARD_BYTES = 2 * 1024**3
+
+
+@dataclass
+class ArchConfig:
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None          # {"rope_type": "linear", "factor": f} or llama3-style
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None        # mistral: attend to the last W positions only
+    attention_bias: bool = False             # qwen2: bias on q, k, v
+    num_experts: int = 0                     # mixtral: experts per layer (0 = dense FFN)
+    num_experts_per_tok: int = 0
+    max_position_embeddings: int = 4096
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def to_hf(self) -> dict[str, Any]:
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM"}[self.family]
+        d = {
+            "architectures": [arch], "model_type": self.family,
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim, "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
+            "rms_norm_eps": self.rms_norm_eps, "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings, "hidden_act": "silu",
+            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "torch_dtype": "float32",
+        }
+        if self.family in ("mistral", "mixtral", "qwen2"):
+            d["sliding_window"] = self.sliding_window
+        if self.family == "qwen2":
+            d["use_sliding_window"] = self.sliding_window is not None
+        if self.family == "llama":
+            d["attention_bias"] = self.attention_bias
+        if self.is_moe:
+            d["num_local_experts"] = self.num_experts
+            d["num_experts_per_tok"] = self.num_experts_per_tok
+        return d
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any], where: str = "config.json") -> "ArchConfig":
+        family = d.get("model_type")
+        if family not in FAMILIES:
+            raise UserError(f"{where}: model_type {family!r} is not supported (supported: {', '.join(FAMILIES)})")
+        try:
+            heads = int(d["num_attention_heads"])
+            hidden = int(d["hidden_size"])
+            window = d.get("sliding_window")
+            if family == "qwen2" and not d.get("use_sliding_window", False):
+                window = None
+            return cls(
+                family=family, vocab_size=int(d["vocab_size"]), hidden_size=hidden,
+                intermediate_size=int(d["intermediate_size"]), num_layers=int(d["num_hidden_layers"]),
+                num_heads=heads, num_kv_heads=int(d.get("num_key_value_heads") or heads),
+                head_dim=int(d.get("head_dim") or hidden // heads),
+                rope_theta=float(d.get("rope_theta", 10000.0)), rope_scaling=d.get("rope_scaling"),
+                rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                sliding_window=int(window) if window else None,
+                attention_bias=family == "qwen2" or bool(d.get("attention_bias", False)),
+                num_experts=int(d.get("num_local_experts", 0) or 0),
+                num_experts_per_tok=int(d.get("num_experts_per_tok", 0) or 0),
+                max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+                bos_token_id=d.get("bos_token_id"), eos_token_id=_first(d.get("eos_token_id")),
+            )
+        except KeyError as e:
+            raise UserError(f"{where}: missing key {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{where}: bad value: {e}") from None
+
+
+def _first(x):
+    return x[0] if isinstance(x, list) and x else x
+
+
+@dataclass
+class Predictor:
+    rank: int
+    threshold: float = 0.0      # a neuron is computed iff its logit >= threshold
+    relu: bool = True           # fc2(relu(fc1 x)); False = fc2(fc1 x) (Deja Vu's linear predictor)
+
+
+@dataclass
+class FFNSparsity:
+    """Sparsity annotation of one FFN (a layer's MLP, or one expert of an MoE layer)."""
+    activation: str = "swiglu"
+    threshold: float = 0.0      # neuron j is active iff |act(x Wg)_j * up_j| > threshold (see docs)
+    mode: str = "dense"         # dense | exact (gate computed densely) | predictor
+    predictor: Predictor | None = None
+    stats: dict[str, Any] = field(default_factory=dict)   # sparsity, frequency summary, recall, ...
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], where: str) -> "FFNSparsity":
+        d = dict(d)
+        if d.get("activation") not in ACTIVATIONS:
+            raise UserError(f"{where}.activation: {d.get('activation')!r} is not one of {', '.join(ACTIVATIONS)}")
+        if d.get("mode", "dense") not in MODES:
+            raise UserError(f"{where}.mode: {d.get('mode')!r} is not one of {', '.join(MODES)}")
+        pred = d.pop("predictor", None)
+        try:
+            out = cls(**{k: v for k, v in d.items() if k != "experts"})
+            out.predictor = Predictor(**pred) if pred else None
+        except TypeError as e:
+            raise UserError(f"{where}: {e}") from None
+        return out
+
+
+@dataclass
+class LayerSparsity(FFNSparsity):
+    experts: list[FFNSparsity] | None = None   # MoE: one annotation per expert
+
+    def ffns(self) -> list[FFNSparsity]:
+        return self.experts if self.experts is not None else [self]
+
+    def to_json(self) -> dict[str, Any]:
+        d = super().to_json()
+        if self.experts is None:
+            d.pop("experts")
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], where: str) -> "LayerSparsity":
+        base = FFNSparsity.from_json(d, where)
+        out = cls(**dataclasses.asdict(base))
+        out.predictor = base.predictor
+        if d.get("experts") is not None:
+            out.experts = [FFNSparsity.from_json(e, f"{where}.experts[{k}]") for k, e in enumerate(d["experts"])]
+        return out
+
+
+class Weights(Mapping):
+    """name -> torch.Tensor, read lazily (memory-mapped) from safetensors files, with in-memory overrides."""
+
+    def __init__(self, files: dict[str, Path] | None = None, tensors: dict[str, Any] | None = None):
+        self._files = dict(files or {})      # name -> file holding it
+        self._mem = dict(tensors or {})
+        self._handles: dict[Path, Any] = {}
+
+    def __getitem__(self, name):
+        if name in self._mem:
+            return self._mem[name]
+        if name not in self._files:
+            raise KeyError(name)
+        from safetensors import safe_open
+        path = self._files[name]
+        h = self._handles.get(path)
+        if h is None:
+            h = self._handles[path] = safe_open(str(path), framework="pt")
+        return h.get_tensor(name)
+
+    def __setitem__(self, name, tensor):
+        self._mem[name] = tensor
+        self._files.pop(name, None)
+
+    def __delitem__(self, name):
+        self._mem.pop(name, None)
+        self._files.pop(name, None)
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._mem
+        yield from (k for k in self._files if k not in self._mem)
+
+    def __len__(self):
+        return len(set(self._mem) | set(self._files))
+
+    def copy(self) -> "Weights":
+        return Weights(self._files, self._mem)
+
+
+def ffn_prefix(layer: int, expert: int | None = None) -> str:
+    """HF name prefix of one FFN: the dense MLP, or one Mixtral expert."""
+    if expert is None:
+        return f"model.layers.{layer}.mlp"
+    return f"model.layers.{layer}.block_sparse_moe.experts.{expert}"
+
+
+def ffn_names(layer: int, expert: int | None = None) -> tuple[str, str, str]:
+    """(gate, up, down) weight names. Shapes: gate/up [inter, hidden], down [hidden, inter] (HF layout)."""
+    p = ffn_prefix(layer, expert)
+    if expert is None:
+        return f"{p}.gate_proj.weight", f"{p}.up_proj.weight", f"{p}.down_proj.weight"
+    return f"{p}.w1.weight", f"{p}.w3.weight", f"{p}.w2.weight"   # Mixtral: w1 gate, w3 up, w2 down
+
+
+def predictor_names(layer: int, expert: int | None = None) -> tuple[str, str]:
+    """(fc1 [rank, hidden], fc2 [inter, rank])."""
+    p = ffn_prefix(layer, expert)
+    return f"{p}.predictor.fc1.weight", f"{p}.predictor.fc2.weight"
+
+
+@dataclass
+class ModelIR:
+    config: ArchConfig
+    weights: Weights
+    tokenizer_json: str | None = None
+    layers: list[LayerSparsity] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)   # provenance: source, passes applied
+
+    def __post_init__(self):
+        if not self.layers:
+            self.layers = [self.default_layer() for _ in range(self.config.num_layers)]
+
+    def default_layer(self) -> LayerSparsity:
+        if self.config.is_moe:
+            return LayerSparsity(experts=[FFNSparsity() for _ in range(self.config.num_experts)])
+        return LayerSparsity()
+
+    def ffn_units(self) -> Iterator[tuple[int, int | None, FFNSparsity]]:
+        """Every FFN of the model: (layer, expert or None, its annotation)."""
+        for i, layer in enumerate(self.layers):
+            if layer.experts is None:
+                yield i, None, layer
+            else:
+                for e, ann in enumerate(layer.experts):
+                    yield i, e, ann
+
+    def clone(self) -> "ModelIR":
+        """A copy whose annotations and weight table can be changed without touching this one."""
+        return ModelIR(self.config, self.weights.copy(), self.tokenizer_json,
+                       copy.deepcopy(self.layers), copy.deepcopy(self.meta))
+
+    # ---- sparse checkpoint ---------------------------------------------------------------------
+
+    def config_json(self) -> dict[str, Any]:
+        d = self.config.to_hf()
+        d["tscompile"] = {"format_version": FORMAT_VERSION,
+                          "layers": [layer.to_json() for layer in self.layers], "meta": self.meta}
+        return d
+
+    def save(self, out: str | os.PathLike, shard_bytes: int = SHARD_BYTES) -> None:
+        """Write the sparse checkpoint into `out` (which must not hold another checkpoint's shards)."""
+        from .checkpoint import save_checkpoint
+        save_checkpoint(self, Path(out), shard_bytes)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ModelIR":
+        from .checkpoint import load_checkpoint
+        return load_checkpoint(Path(path))
+
+    def content_hash(self) -> str:
+        """sha256 over config, annotations, tokenizer and every tensor's dtype, shape and bytes."""
+        import torch
+        h = hashlib.sha256()
+        h.update(json.dumps(self.config_json(), sort_keys=True, default=str).encode())
+        h.update((self.tokenizer_json or "").encode())
+        for name in sorted(self.weights):
+            t = self.weights[name].contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
