@@ -233,8 +233,9 @@ class ReferenceModel(nn.Module):
     def from_ir(cls, ir: ModelIR, dtype=torch.float32, device="cpu") -> "ReferenceModel":
         with torch.device("meta"):
             m = cls(ir.config, ir.layers)
-        sd = {n: ir.weights[n].to(device=device, dtype=dtype) for n in ir.weights}
-        m.load_state_dict(sd, assign=True, strict=True)
+        # the checkpoint may hold more than the model uses (statistics such as activation frequencies)
+        sd = {n: ir.weights[n].to(device=device, dtype=dtype) for n in m.state_dict() if n != "inv_freq"}
+        m.load_state_dict(sd, assign=True, strict=False)
         m.inv_freq = rope_inv_freq(ir.config).to(device)
         return m.eval()
 
