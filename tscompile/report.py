@@ -1,0 +1,127 @@
+"""verify.json and report.md (tables + PNG plots) for a build directory."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    if isinstance(x, bool) or x is None:
+        return str(x)
+    if isinstance(x, float):
+        return "—" if math.isnan(x) else f"{x:.{digits}g}"
+    return str(x)
+
+
+def _plot(path: Path, draw) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=110)
+    draw(ax)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path.name
+
+
+def plot_layer_sparsity(results: dict[str, Any], out: Path) -> str | None:
+    q = results.get("quality") or {}
+    if not q:
+        return None
+
+    def draw(ax):
+        for name, r in q.items():
+            ax.plot(range(len(r["layer_sparsity"])), r["layer_sparsity"], marker="o", ms=3, label=name)
+        ax.set(xlabel="layer", ylabel="FFN sparsity", ylim=(0, 1), title="Measured FFN sparsity per layer")
+        ax.legend()
+    return _plot(out / "layer_sparsity.png", draw)
+
+
+def plot_predictors(results: dict[str, Any], out: Path) -> str | None:
+    stats = [a.get("stats", {}) for a in results.get("annotations", [])]
+    if not any("recall" in s for s in stats):
+        return None
+
+    def draw(ax):
+        xs = range(len(stats))
+        ax.plot(xs, [s.get("recall", float("nan")) for s in stats], marker="o", ms=3, label="recall")
+        ax.plot(xs, [s.get("predicted_sparsity", float("nan")) for s in stats], marker="s", ms=3,
+                label="predicted sparsity")
+        ax.plot(xs, [s.get("true_sparsity", float("nan")) for s in stats], ls="--", label="true sparsity")
+        ax.set(xlabel="layer", ylim=(0, 1.02), title="Predictors: recall vs predicted sparsity")
+        ax.legend()
+    return _plot(out / "predictors.png", draw)
+
+
+def plot_speedup(results: dict[str, Any], out: Path) -> str | None:
+    sp = {n: r["speed"]["speedup"] for n, r in results["targets"].items() if "speed" in r}
+    if not sp:
+        return None
+
+    def draw(ax):
+        ax.bar(list(sp), list(sp.values()), color="#4c72b0")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set(ylabel="decode speedup vs dense", title="Sparse vs dense build, same backend")
+    return _plot(out / "speedup.png", draw)
+
+
+def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
+    env = results["environment"]
+    lines = [f"# tscompile build report: {results['spec']}", "",
+             f"Verdict: **{'PASS' if results['ok'] else 'FAIL'}** "
+             f"(verified in {results['seconds']:.1f} s on {env['cpu']}, {env['cores']} cores"
+             f"{', GPU ' + env['gpu'] if env.get('gpu') else ''}; torch {env['torch']}, "
+             f"onnxruntime {env['onnxruntime']})", "",
+             "## Targets vs the PyTorch reference", "",
+             "| target | outputs | max abs | rel L2 | top-1 | greedy | sparse tok/s | dense tok/s | speedup |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results["targets"].items():
+        if "skipped" in r:
+            lines.append(f"| {name} | skipped: {r['skipped']} | | | | | | | |")
+            continue
+        s = r.get("speed", {})
+        lines.append(f"| {name} | {'ok' if r['outputs_ok'] else 'BAD'} | {_fmt(r.get('max_abs'))} | "
+                     f"{_fmt(r.get('rel_l2'))} | {_fmt(r.get('top1'))} | "
+                     f"{'match' if r.get('greedy_match') else 'differs'} | {_fmt(s.get('sparse_tokens_per_s'))} | "
+                     f"{_fmt(s.get('dense_tokens_per_s'))} | {_fmt(s.get('speedup'), 3)} |")
+    if results.get("quality"):
+        lines += ["", "## Quality vs the dense source", "",
+                  "| text | tokens | sparse ppl | dense ppl | ratio | FFN sparsity |", "|---|---|---|---|---|---|"]
+        for name, q in results["quality"].items():
+            lines.append(f"| {name} | {q['tokens']} | {_fmt(q['perplexity'])} | {_fmt(q['dense_perplexity'])} | "
+                         f"{_fmt(q['ppl_ratio'])} | {_fmt(q['sparsity'], 3)} |")
+    lines += ["", "## Goals", "", "| goal | target | value | limit | ok |", "|---|---|---|---|---|"]
+    for g in results["goals"]:
+        lines.append(f"| {g['goal']} | {g['target']} | {_fmt(g['value'])} | {_fmt(g['limit'])} | "
+                     f"{'yes' if g['ok'] else '**NO**'} |")
+    lines += ["", "## Per-layer annotations", "", "| layer | activation | threshold | mode | predictor rank | "
+              "true sparsity | predicted sparsity | recall |", "|---|---|---|---|---|---|---|---|"]
+    for i, a in enumerate(results.get("annotations", [])):
+        st, p = a.get("stats", {}), a.get("predictor")
+        lines.append(f"| {i} | {a['activation']} | {_fmt(a['threshold'])} | {a['mode']} | "
+                     f"{p['rank'] if p else '—'} | {_fmt(st.get('true_sparsity', st.get('sparsity')), 3)} | "
+                     f"{_fmt(st.get('predicted_sparsity'), 3)} | {_fmt(st.get('recall'), 3)} |")
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p}](plots/{p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(build_dir: Path, ir, results: dict[str, Any]) -> None:
+    plots_dir = build_dir / "plots"
+    plots_dir.mkdir(exist_ok=True)
+    plots = [p for p in (plot_layer_sparsity(results, plots_dir), plot_predictors(results, plots_dir),
+                         plot_speedup(results, plots_dir)) if p]
+    _atomic_write(build_dir / "verify.json", json.dumps(results, indent=1, default=str))
+    _atomic_write(build_dir / "report.md", render_markdown(results, plots))
