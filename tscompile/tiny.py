@@ -69,3 +69,18 @@ def make_tiny_ir(family: str = "mistral", activation: str = "swiglu", seed: int 
         tensors[name] = t.float()
     meta = {"source": f"tiny:{family}", "seed": seed}
     return ModelIR(cfg, Weights(tensors=tensors), tiny_tokenizer_json(cfg.vocab_size), layers, meta)
+
+
+def add_random_predictors(ir: ModelIR, rank: int = 8, seed: int = 1, threshold: float = 0.0) -> ModelIR:
+    """Give every FFN a random low-rank predictor (mode "predictor"): exercises gating without training."""
+    import torch
+    from .ir import Predictor, predictor_names
+    out = ir.clone()
+    gen = torch.Generator().manual_seed(seed)
+    H, I = ir.config.hidden_size, ir.config.intermediate_size
+    for layer, expert, ann in out.ffn_units():
+        fc1, fc2 = predictor_names(layer, expert)
+        out.weights[fc1] = torch.randn(rank, H, generator=gen) / H ** 0.5
+        out.weights[fc2] = torch.randn(I, rank, generator=gen) / rank ** 0.5
+        ann.predictor, ann.mode = Predictor(rank=rank, threshold=threshold), "predictor"
+    return out
