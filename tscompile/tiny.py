@@ -61,7 +61,8 @@ def make_tiny_ir(family: str = "mistral", activation: str = "swiglu", seed: int 
         if name.endswith("norm.weight"):
             t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
         elif name == "model.embed_tokens.weight":
-            t = torch.randn(shape, generator=gen)
+            # tied heads see the token's own embedding; a small scale keeps it from dominating the logits
+            t = torch.randn(shape, generator=gen) * (0.25 if cfg.tie_word_embeddings else 1.0)
         elif name.endswith(".bias"):
             t = 0.1 * torch.randn(shape, generator=gen)
         else:

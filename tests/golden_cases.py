@@ -1,0 +1,34 @@
+"""The tiny models every backend is checked on (ggml test-backend-ops style: same inputs, one reference).
+
+Each case is deterministic: a family, an activation kind and sparsity annotations on a tiny random model.
+"""
+from __future__ import annotations
+
+import functools
+
+from tscompile.tiny import add_random_predictors, make_tiny_ir
+
+PROMPT = [1, 42, 264, 78, 81, 375, 272]   # "<s>Hello sparse world" in the tiny tokenizer
+STEPS = 16
+
+CASES = {
+    "llama-swiglu": dict(family="llama", activation="swiglu"),
+    "mistral-swiglu-window": dict(family="mistral", activation="swiglu", sliding_window=6),
+    "qwen2-swiglu-bias-tied": dict(family="qwen2", activation="swiglu"),
+    "mistral-geglu": dict(family="mistral", activation="geglu"),
+    "mistral-relu-exact": dict(family="mistral", activation="relu", mode="exact"),
+    "mistral-drelu-fatrelu": dict(family="mistral", activation="drelu", threshold=0.02, mode="exact"),
+    "llama-swiglu-threshold": dict(family="llama", activation="swiglu", threshold=0.05, mode="exact"),
+    "mistral-drelu-predictor": dict(family="mistral", activation="drelu", predictor=True),
+    "qwen2-swiglu-predictor": dict(family="qwen2", activation="swiglu", threshold=0.02, predictor=True),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def case_ir(name: str):
+    kw = dict(CASES[name])
+    threshold, mode, predictor = kw.pop("threshold", 0.0), kw.pop("mode", "dense"), kw.pop("predictor", False)
+    ir = make_tiny_ir(seed=7, **kw)
+    for _, _, ann in ir.ffn_units():
+        ann.threshold, ann.mode = threshold, mode
+    return add_random_predictors(ir, rank=8, seed=3) if predictor else ir
