@@ -5,6 +5,7 @@ Every problem with a user's files is a UserError naming the file and tensor.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -15,7 +16,7 @@ from .errors import UserError
 from .ir import ArchConfig, LayerSparsity, ModelIR, Weights, ffn_names, predictor_names
 
 INDEX = "model.safetensors.index.json"
-ST_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL"}
+ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def expected_shapes(cfg: ArchConfig, layers: list[LayerSparsity]) -> dict[str, tuple[int, ...]]:
@@ -86,6 +87,9 @@ def read_safetensors_header(path: Path) -> dict:
             raise UserError(f"{path}: tensor {name}: unsupported dtype {dtype}")
         if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi <= data_len):
             raise UserError(f"{path}: tensor {name}: data lies outside the file (truncated?)")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)) or \
+                math.prod(shape) * ST_DTYPES[dtype] != hi - lo:
+            raise UserError(f"{path}: tensor {name}: shape {shape} and dtype {dtype} do not match its data size")
     return header
 
 
@@ -122,7 +126,6 @@ def _weight_files(root: Path) -> dict[str, Path]:
 
 def validate_weights(ir: ModelIR, where: Path, check_values: bool = True) -> None:
     """Every expected tensor is present with the right shape, a float dtype and finite values."""
-    import torch
     want = expected_shapes(ir.config, ir.layers)
     for name, shape in want.items():
         if name not in ir.weights:
@@ -132,8 +135,15 @@ def validate_weights(ir: ModelIR, where: Path, check_values: bool = True) -> Non
             raise UserError(f"{where}: tensor {name} has shape {tuple(t.shape)}, expected {shape}")
         if not t.is_floating_point():
             raise UserError(f"{where}: tensor {name} has dtype {t.dtype}, expected a float type")
-        if check_values and not torch.isfinite(t).all():
+        if check_values and not all_finite(t):
             raise UserError(f"{where}: tensor {name} contains NaN or Inf")
+
+
+def all_finite(t, chunk: int = 1 << 22) -> bool:
+    """torch.isfinite(t).all() in slices: a whole-tensor check of a big embedding briefly doubles its memory."""
+    import torch
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
 
 
 def load_checkpoint(root: Path, check_values: bool = True) -> ModelIR:

