@@ -1,0 +1,203 @@
+"""relufy: L1 schedule, a short CPU fine-tune of a tiny dReLU model, kill -9 + resume, gloo FSDP vs one process."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tscompile.errors import UserError
+from tscompile.passes.relufy import L1Ramp, RelufyConfig, Stage, apply_relufy
+from tscompile.tiny import make_tiny_ir
+from tscompile.trainer import TokenWindows, l1_at, lr_at, stage_bounds
+
+# A child process that trains the tiny model; `markov_windows` makes learnable, deterministic text.
+RUNNER = textwrap.dedent('''
+    import json, os, sys
+    import numpy as np, torch
+    torch.set_num_threads(1)
+    from safetensors.torch import save_file
+    from tscompile.passes.relufy import RelufyConfig
+    from tscompile.reference import ReferenceModel
+    from tscompile.tiny import make_tiny_ir
+    from tscompile.trainer import TokenWindows, train, full_state_dict
+    sys.path.insert(0, os.environ["TEST_DIR"])
+    from test_relufy import markov_windows, CONFIG
+    cfg = RelufyConfig.model_validate(json.loads(os.environ["RELUFY_CFG"]))
+    work = sys.argv[1]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        torch.distributed.init_process_group("gloo")
+    model = ReferenceModel.from_ir(make_tiny_ir("mistral", "drelu", seed=0))
+    if os.environ.get("RELUFY_FORWARD_SLEEP"):      # slow the run down so the test can kill it mid-way
+        import time
+        fwd = model.forward
+        model.forward = lambda *a, **k: (time.sleep(float(os.environ["RELUFY_FORWARD_SLEEP"])), fwd(*a, **k))[1]
+    res = train(model, cfg, TokenWindows(markov_windows(256, 32), seed=1), {"text": markov_windows(8, 32, seed=9)},
+                work, progress=False)
+    sd = full_state_dict(model)
+    if int(os.environ.get("RANK", "0")) == 0:
+        save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(work, "final.safetensors"))
+''')
+
+CONFIG = {"stages": [{"name": "recover", "steps": 4, "lr": 3e-3, "warmup": 1},
+                     {"name": "sparsify", "steps": 6, "l1": {"schedule": "sine", "from": 0.0, "to": 2e-3}},
+                     {"name": "hold", "steps": 4, "l1": 2e-3}],
+          "lr": 2e-3, "batch_tokens": 256, "micro_batch": 2, "checkpoint_every": 3, "eval_every": 7}
+
+
+def markov_windows(n: int, seq_len: int, vocab: int = 384, seed: int = 0) -> np.ndarray:
+    """Windows [n, seq_len+1] of a sparse first-order Markov chain (4 successors per token)."""
+    rng = np.random.default_rng(seed)
+    succ = np.random.default_rng(0).integers(3, vocab, size=(vocab, 4))
+    out = np.empty((n, seq_len + 1), dtype=np.uint16)
+    tok = int(rng.integers(3, vocab))
+    for i in range(n):
+        for j in range(seq_len + 1):
+            out[i, j] = tok
+            tok = int(succ[tok, rng.integers(0, 4)])
+    return out
+
+
+def stages(*specs):
+    return [Stage.model_validate(s) for s in specs]
+
+
+def test_l1_schedule_matches_prosparse_formula():
+    st = stages({"name": "a", "steps": 10}, {"name": "b", "steps": 20, "l1": {"schedule": "sine", "to": 0.05}},
+                {"name": "c", "steps": 5, "l1": 0.05},
+                {"name": "d", "steps": 8, "l1": {"schedule": "sine", "to": 0.2}})
+    assert stage_bounds(st) == [(0, 10), (10, 30), (30, 35), (35, 43)]
+    assert all(l1_at(st, t) == 0.0 for t in range(10))
+
+    def eta(s, t0, t1):
+        return 0.5 * (math.sin(-math.pi / 2 + math.pi * (s - t0) / (t1 - t0)) + 1)
+    for step in (10, 13, 19, 24, 29):          # 0-based steps; ProSparse counts 1-based s = step + 1
+        assert l1_at(st, step) == pytest.approx(0.05 * eta(step + 1, 10, 30), abs=1e-15)
+    assert l1_at(st, 10) == pytest.approx(0.05 * (1 - math.cos(math.pi / 20)) / 2)   # first ramp step > 0
+    assert l1_at(st, 19) == pytest.approx(0.025)                                      # halfway
+    assert l1_at(st, 29) == pytest.approx(0.05)                                       # stage end = `to`
+    assert [l1_at(st, t) for t in range(30, 35)] == [0.05] * 5
+    # the next ramp starts from the previous stage's λ
+    for step in (35, 38, 42):
+        assert l1_at(st, step) == pytest.approx(0.05 + eta(step + 1, 35, 43) * 0.15)
+    assert l1_at(st, 42) == pytest.approx(0.2) and l1_at(st, 1000) == pytest.approx(0.2)
+    explicit = stages({"name": "a", "steps": 4, "l1": 0.3},
+                      {"name": "b", "steps": 4, "l1": {"schedule": "sine", "from": 0.0, "to": 0.1}})
+    assert l1_at(explicit, 4) == pytest.approx(0.1 * eta(5, 4, 8))
+
+
+def test_lr_warmup_then_cosine_per_stage():
+    st = stages({"name": "a", "steps": 10, "lr": 1.0, "warmup": 2}, {"name": "b", "steps": 4, "lr_schedule": "constant"})
+    lrs = [lr_at(st, t, base_lr=0.5, min_lr_ratio=0.1) for t in range(14)]
+    assert lrs[:2] == [0.5, 1.0]
+    assert lrs[2] == pytest.approx(1.0) and lrs[9] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert all(a >= b for a, b in zip(lrs[2:10], lrs[3:10]))
+    assert lrs[10:] == [0.5] * 4
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(Exception, match="steps"):
+        RelufyConfig.model_validate({"stages": [{"name": "x", "steps": 0}]})
+    with pytest.raises(Exception, match="schedule"):
+        RelufyConfig.model_validate({"stages": [{"name": "x", "steps": 2, "l1": {"schedule": "cos", "to": 1}}]})
+    assert isinstance(RelufyConfig.model_validate(CONFIG).stages[1].l1, L1Ramp)
+
+
+def test_needs_relu_activation(tmp_path):
+    from tscompile.api import Context
+    ir = make_tiny_ir("mistral", "swiglu")
+    with pytest.raises(UserError, match="layer 0 has activation swiglu"):
+        apply_relufy(ir, RelufyConfig.model_validate(CONFIG), Context(spec=None, build_dir=tmp_path,
+                                                                        work_dir=tmp_path))
+
+
+def test_short_run_lowers_loss_and_raises_sparsity(tmp_path):
+    from tscompile.reference import ReferenceModel
+    from tscompile.trainer import train
+    cfg = RelufyConfig.model_validate(dict(CONFIG, stages=[
+        {"name": "recover", "steps": 15, "lr": 1e-2, "warmup": 2},
+        {"name": "sparsify", "steps": 15, "l1": {"schedule": "sine", "to": 3e-2}}], lr=1e-2, eval_every=15))
+    model = ReferenceModel.from_ir(make_tiny_ir("mistral", "drelu", seed=0))
+    heldout = {"text": markov_windows(8, 32, seed=9)}
+    res = train(model, cfg, TokenWindows(markov_windows(256, 32), seed=1), heldout, tmp_path, progress=False)
+    log = [json.loads(ln) for ln in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 31))
+    evals = [r["heldout"]["text"] for r in log if "heldout" in r]
+    assert len(evals) == 2
+    assert log[-1]["ce"] < 0.75 * log[0]["ce"]
+    assert evals[1]["ppl"] < evals[0]["ppl"] * 1.05          # sparsifying keeps held-out quality
+    assert log[-1]["sparsity"] > log[14]["sparsity"] + 0.05   # the L1 stage moves sparsity
+    assert evals[1]["sparsity"] > evals[0]["sparsity"] + 0.05
+    assert len(log[-1]["per_layer_sparsity"]) == 2
+    assert res.heldout["text"]["ppl"] == evals[1]["ppl"]
+
+
+def _run(work, env_extra, torchrun=False):
+    env = dict(os.environ, TEST_DIR=os.path.dirname(__file__), RELUFY_CFG=json.dumps(CONFIG),
+               OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1", **env_extra)
+    cmd = [sys.executable, "-c", RUNNER, str(work)]
+    if torchrun:
+        (work.parent / "runner.py").write_text(RUNNER)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(work.parent / "runner.py"), str(work)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+def test_kill_and_resume_is_bit_identical(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    p = _run(a, {})
+    out = p.communicate()[0]
+    assert p.returncode == 0, out
+    p = _run(b, {"RELUFY_FORWARD_SLEEP": "0.05"})
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        latest = b / "latest.json"
+        if latest.exists() and json.loads(latest.read_text())["step"] >= 3:
+            break
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    step_killed = json.loads((b / "latest.json").read_text())["step"]
+    assert not (b / "final.safetensors").exists() and step_killed < 14
+    p = _run(b, {})
+    out = p.communicate()[0]
+    assert p.returncode == 0, out
+    wa, wb = _weights(a / "final.safetensors"), _weights(b / "final.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    la = (a / "train_log.jsonl").read_text().splitlines()
+    lb = (b / "train_log.jsonl").read_text().splitlines()
+    strip = lambda ln: {k: v for k, v in json.loads(ln).items() if k not in ("tokens_per_s",)}
+    assert [strip(x) for x in la] == [strip(x) for x in lb]
+
+
+def test_gloo_fsdp_two_processes_match_one(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    p = _run(one, {})
+    out = p.communicate()[0]
+    assert p.returncode == 0, out
+    p = _run(two, {}, torchrun=True)
+    out = p.communicate()[0]
+    assert p.returncode == 0, out
+    l1 = [json.loads(x) for x in (one / "train_log.jsonl").read_text().splitlines()]
+    l2 = [json.loads(x) for x in (two / "train_log.jsonl").read_text().splitlines()]
+    assert len(l1) == len(l2) == 14
+    for r1, r2 in zip(l1, l2):
+        for key in ("loss", "ce", "l1", "sparsity"):
+            assert r2[key] == pytest.approx(r1[key], rel=2e-3, abs=1e-4), (r1["step"], key)
+    w1, w2 = _weights(one / "final.safetensors"), _weights(two / "final.safetensors")
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], rtol=1e-3, atol=1e-4), k
