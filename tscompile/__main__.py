@@ -1,0 +1,4 @@
+"""`python -m tscompile` = the `tscompile` command."""
+from .cli import main
+
+main()

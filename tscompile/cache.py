@@ -1,0 +1,150 @@
+"""Build cache: chained content keys, pass outputs as sparse checkpoints, and atomic directory publishing.
+
+    build/<name>/.cache/passes/<key>/   a pass's (or the source's) output: sparse checkpoint + entry.json
+    build/<name>/.cache/work/<key>/     scratch a running step keeps across runs (resumable training)
+    build/<name>/<target>/manifest.json holds the target's cache_key
+
+Nothing is written in place: a directory is filled under a hidden temp name and renamed into place, so a
+build killed at any moment leaves either the old complete directory, the new complete one, or none.
+Temp names carry the writer's pid; `sweep_stale` removes those whose writer is gone.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+POLICIES = ("on", "off", "redo", "readonly")
+ENTRY = "entry.json"
+_TEMP_NAME = re.compile(r"\.(?:tmp|old)-(\d+)-")
+
+
+def reads(policy: str) -> bool:
+    """Whether cached results may be used."""
+    return policy in ("on", "readonly")
+
+
+def writes(policy: str) -> bool:
+    """Whether results are stored in the cache."""
+    return policy in ("on", "redo")
+
+
+@lru_cache(maxsize=None)
+def tool_versions() -> dict[str, str]:
+    """Versions that change numerics: part of every key. Read from metadata, so nothing heavy is imported."""
+    out = {}
+    for dist in ("tscompile", "torch", "onnx", "onnxruntime"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = "none"
+    return out
+
+
+def chain_key(prev: str, *parts: Any) -> str:
+    """sha256 of the previous key and this step's identity (JSON-encodable parts)."""
+    text = json.dumps([prev, *parts, tool_versions()], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def temp_dir(parent: Path, name: str) -> Path:
+    """A fresh hidden directory beside where `name` will be published (same filesystem: rename is atomic)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=parent))
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Move a finished temp dir to `final`, replacing what was there; `final` is never half-written."""
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-{os.getpid()}-", dir=final.parent))
+        os.replace(final, old / final.name)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sweep_stale(root: Path) -> None:
+    """Remove temp files/dirs left under root by writers that were killed (their pid is gone)."""
+    if not root.is_dir():
+        return
+    for p in list(root.rglob(".*")):
+        m = _TEMP_NAME.search(p.name)
+        if m and not _alive(int(m.group(1))) and p.exists():
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """Copy a directory by hard links (cache entry -> model/ costs nothing); plain copy across filesystems."""
+    for p in src.iterdir():
+        if p.is_file():
+            try:
+                os.link(p, dst / p.name)
+            except OSError:
+                shutil.copy2(p, dst / p.name)
+
+
+class PassCache:
+    """Pass outputs by key under `root` (build/<name>/.cache/passes)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def path(self, key: str) -> Path:
+        return self.root / key
+
+    def has(self, key: str) -> bool:
+        return (self.path(key) / ENTRY).is_file()
+
+    def load(self, key: str):
+        from .ir import ModelIR
+        return ModelIR.load(self.path(key))
+
+    def store(self, key: str, ir, entry: dict) -> None:
+        """Save `ir` as the entry for `key` (atomic)."""
+        tmp = temp_dir(self.root, key)
+        try:
+            ir.save(tmp)
+            (tmp / ENTRY).write_text(json.dumps({"key": key, **entry}, indent=1, default=str))
+            publish_dir(tmp, self.path(key))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def read_manifest(target_dir: Path) -> dict | None:
+    try:
+        return json.loads((target_dir / "manifest.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return None

@@ -1,0 +1,333 @@
+"""The build: check the whole plan, run the pipeline through the cache, lower each target, verify.
+
+`plan_build` does every check that needs no computation (unknown names were already caught by the spec;
+here: `requires` order, data and GPU needs, target selection) and works out each step's cache key and
+whether it is cached. `run_build` executes a plan: it loads the latest cached pass output and runs only
+the passes after it, then writes model/, spec.resolved.yaml and every target that is not cached.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import cache, registry
+from .api import BackendInfo, Context, PassConfig, PassInfo
+from .errors import UserError
+from .sources import describe_source, load_source, source_key
+from .spec import Spec
+
+log = logging.getLogger("tscompile")
+
+
+@dataclass
+class PlannedStep:
+    label: str                     # "source" or the pass name
+    key: str
+    cached: bool                   # a usable cache entry exists (under the build's policy)
+    info: PassInfo | None = None   # None for the source
+    config: PassConfig | None = None
+
+
+@dataclass
+class PlannedTarget:
+    name: str
+    info: BackendInfo
+    config: PassConfig
+    key: str
+    cached: bool
+
+
+@dataclass
+class Plan:
+    spec: Spec
+    build_dir: Path
+    policy: str
+    source: PlannedStep
+    steps: list[PlannedStep]
+    targets: list[PlannedTarget]
+    verify: bool
+
+    @property
+    def final_key(self) -> str:
+        return (self.steps[-1] if self.steps else self.source).key
+
+
+@dataclass
+class BuildResult:
+    build_dir: Path
+    ran: list[str] = field(default_factory=list)        # steps and targets computed in this run
+    reused: list[str] = field(default_factory=list)     # steps and targets taken from the cache
+    seconds: float = 0.0
+    verify: dict | None = None
+
+
+def _has_gpu() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def _step_key(prev: str, spec: Spec, info: PassInfo, cfg: PassConfig) -> str:
+    data = spec.data.model_dump(mode="json") if info.needs_data and spec.data else None
+    return cache.chain_key(prev, "pass", info.name, info.version, cfg.model_dump(mode="json"), spec.seed, data)
+
+
+def _select_targets(spec: Spec, names: list[str] | None) -> list[tuple[str, BackendInfo, PassConfig]]:
+    out = []
+    for name in dict.fromkeys(names) if names else spec.targets:
+        if name in spec.targets:
+            out.append((name, registry.backend(name), spec.targets[name]))
+            continue
+        try:
+            info = registry.backend(name)
+        except UserError as e:
+            raise UserError(f"--target {name}: {e}") from None
+        try:
+            out.append((name, info, info.config()))
+        except Exception as e:
+            raise UserError(f"--target {name}: not in the spec and its config has no defaults ({e}); "
+                            f"add it under targets:") from None
+    return out
+
+
+def plan_build(spec: Spec, out_dir: Path | None = None, targets: list[str] | None = None, policy: str = "on",
+               verify: bool = True, dry_run: bool = False) -> Plan:
+    """Check the whole pipeline and work out cache keys; raises UserError before anything runs."""
+    if policy not in cache.POLICIES:
+        raise UserError(f"--cache {policy}: must be one of {', '.join(cache.POLICIES)}")
+    build_dir = Path(out_dir) if out_dir else Path("build") / spec.name
+    seen: list[str] = []
+    for i, step in enumerate(spec.pipeline):
+        info = registry.pass_info(step.name)
+        for req in info.requires:
+            if req not in seen:
+                later = [j for j, s in enumerate(spec.pipeline) if s.name == req and j > i]
+                where = f"it comes later (pipeline[{later[0]}])" if later else "it is not in the pipeline"
+                raise spec.error_at(("pipeline", i, step.name), f"needs pass {req!r} earlier, but {where}")
+        if info.needs_data and spec.data is None:
+            raise spec.error_at(("pipeline", i, step.name), "needs text data: add a data: section to the spec")
+        if info.gpu == "required" and not dry_run and not _has_gpu():
+            raise spec.error_at(("pipeline", i, step.name), "needs a CUDA GPU and none is available "
+                                "(use --dry-run to only check the plan)")
+        seen.append(step.name)
+    selected = _select_targets(spec, targets)
+
+    pass_cache = cache.PassCache(build_dir / ".cache" / "passes")
+    can_read = cache.reads(policy)
+    memo = build_dir / ".cache" / "source-hashes.json" if cache.writes(policy) and not dry_run else None
+    key = cache.chain_key("", "source", source_key(spec.source, memo))
+    source = PlannedStep("source", key, can_read and pass_cache.has(key))
+    steps = []
+    for step in spec.pipeline:
+        info = registry.pass_info(step.name)
+        key = _step_key(key, spec, info, step.config)
+        steps.append(PlannedStep(step.name, key, can_read and pass_cache.has(key), info, step.config))
+    planned_targets = []
+    for name, info, cfg in selected:
+        tkey = cache.chain_key(key, "target", name, info.version, cfg.model_dump(mode="json"))
+        manifest = cache.read_manifest(build_dir / name)
+        hit = can_read and manifest is not None and manifest.get("cache_key") == tkey
+        planned_targets.append(PlannedTarget(name, info, cfg, tkey, hit))
+    return Plan(spec, build_dir, policy, source, steps, planned_targets, verify)
+
+
+def format_plan(plan: Plan) -> str:
+    def state(cached: bool) -> str:
+        return "cached" if cached else {"off": "run (cache off)", "redo": "run (redo)"}.get(plan.policy, "run")
+
+    lines = [f"plan for {plan.spec.name} -> {plan.build_dir}/ (cache: {plan.policy})",
+             f"  source   {describe_source(plan.spec.source)}  [{plan.source.key[:12]}] {state(plan.source.cached)}"]
+    for i, s in enumerate(plan.steps):
+        flags = "".join([", needs data" if s.info.needs_data else "",
+                         f", gpu {s.info.gpu}" if s.info.gpu != "no" else ""])
+        lines.append(f"  pass {i + 1:<3} {s.label} v{s.info.version}{flags}  [{s.key[:12]}] {state(s.cached)}")
+    if not plan.steps:
+        lines.append("  (no passes)")
+    for t in plan.targets:
+        lines.append(f"  target   {t.name} v{t.info.version}  [{t.key[:12]}] {state(t.cached)}")
+    if not plan.targets:
+        lines.append("  (no targets)")
+    goals = {k: v for k, v in plan.spec.verify.goals.model_dump().items() if v not in (None, {})}
+    lines.append(f"  verify   {'goals ' + json.dumps(goals) if goals else 'no goals'}" if plan.verify
+                 else "  verify   skipped (--no-verify)")
+    return "\n".join(lines)
+
+
+@contextmanager
+def _build_log(build_dir: Path):
+    """Everything logged during the build also goes to build/<name>/build.log."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(build_dir / "build.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.DEBUG)
+    log.addHandler(handler)
+    old_level = log.level
+    log.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+        handler.close()
+
+
+@contextmanager
+def _work_dir(plan: Plan, key: str):
+    """Scratch for one step: kept under .cache/work/<key>/ across runs when the cache is written, so a
+    killed training run resumes; removed once the step's result is stored."""
+    if not cache.writes(plan.policy):
+        with tempfile.TemporaryDirectory(prefix="tscompile-work-") as d:
+            yield Path(d)
+        return
+    path = plan.build_dir / ".cache" / "work" / key
+    path.mkdir(parents=True, exist_ok=True)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _device(info_gpu: str) -> str:
+    return "cuda" if info_gpu != "no" and _has_gpu() else "cpu"
+
+
+class _Build:
+    """The state of one run_build: where models come from and what happened."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.passes = cache.PassCache(plan.build_dir / ".cache" / "passes")
+        self.result = BuildResult(plan.build_dir)
+        self._source_ir = None
+
+    def context(self, work_dir: Path, device: str) -> Context:
+        return Context(spec=self.plan.spec, build_dir=self.plan.build_dir, work_dir=work_dir, device=device,
+                       log=log, source_ir=self.source_ir(), seed=self.plan.spec.seed)
+
+    def source_ir(self):
+        if self._source_ir is None:
+            step = self.plan.source
+            if step.cached:
+                self._source_ir = self.passes.load(step.key)
+                self.result.reused.append("source")
+            else:
+                log.info("source: loading %s", describe_source(self.plan.spec.source))
+                t0 = time.time()
+                self._source_ir = load_source(self.plan.spec.source)
+                self._store(step, self._source_ir)
+                self.result.ran.append("source")
+                log.info("source: ready in %.1f s", time.time() - t0)
+        return self._source_ir
+
+    def _store(self, step: PlannedStep, ir) -> None:
+        if cache.writes(self.plan.policy):
+            entry = {"step": step.label, "version": step.info.version if step.info else None,
+                     "config": step.config.model_dump(mode="json") if step.config else None}
+            self.passes.store(step.key, ir, entry)
+
+    def final_ir(self):
+        """Run the passes not cached; the model after the last pass."""
+        steps = self.plan.steps
+        start = max((i for i, s in enumerate(steps) if s.cached), default=-1)
+        self.result.reused += [s.label for s in steps[:start + 1]]
+        ir = self.passes.load(steps[start].key) if start >= 0 else self.source_ir()
+        for step in steps[start + 1:]:
+            ir = self.run_pass(step, ir)
+        return ir
+
+    def run_pass(self, step: PlannedStep, ir):
+        from .ir import ModelIR
+        log.info("pass %s v%s: running", step.label, step.info.version)
+        t0 = time.time()
+        with _work_dir(self.plan, step.key) as work:
+            out = step.info.run(ir.clone(), step.config, self.context(work, _device(step.info.gpu)))
+            if not isinstance(out, ModelIR):
+                raise TypeError(f"pass {step.label} returned {type(out).__name__}, not a ModelIR")
+            out.meta.setdefault("passes", []).append(
+                {"pass": step.label, "version": step.info.version, "config": step.config.model_dump(mode="json")})
+            self._store(step, out)
+        self.result.ran.append(step.label)
+        log.info("pass %s: done in %.1f s", step.label, time.time() - t0)
+        return out
+
+    def model_is_current(self) -> bool:
+        """model/ already holds the output of this exact pipeline (its key is recorded beside it)."""
+        key_file = self.plan.build_dir / ".model.key"
+        return (cache.reads(self.plan.policy) and (self.plan.build_dir / "model" / "config.json").is_file()
+                and key_file.is_file() and key_file.read_text() == self.plan.final_key)
+
+    def write_model(self, ir) -> None:
+        """build/<name>/model/: hard links to the final cache entry when there is one, else a fresh save."""
+        model_dir, key_file = self.plan.build_dir / "model", self.plan.build_dir / ".model.key"
+        key = self.plan.final_key
+        key_file.unlink(missing_ok=True)     # model/ is about to change: never let the old key vouch for it
+        if self.passes.has(key):
+            tmp = cache.temp_dir(self.plan.build_dir, "model")
+            cache.link_tree(self.passes.path(key), tmp)
+            (tmp / cache.ENTRY).unlink(missing_ok=True)
+            cache.publish_dir(tmp, model_dir)
+        else:
+            ir.save(model_dir)
+        cache.write_text_atomic(key_file, key)
+
+    def lower(self, target: PlannedTarget, ir) -> None:
+        log.info("target %s v%s: lowering", target.name, target.info.version)
+        t0 = time.time()
+        tmp = cache.temp_dir(self.plan.build_dir, target.name)
+        try:
+            with _work_dir(self.plan, target.key) as work:
+                manifest = target.info.lower(ir, target.config, tmp, self.context(work, "cpu"))
+            if not isinstance(manifest, dict):
+                raise TypeError(f"backend {target.name}: lower() returned {type(manifest).__name__}, not a dict")
+            manifest = {**manifest, "target": target.name, "backend_version": target.info.version,
+                        "config": target.config.model_dump(mode="json"), "cache_key": target.key}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
+            cache.publish_dir(tmp, self.plan.build_dir / target.name)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.result.ran.append(f"target {target.name}")
+        log.info("target %s: done in %.1f s", target.name, time.time() - t0)
+
+
+def run_build(plan: Plan) -> BuildResult:
+    """Execute a checked plan. GoalMissed (from verification) and UserError propagate."""
+    t0 = time.time()
+    build_dir = plan.build_dir
+    with _build_log(build_dir):
+        cache.sweep_stale(build_dir)
+        log.debug("plan:\n%s", format_plan(plan))
+        b = _Build(plan)
+        ir = None
+        if b.model_is_current() and all(t.cached for t in plan.targets):
+            b.result.reused += [s.label for s in plan.steps]      # nothing needs the model in memory
+            log.info("model: cached")
+        else:
+            ir = b.final_ir()
+            if not b.model_is_current():
+                b.write_model(ir)
+        cache.write_text_atomic(build_dir / "spec.resolved.yaml", plan.spec.to_yaml())
+        for target in plan.targets:
+            if target.cached:
+                b.result.reused.append(f"target {target.name}")
+                log.info("target %s: cached", target.name)
+            else:
+                b.lower(target, ir)
+        if plan.verify:
+            from .verify import verify_build   # a missing verifier fails the build: never skip silently
+            b.result.verify = verify_build(build_dir, plan.spec, [t.name for t in plan.targets])
+        b.result.seconds = time.time() - t0
+        n_ran = len(b.result.ran)
+        log.info("build %s: %s in %.1f s -> %s/", plan.spec.name,
+                 "everything cached, nothing to rebuild" if n_ran == 0 else
+                 f"ran {', '.join(b.result.ran)}; reused {len(b.result.reused)} cached", b.result.seconds, build_dir)
+    return b.result
+
+
+def build(spec: Spec, **kw: Any) -> BuildResult:
+    """plan_build + run_build (the programmatic equivalent of `tscompile build`)."""
+    return run_build(plan_build(spec, **kw))

@@ -1,0 +1,146 @@
+"""The spec's `source:`: a tiny random model or a checkpoint path, its cache key, and loading it as a ModelIR."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, field_validator, model_validator
+
+
+
+def resolve_local_path(text: str, info: ValidationInfo) -> str:
+    """A path from the spec, made absolute: relative to the current directory, else to the spec's directory
+    (validation context `spec_dir`). ValueError when it exists in neither."""
+    p = Path(text).expanduser()
+    base = (info.context or {}).get("spec_dir")
+    for cand in [p] if p.is_absolute() else [Path.cwd() / p] + ([Path(base) / p] if base else []):
+        if cand.exists():
+            return str(cand.resolve())
+    raise ValueError(f"file not found: {text}")
+
+
+class TinySource(BaseModel):
+    """Keyword arguments of `tscompile.tiny.make_tiny_ir`."""
+    model_config = ConfigDict(extra="forbid")
+    family: Literal["llama", "mistral", "qwen2", "mixtral"] = "mistral"
+    activation: Literal["swiglu", "geglu", "relu", "drelu"] = "swiglu"
+    seed: int = 0
+    layers: PositiveInt = 2
+    hidden: PositiveInt = 64
+    intermediate: PositiveInt = 192
+    heads: PositiveInt = 4
+    kv_heads: PositiveInt = 2
+    vocab: int = Field(384, ge=260)          # 256 byte tokens + <unk>, <s>, </s> + at least one merge
+    experts: int = Field(0, ge=0)
+    top_k: PositiveInt = 2
+    sliding_window: Optional[PositiveInt] = None
+
+    @field_validator("heads")
+    @classmethod
+    def _heads_divide_hidden(cls, v, info):
+        hidden = info.data.get("hidden")
+        if hidden and (hidden % v or (hidden // v) % 2):
+            raise ValueError(f"must divide hidden ({hidden}) into an even head size")
+        return v
+
+    @field_validator("kv_heads")
+    @classmethod
+    def _kv_heads_divide_heads(cls, v, info):
+        heads = info.data.get("heads")
+        if heads and heads % v:
+            raise ValueError(f"must divide heads ({heads})")
+        return v
+
+    @model_validator(mode="after")
+    def _moe_needs_experts(self):
+        if self.family == "mixtral" and not (self.experts >= self.top_k):
+            raise ValueError(f"mixtral needs experts >= top_k ({self.top_k}), got experts={self.experts}")
+        if self.family != "mixtral" and self.experts:
+            raise ValueError(f"experts is only for family mixtral, not {self.family}")
+        return self
+
+
+class SourceSpec(BaseModel):
+    """Exactly one of `path` (HF dir, .gguf file, pypi:PACKAGE[==VERSION]) and `tiny`."""
+    model_config = ConfigDict(extra="forbid")
+    path: Optional[str] = None
+    tiny: Optional[TinySource] = None
+
+    @field_validator("path")
+    @classmethod
+    def _local_path_exists(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return v if v is None or v.startswith("pypi:") else resolve_local_path(v, info)
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        if (self.path is None) == (self.tiny is None):
+            raise ValueError("give exactly one of 'path' or 'tiny'")
+        return self
+
+
+def describe_source(src: SourceSpec) -> str:
+    if src.tiny is not None:
+        t = src.tiny
+        return f"tiny {t.family}/{t.activation} ({t.layers} layers, hidden {t.hidden}, seed {t.seed})"
+    return src.path
+
+
+def source_key(src: SourceSpec, memo_file: Path | None = None) -> str:
+    """Content key of the source: the tiny config, the bytes of a local file/dir, or the pypi requirement."""
+    h = hashlib.sha256()
+    if src.tiny is not None:
+        h.update(b"tiny\0" + json.dumps(src.tiny.model_dump(), sort_keys=True).encode())
+    elif src.path.startswith("pypi:"):
+        # The importer pins what it downloads; the requirement text is what identifies it here.
+        h.update(b"pypi\0" + src.path.encode())
+    else:
+        h.update(b"path\0" + _tree_hash(Path(src.path), memo_file).encode())
+    return h.hexdigest()
+
+
+def _tree_hash(root: Path, memo_file: Path | None) -> str:
+    """sha256 over relative names and bytes of every file under root; memoized by (path, size, mtime)."""
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    memo = {}
+    if memo_file is not None and memo_file.exists():
+        try:
+            memo = json.loads(memo_file.read_text())
+        except ValueError:
+            memo = {}
+    h = hashlib.sha256()
+    for p in files:
+        st = p.stat()
+        stamp = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        digest = memo.get(stamp) or _file_hash(p)
+        memo[stamp] = digest
+        h.update(f"{p.relative_to(root) if p != root else p.name}\0{digest}\0".encode())
+    if memo_file is not None:
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_file.with_name(memo_file.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo, indent=0))
+        os.replace(tmp, memo_file)
+    return h.hexdigest()
+
+
+def _file_hash(path: Path) -> str:
+    from tqdm import tqdm
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"hash {path.name}",
+                                     disable=size < 256 * 1024**2, leave=False) as bar:
+        while chunk := f.read(16 * 1024**2):
+            h.update(chunk)
+            bar.update(len(chunk))
+    return h.hexdigest()
+
+
+def load_source(src: SourceSpec):
+    """The source model as a ModelIR."""
+    if src.tiny is not None:
+        from .tiny import make_tiny_ir
+        return make_tiny_ir(**src.tiny.model_dump())
+    from .importers import import_source
+    return import_source(src.path)
