@@ -176,13 +176,13 @@ def gguf_config(reader, path: Path, vocab: int) -> ArchConfig:
     scaling = None
     if _field(reader, f"{arch}.rope.scaling.type", path, None) == "linear":
         scaling = {"rope_type": "linear", "factor": _float_field(reader, f"{arch}.rope.scaling.factor", path)}
-    return ArchConfig(
+    cfg = ArchConfig(
         family=family, vocab_size=vocab, hidden_size=hidden,
         intermediate_size=_int_field(reader, f"{arch}.feed_forward_length", path),
         num_layers=_int_field(reader, f"{arch}.block_count", path), num_heads=heads,
         num_kv_heads=_int_field(reader, f"{arch}.attention.head_count_kv", path, heads),
         head_dim=_int_field(reader, f"{arch}.attention.key_length", path, None)
-        or _int_field(reader, f"{arch}.rope.dimension_count", path, None) or hidden // heads,
+        or _int_field(reader, f"{arch}.rope.dimension_count", path, None) or hidden // max(heads, 1),
         rope_theta=_float_field(reader, f"{arch}.rope.freq_base", path, 10000.0), rope_scaling=scaling,
         rms_norm_eps=_float_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", path, 1e-5),
         sliding_window=window if family != "qwen2" else None,
@@ -191,6 +191,8 @@ def gguf_config(reader, path: Path, vocab: int) -> ArchConfig:
         max_position_embeddings=_int_field(reader, f"{arch}.context_length", path, 4096),
         bos_token_id=_int_field(reader, "tokenizer.ggml.bos_token_id", path, None),
         eos_token_id=_int_field(reader, "tokenizer.ggml.eos_token_id", path, None))
+    cfg.check(str(path))
+    return cfg
 
 
 def unpermute_rope(w, n_head: int):

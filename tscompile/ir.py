@@ -78,6 +78,8 @@ class ArchConfig:
 
     @classmethod
     def from_hf(cls, d: dict[str, Any], where: str = "config.json") -> "ArchConfig":
+        if not isinstance(d, dict):
+            raise UserError(f"{where}: expected a JSON object")
         family = d.get("model_type")
         if family not in FAMILIES:
             raise UserError(f"{where}: model_type {family!r} is not supported (supported: {', '.join(FAMILIES)})")
@@ -87,7 +89,7 @@ class ArchConfig:
             window = d.get("sliding_window")
             if family == "qwen2" and not d.get("use_sliding_window", False):
                 window = None
-            return cls(
+            cfg = cls(
                 family=family, vocab_size=int(d["vocab_size"]), hidden_size=hidden,
                 intermediate_size=int(d["intermediate_size"]), num_layers=int(d["num_hidden_layers"]),
                 num_heads=heads, num_kv_heads=int(d.get("num_key_value_heads") or heads),
@@ -104,8 +106,30 @@ class ArchConfig:
             )
         except KeyError as e:
             raise UserError(f"{where}: missing key {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, ZeroDivisionError) as e:
             raise UserError(f"{where}: bad value: {e}") from None
+        cfg.check(where)
+        return cfg
+
+    def check(self, where: str) -> None:
+        """Sizes a decoder can be built from (a bad config must fail here, not deep inside a reshape)."""
+        hf_keys = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+                   "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                   "num_kv_heads": "num_key_value_heads", "head_dim": "head_dim"}
+        for attr, key in hf_keys.items():
+            if getattr(self, attr) <= 0:
+                raise UserError(f"{where}: {key} must be positive, got {getattr(self, attr)}")
+        if self.num_heads % self.num_kv_heads:
+            raise UserError(f"{where}: num_attention_heads ({self.num_heads}) is not a multiple of "
+                            f"num_key_value_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise UserError(f"{where}: head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.is_moe and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise UserError(f"{where}: num_experts_per_tok must be in 1..{self.num_experts}, "
+                            f"got {self.num_experts_per_tok}")
+        kind = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type"))
+        if kind not in (None, "default", "linear", "llama3"):
+            raise UserError(f"{where}: rope_scaling type {kind!r} is not supported (supported: linear, llama3)")
 
 
 def _first(x):
