@@ -203,17 +203,31 @@ class Weights(Mapping):
         self._mem = dict(tensors or {})
         self._handles: dict[Path, Any] = {}
 
-    def __getitem__(self, name):
-        if name in self._mem:
-            return self._mem[name]
-        if name not in self._files:
-            raise KeyError(name)
+    def _handle(self, name):
         from safetensors import safe_open
         path = self._files[name]
         h = self._handles.get(path)
         if h is None:
             h = self._handles[path] = safe_open(str(path), framework="pt")
-        return h.get_tensor(name)
+        return h
+
+    def __getitem__(self, name):
+        if name in self._mem:
+            return self._mem[name]
+        if name not in self._files:
+            raise KeyError(name)
+        return self._handle(name).get_tensor(name)
+
+    def info(self, name) -> tuple[tuple[int, ...], int]:
+        """(shape, bytes per element) of a tensor, without reading its data."""
+        if name in self._mem:
+            t = self._mem[name]
+            return tuple(t.shape), t.element_size()
+        if name not in self._files:
+            raise KeyError(name)
+        from .checkpoint import ST_DTYPES
+        sl = self._handle(name).get_slice(name)
+        return tuple(sl.get_shape()), ST_DTYPES[sl.get_dtype()]
 
     def __setitem__(self, name, tensor):
         self._mem[name] = tensor
