@@ -1,0 +1,266 @@
+"""The whole decoder as one ONNX graph with KV cache, Optimum naming, written with onnx.helper (no tracing).
+
+Inputs   input_ids [batch, seq] int64, attention_mask [batch, past + seq] int64 (1 = real token),
+         position_ids [batch, seq] int64,
+         past_key_values.{i}.key/value [batch, kv_heads, past, head_dim] float
+Outputs  logits [batch, seq, vocab] float, present.{i}.key/value [batch, kv_heads, past + seq, head_dim] float
+
+Semantics follow tscompile/reference.py: RMSNorm, HF rotate-half RoPE (angles in float64), grouped-query
+attention (kv heads broadcast, never copied), causal order by position in the sequence, sliding window on
+position distance, qkv bias (qwen2), tied embeddings. Masked scores are set to float32's lowest value
+(a query with no valid key, i.e. a padding query, gets a uniform average instead of the reference's zeros).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from tscompile.errors import UserError
+from tscompile.ir import ModelIR, ffn_names, predictor_names
+
+from .builder import DOMAIN, IR_VERSION, OPSET, GraphBuilder, WeightStore
+from .sparse_ffn import dense_ffn, sparse_ffn_node
+
+FLOAT, DOUBLE, BOOL = 1, 11, 9  # onnx.TensorProto element types
+
+
+def _np(t, transpose: bool = False, fp16: bool = False) -> np.ndarray:
+    a = t.detach().float().numpy()
+    a = a.T if transpose else a
+    return np.ascontiguousarray(a.astype(np.float16) if fp16 else a)
+
+
+class _Shared:
+    """Values every layer uses: sequence sizes, RoPE tables, the attention mask, the prefill flag."""
+
+    def __init__(self, b: GraphBuilder, ir: ModelIR):
+        from tscompile.reference import rope_inv_freq
+
+        cfg = ir.config
+        i64 = "/model/sizes"
+        seq = b.op("Slice", [b.op("Shape", ["input_ids"], i64), b.const([1]), b.const([2])], i64)  # [1]
+        past = b.op("Slice", [b.op("Shape", ["past_key_values.0.key"], i64), b.const([2]), b.const([3])], i64)
+        total = b.op("Add", [past, seq], i64)
+        self.is_prefill = b.op("Greater", [b.op("Squeeze", [seq], i64), b.const(1)], i64)
+
+        r = "/model/rotary_emb"
+        inv = rope_inv_freq(cfg).double().numpy()  # [head_dim / 2]
+        pos = b.op("Unsqueeze", [b.op("Cast", ["position_ids"], r, to=DOUBLE), b.const([-1])], r)  # [B, T, 1]
+        ang = b.op("Mul", [pos, b.const(inv, np.float64)], r)
+        ang = b.op("Concat", [ang, ang], r, axis=-1)  # [B, T, head_dim]
+        self.cos, self.sin = (
+            b.op("Unsqueeze", [b.op("Cast", [b.op(f, [ang], r)], r, to=FLOAT), b.const([1])], r)
+            for f in ("Cos", "Sin")
+        )  # [B, 1, T, head_dim]
+
+        m = "/model/attn_mask"
+        kidx = b.op("Range", [b.const(0), b.op("Squeeze", [total], m), b.const(1)], m)  # [S]
+        qidx = b.op("Range", [b.op("Squeeze", [past], m), b.op("Squeeze", [total], m), b.const(1)], m)  # [T]
+        causal = b.op(
+            "LessOrEqual",
+            [b.op("Unsqueeze", [kidx, b.const([0])], m), b.op("Unsqueeze", [qidx, b.const([1])], m)],
+            m,
+        )  # [T, S]
+        valid = b.op(
+            "Unsqueeze", [b.op("Cast", ["attention_mask"], m, to=BOOL), b.const([1])], m
+        )  # [B, 1, S]
+        mask = b.op("And", [valid, causal], m)  # [B, T, S]
+        if cfg.sliding_window:
+            # key positions as the reference derives them: real tokens counted from the left
+            kpos = b.op(
+                "Max",
+                [b.op("Sub", [b.op("CumSum", ["attention_mask", b.const(1)], m), b.const(1)], m), b.const(0)],
+                m,
+            )  # [B, S]
+            dist = b.op(
+                "Sub",
+                [
+                    b.op("Unsqueeze", ["position_ids", b.const([2])], m),
+                    b.op("Unsqueeze", [kpos, b.const([1])], m),
+                ],
+                m,
+            )  # [B, T, S]
+            mask = b.op("And", [mask, b.op("Less", [dist, b.const(cfg.sliding_window)], m)], m)
+        self.mask = b.op("Unsqueeze", [mask, b.const([1, 2])], m)  # [B, 1, 1, T, S]
+
+
+def _rms_norm(b: GraphBuilder, x: str, weight: str, eps: float, path: str) -> str:
+    # Pow-ReduceMean-Add-Sqrt-Div-Mul: the pattern ORT fuses into SimplifiedLayerNormalization
+    ms = b.op(
+        "ReduceMean", [b.op("Pow", [x, b.const(2.0, np.float32)], path), b.const([-1])], path, keepdims=1
+    )
+    rms = b.op("Sqrt", [b.op("Add", [ms, b.const(eps, np.float32)], path)], path)
+    return b.op("Mul", [b.op("Div", [x, rms], path), weight], path)
+
+
+def _rope(b: GraphBuilder, x: str, sh: _Shared, half: int, path: str) -> str:
+    """x [B, heads, T, hd] -> x * cos + rotate_half(x) * sin."""
+    lo = b.op("Slice", [x, b.const([0]), b.const([half]), b.const([-1])], path)
+    hi = b.op("Slice", [x, b.const([half]), b.const([2 * half]), b.const([-1])], path)
+    rot = b.op("Concat", [b.op("Neg", [hi], path), lo], path, axis=-1)
+    return b.op("Add", [b.op("Mul", [x, sh.cos], path), b.op("Mul", [rot, sh.sin], path)], path)
+
+
+def _attention(b: GraphBuilder, ir: ModelIR, i: int, x: str, sh: _Shared) -> str:
+    cfg = ir.config
+    nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    p, path = f"model.layers.{i}.self_attn", f"/model/layers.{i}/self_attn"
+
+    def proj(name: str, heads: int) -> str:
+        y = b.op(
+            "MatMul",
+            [x, b.weight(f"{p}.{name}.MatMul.weight", _np(ir.weights[f"{p}.{name}.weight"], True))],
+            f"{path}/{name}",
+        )
+        if cfg.attention_bias:
+            y = b.op(
+                "Add",
+                [y, b.weight(f"{p}.{name}.bias", _np(ir.weights[f"{p}.{name}.bias"]))],
+                f"{path}/{name}",
+            )
+        y = b.op("Reshape", [y, b.const([0, 0, heads, hd])], f"{path}/{name}")
+        return b.op("Transpose", [y], f"{path}/{name}", perm=[0, 2, 1, 3])  # [B, heads, T, hd]
+
+    q = _rope(b, proj("q_proj", nh), sh, hd // 2, f"{path}/rotary_q")
+    k = _rope(b, proj("k_proj", nkv), sh, hd // 2, f"{path}/rotary_k")
+    v = proj("v_proj", nkv)
+    k = b.op(
+        "Concat", [f"past_key_values.{i}.key", k], f"{path}/k_cache", axis=2, out_names=[f"present.{i}.key"]
+    )
+    v = b.op(
+        "Concat",
+        [f"past_key_values.{i}.value", v],
+        f"{path}/v_cache",
+        axis=2,
+        out_names=[f"present.{i}.value"],
+    )  # [B, nkv, S, hd]
+    # grouped-query attention without copying kv heads: q [B, nkv, rep, T, hd] against k [B, nkv, 1, S, hd]
+    q5 = b.op("Reshape", [q, b.const([0, nkv, nh // nkv, -1, hd])], f"{path}/gqa")
+    kt = b.op(
+        "Transpose",
+        [b.op("Unsqueeze", [k, b.const([2])], f"{path}/gqa")],
+        f"{path}/gqa",
+        perm=[0, 1, 2, 4, 3],
+    )
+    scores = b.op(
+        "Div", [b.op("MatMul", [q5, kt], f"{path}/qk"), b.const(math.sqrt(hd), np.float32)], f"{path}/qk"
+    )
+    scores = b.op("Where", [sh.mask, scores, b.const(np.finfo(np.float32).min, np.float32)], f"{path}/mask")
+    probs = b.op("Softmax", [scores], f"{path}/softmax", axis=-1)  # [B, nkv, rep, T, S]
+    out = b.op("MatMul", [probs, b.op("Unsqueeze", [v, b.const([2])], f"{path}/gqa")], f"{path}/pv")
+    out = b.op("Reshape", [out, b.const([0, nh, -1, hd])], f"{path}/pv")
+    out = b.op(
+        "Reshape",
+        [b.op("Transpose", [out], f"{path}/pv", perm=[0, 2, 1, 3]), b.const([0, 0, nh * hd])],
+        f"{path}/pv",
+    )  # [B, T, nh * hd]
+    wo = b.weight(f"{p}.o_proj.MatMul.weight", _np(ir.weights[f"{p}.o_proj.weight"], True))
+    return b.op("MatMul", [out, wo], f"{path}/o_proj")
+
+
+def _ffn(
+    b: GraphBuilder, ir: ModelIR, i: int, x: str, sh: _Shared, sparse: bool, fp16: bool, functions: dict
+) -> str:
+    from onnx import helper
+
+    ann = ir.layers[i]
+    gate, up, down = ffn_names(i)
+    path = f"/model/layers.{i}/mlp"
+    if not sparse or ann.mode == "dense":
+        w = {
+            "gate": b.weight(f"{gate[:-7]}.MatMul.weight", _np(ir.weights[gate], True)),
+            "up": b.weight(f"{up[:-7]}.MatMul.weight", _np(ir.weights[up], True)),
+            "down_t": b.weight(f"{down[:-7]}.MatMul.weight", _np(ir.weights[down], True)),
+        }
+        return dense_ffn(b, x, w, ann, path, rows=False)
+    # sparse layout: rows of [I, H] per neuron, shared by the prefill (dense) and decode (SparseFFN) branches
+    w = {
+        "gate": b.weight(gate, _np(ir.weights[gate], fp16=fp16)),
+        "up": b.weight(up, _np(ir.weights[up], fp16=fp16)),
+        "down_t": b.weight(f"{down[:-7]}.weight_t", _np(ir.weights[down], True, fp16)),
+    }
+    if ann.mode == "predictor":
+        if ann.predictor is None:
+            raise UserError(f"layers[{i}]: mode 'predictor' but the layer has no predictor")
+        fc1, fc2 = predictor_names(i)
+        w["fc1"] = b.weight(fc1, _np(ir.weights[fc1]))
+        w["fc2"] = b.weight(fc2, _np(ir.weights[fc2]))
+    prefill, decode = b.sub(), b.sub()
+    y_prefill = dense_ffn(prefill, x, w, ann, f"{path}/prefill", rows=True, fp16=fp16)
+    y_decode = sparse_ffn_node(decode, x, w, ann, fp16, f"{path}/SparseFFN", functions)
+
+    def branch(sub: GraphBuilder, y: str, name: str):
+        return helper.make_graph(
+            sub.nodes, f"{path}/{name}", [], [helper.make_tensor_value_info(y, FLOAT, None)]
+        )
+
+    return b.op(
+        "If",
+        [sh.is_prefill],
+        path,
+        then_branch=branch(prefill, y_prefill, "prefill"),
+        else_branch=branch(decode, y_decode, "decode"),
+    )
+
+
+def build_decoder(ir: ModelIR, weights: WeightStore, sparse: bool, fp16: bool = False):
+    """The decoder's ModelProto. sparse=False: every FFN dense (the baseline); True: SparseFFN in decode."""
+    from onnx import helper
+
+    cfg = ir.config
+    if cfg.is_moe:
+        raise UserError("onnx backend: mixture-of-experts models (mixtral) are not supported yet")
+    b = GraphBuilder(weights)
+    sh = _Shared(b, ir)
+    embed = b.weight("model.embed_tokens.weight", _np(ir.weights["model.embed_tokens.weight"]))
+    x = b.op("Gather", [embed, "input_ids"], "/model/embed_tokens", axis=0)  # [B, T, H]
+    functions: dict = {}
+    for i in range(cfg.num_layers):
+        p, path = f"model.layers.{i}", f"/model/layers.{i}"
+        ln1 = b.weight(f"{p}.input_layernorm.weight", _np(ir.weights[f"{p}.input_layernorm.weight"]))
+        a = _attention(b, ir, i, _rms_norm(b, x, ln1, cfg.rms_norm_eps, f"{path}/input_layernorm"), sh)
+        x = b.op("Add", [x, a], f"{path}/residual_attn")
+        ln2 = b.weight(
+            f"{p}.post_attention_layernorm.weight", _np(ir.weights[f"{p}.post_attention_layernorm.weight"])
+        )
+        h = _rms_norm(b, x, ln2, cfg.rms_norm_eps, f"{path}/post_attention_layernorm")
+        x = b.op("Add", [x, _ffn(b, ir, i, h, sh, sparse, fp16, functions)], f"{path}/residual_mlp")
+    normw = b.weight("model.norm.weight", _np(ir.weights["model.norm.weight"]))
+    x = _rms_norm(b, x, normw, cfg.rms_norm_eps, "/model/norm")
+    if cfg.tie_word_embeddings:
+        # one copy of the embedding serves the Gather and the head: Gemm with transB on a 2-D view
+        y = b.op("Gemm", [b.op("Flatten", [x], "/lm_head", axis=-1), embed], "/lm_head", transB=1)
+        shape = b.op(
+            "Concat",
+            [b.op("Shape", ["input_ids"], "/lm_head"), b.const([cfg.vocab_size])],
+            "/lm_head",
+            axis=0,
+        )
+        b.op("Reshape", [y, shape], "/lm_head", out_names=["logits"])
+    else:
+        head = b.weight("lm_head.MatMul.weight", _np(ir.weights["lm_head.weight"], True))
+        b.op("MatMul", [x, head], "/lm_head", out_names=["logits"])
+
+    kv = ["batch_size", cfg.num_kv_heads, "past_sequence_length", cfg.head_dim]
+    kv_out = ["batch_size", cfg.num_kv_heads, "total_sequence_length", cfg.head_dim]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", 7, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info("attention_mask", 7, ["batch_size", "total_sequence_length"]),
+        helper.make_tensor_value_info("position_ids", 7, ["batch_size", "sequence_length"]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("logits", FLOAT, ["batch_size", "sequence_length", cfg.vocab_size])
+    ]
+    for i in range(cfg.num_layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", FLOAT, kv))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", FLOAT, kv_out))
+    graph = helper.make_graph(b.nodes, "tscompile_decoder", inputs, outputs, initializer=weights.tensors)
+    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid(DOMAIN, 1)] if functions else [])
+    model = helper.make_model(
+        graph, opset_imports=opsets, functions=list(functions.values()), producer_name="tscompile"
+    )
+    model.ir_version = IR_VERSION
+    return model
