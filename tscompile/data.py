@@ -463,13 +463,25 @@ def _shards(docs: list[str]) -> list[tuple[int, int]]:
     return out
 
 
+_digests: dict[tuple, str] = {}
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a file, remembered per (path, size, mtime) within the process."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _digests:
+        _digests[key] = sha256_file(path)
+    return _digests[key]
+
+
 class _TextFile:
     """One text file's documents in token-cache shards, tokenized on first use."""
 
     def __init__(self, path: Path, docs: list[str], tok, tok_hash: str, sep: int, cache: Path):
         self.path, self.docs, self.tok, self.sep = path, docs, tok, sep
         self.shards = _shards(docs)
-        self.dir = cache / "tokens" / tok_hash[:16] / sha256_file(path)[:16]
+        self.dir = cache / "tokens" / tok_hash[:16] / _file_digest(path)[:16]
 
     def tokens(self, k: int):
         import numpy as np

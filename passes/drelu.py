@@ -1,0 +1,27 @@
+"""drelu: swap every FFN's activation for dReLU, relu(x Wg) * relu(x Wu) (TurboSparse Eq. 2), or ReGLU,
+relu(x Wg) * (x Wu). Only the annotation changes; the weights stay. Without the ReLUfication fine-tune that
+follows (relufy) the model's quality collapses: this pass only sets the function the fine-tune trains.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from tscompile.api import Context, PassConfig, PassInfo
+from tscompile.ir import ModelIR
+
+
+class DReLUConfig(PassConfig):
+    kind: Literal["drelu", "relu"] = "drelu"
+
+
+def apply_drelu(ir: ModelIR, cfg: DReLUConfig, ctx: Context) -> ModelIR:
+    out = ir.clone()
+    for layer in out.layers:
+        layer.activation = cfg.kind          # the layer-level entry of an MoE layer too, so it reads consistently
+    for _, _, ann in out.ffn_units():
+        ann.activation = cfg.kind
+    return out
+
+
+PASS = PassInfo(name="drelu", version="1", doc="set every FFN activation to dReLU (or ReGLU); weights unchanged",
+                config=DReLUConfig, run=apply_drelu)

@@ -1,0 +1,146 @@
+"""profile: how often each FFN neuron fires on calibration text (the model is not changed).
+
+Neuron j is active iff h_j != 0 after the FFN's activation and threshold (|h_j| > t). Per FFN the annotation's
+`stats` gets the sparsity (fraction inactive over tokens x neurons) and a summary of neuron frequencies; the
+per-neuron frequencies go into ir.weights as float32 `{ffn_prefix}.activation_frequency` [inter] (the reorder
+pass permutes it with the neurons). `ir.meta["profile"]` holds the model-level sparsity.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from tscompile.api import Context, PassConfig, PassInfo
+from tscompile.errors import UserError
+from tscompile.ir import ModelIR, ffn_prefix
+
+CHUNK_TOKENS = 2048      # tokens per forward: bounds the memory of one capture of every FFN's h
+
+
+class ProfileConfig(PassConfig):
+    pass
+
+
+def frequency_name(layer: int, expert: int | None) -> str:
+    return f"{ffn_prefix(layer, expert)}.activation_frequency"
+
+
+def ffn_activations(ir: ModelIR, batch, device: str = "cpu", raw: bool = False) -> Iterator[list]:
+    """For each chunk of `batch` [n_seqs, seq_len]: every FFN's h as [tokens, inter], in ir.ffn_units() order.
+
+    raw=True gives the activation before any threshold or predictor (the IR's FFNs read as dense), which
+    is what thresholds are calibrated on. MoE experts see only the tokens routed to them.
+    """
+    import torch
+    from tqdm import tqdm
+    from tscompile.reference import ReferenceModel
+    if raw:
+        ir = ir.clone()
+        for _, _, ann in ir.ffn_units():
+            ann.threshold, ann.mode = 0.0, "dense"
+    model = ReferenceModel.from_ir(ir, device=device)
+    ffns = model.ffns()
+    per_chunk = max(1, CHUNK_TOKENS // batch.shape[1])
+    try:
+        with torch.no_grad():
+            for lo in tqdm(range(0, batch.shape[0], per_chunk), desc="calibration forward", unit="chunk",
+                           file=sys.stderr, leave=False):
+                for f in ffns:
+                    f.capture = []
+                model(batch[lo:lo + per_chunk].to(device), gating="exact")
+                yield [torch.cat([h.reshape(-1, h.shape[-1]) for _, h in f.capture]) if f.capture
+                       else torch.zeros(0, ir.config.intermediate_size) for f in ffns]
+    finally:
+        for f in ffns:
+            f.capture = None
+
+
+def activation_counts(ir: ModelIR, batch, device: str = "cpu") -> tuple[list, list[int]]:
+    """Per FFN: how many tokens each neuron was active on (float64 [inter]) and how many tokens it saw."""
+    import torch
+    units = list(ir.ffn_units())
+    counts = [torch.zeros(ir.config.intermediate_size, dtype=torch.float64) for _ in units]
+    tokens = [0] * len(units)
+    for hs in ffn_activations(ir, batch, device):
+        for u, h in enumerate(hs):
+            counts[u] += (h != 0).sum(0).double().cpu()
+            tokens[u] += h.shape[0]
+    return counts, tokens
+
+
+def apply_profile(ir: ModelIR, cfg: ProfileConfig, ctx: Context) -> ModelIR:
+    from tscompile.data import calibration_batch
+    batch = calibration_batch(ir, calib_spec(ctx, "profile"), ctx.device, ctx.seed)
+    return profile_model(ir, batch, ctx.device)
+
+
+def calib_spec(ctx: Context, pass_name: str):
+    data = getattr(ctx.spec, "data", None)
+    if data is None or data.calib is None:
+        raise UserError(f"pipeline {pass_name}: needs data.calib in the spec (calibration text)")
+    return data.calib
+
+
+def profile_model(ir: ModelIR, batch, device: str = "cpu") -> ModelIR:
+    """A copy of `ir` with activation statistics measured on `batch` [n_seqs, seq_len]."""
+    import torch
+    counts, tokens = activation_counts(ir, batch, device)
+    out = ir.clone()
+    sparsities = []
+    for (layer, expert, ann), c, n in zip(out.ffn_units(), counts, tokens):
+        freq = (c / max(n, 1)).float()
+        out.weights[frequency_name(layer, expert)] = freq
+        q = torch.quantile(freq, torch.tensor([0.1, 0.5, 0.9])).tolist() if n else [0.0] * 3
+        ann.stats.update({
+            "sparsity": float(1 - freq.mean()) if n else None, "profile_tokens": n,
+            "frequency_p10": q[0], "frequency_p50": q[1], "frequency_p90": q[2],
+            "never_active": float((c == 0).float().mean()) if n else None})
+        if n:
+            sparsities.append(1 - float(freq.mean()))
+    out.meta["profile"] = {"sparsity": sum(sparsities) / max(len(sparsities), 1),
+                           "tokens": int(batch.numel()), "ffns_seen": len(sparsities)}
+    return out
+
+
+def plot_profile(ir: ModelIR, out_png: str | os.PathLike) -> Path:
+    """Two panels: FFN sparsity per layer, and the distribution of neuron activation frequencies."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    per_layer: dict[int, list[float]] = {}
+    freqs = []
+    for layer, expert, ann in ir.ffn_units():
+        if ann.stats.get("sparsity") is not None:
+            per_layer.setdefault(layer, []).append(ann.stats["sparsity"])
+        name = frequency_name(layer, expert)
+        if name in ir.weights:
+            freqs.append(ir.weights[name].float().numpy())
+    if not per_layer or not freqs:
+        raise UserError("plot_profile: the model has no activation statistics (run the profile pass first)")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    layers = sorted(per_layer)
+    a.bar(layers, [100 * np.mean(per_layer[i]) for i in layers], color="#4477aa")
+    a.set(xlabel="layer", ylabel="FFN sparsity (%)", ylim=(0, 100), title="inactive neurons per layer")
+    b.hist(np.concatenate(freqs), bins=50, range=(0, 1), color="#cc6677")
+    b.set(xlabel="activation frequency", ylabel="neurons", yscale="log", title="how often each neuron fires")
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_png.parent, suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, out_png)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out_png
+
+
+PASS = PassInfo(name="profile", version="1", doc="measure per-layer and per-neuron activation frequency",
+                config=ProfileConfig, run=apply_profile, needs_data=True)
