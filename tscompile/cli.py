@@ -61,9 +61,10 @@ def build(spec_path: str, targets: tuple[str, ...], out: Path | None, policy: st
     if dry_run:
         click.echo(format_plan(plan))
         return
+    # The resolved spec names every plug-in and target of this build, so `tscompile verify DIR` can re-read it.
     extra = {t.name: t.config for t in plan.targets if t.name not in spec.targets}
-    if extra:   # the resolved spec names every target built, so `tscompile verify DIR` finds them
-        plan.spec = spec.model_copy(update={"targets": {**spec.targets, **extra}})
+    plan.spec = spec.model_copy(update={"targets": {**spec.targets, **extra},
+                                        "plugins": list(dict.fromkeys([*spec.plugins, *plugins]))})
     run_build(plan)
 
 

@@ -26,6 +26,7 @@ BACKEND_GROUP = "tscompile.backends"
 _KINDS = {PASS_GROUP: ("pass", PassInfo), BACKEND_GROUP: ("backend", BackendInfo)}
 
 _registered: dict[str, dict[str, PassInfo | BackendInfo]] = {PASS_GROUP: {}, BACKEND_GROUP: {}}
+_from_entry_points: dict[tuple[str, str], PassInfo | BackendInfo] = {}   # (group, ep.value) -> loaded object
 _loaded_plugins: set[str] = set()
 
 
@@ -63,6 +64,8 @@ def _lookup(group: str, name: str):
     ep = _entry_points(group).get(name)
     if ep is None:
         raise UserError(f"unknown {kind} {name!r}{suggest(name, _names(group))}")
+    if (group, ep.value) in _from_entry_points:
+        return _from_entry_points[group, ep.value]
     try:
         info = ep.load()
     except Exception as e:  # any failure inside a plug-in is the plug-in's, reported in one line
@@ -72,7 +75,7 @@ def _lookup(group: str, name: str):
         raise UserError(f"{kind} plug-in {name!r} ({ep.value}) is a {type(info).__name__}, not a {cls.__name__}")
     if info.name != name:
         raise UserError(f"{kind} plug-in {name!r} ({ep.value}) calls itself {info.name!r}")
-    _registered[group][name] = info
+    _from_entry_points[group, ep.value] = info
     return info
 
 

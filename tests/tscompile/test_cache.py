@@ -1,0 +1,209 @@
+"""Cache: keys, hit/miss/redo/readonly/off, invalidation by config and version, atomic publishing, and
+`kill -9` of a real `tscompile build` at several moments."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tsc_test_plugin import PASSES, tiny_spec
+
+from tscompile import cache, registry
+from tscompile.api import PassInfo
+from tscompile.engine import build, plan_build
+from tscompile.spec import parse_spec
+
+HERE = Path(__file__).parent
+
+
+def spec_of(pipeline="[scale: {factor: 2}, after_scale: {bias: 0.5}]", targets="{ckpt: {}}"):
+    return parse_spec(tiny_spec(pipeline=pipeline, targets=targets), "s.yaml")
+
+
+def entries(out: Path) -> dict[str, float]:
+    root = out / ".cache" / "passes"
+    return {p.name: p.stat().st_mtime_ns for p in root.iterdir() if not p.name.startswith(".")} if root.exists() else {}
+
+
+def test_chain_key_depends_on_every_part():
+    base = cache.chain_key("prev", "pass", "scale", "1", {"factor": 2})
+    assert len(base) == 64 and base == cache.chain_key("prev", "pass", "scale", "1", {"factor": 2})
+    others = [cache.chain_key("prev2", "pass", "scale", "1", {"factor": 2}),
+              cache.chain_key("prev", "pass", "scalf", "1", {"factor": 2}),
+              cache.chain_key("prev", "pass", "scale", "2", {"factor": 2}),
+              cache.chain_key("prev", "pass", "scale", "1", {"factor": 3})]
+    assert len({base, *others}) == 5
+    assert set(cache.tool_versions()) == {"tscompile", "torch", "onnx", "onnxruntime"}
+
+
+def test_second_build_reuses_everything(tmp_path):
+    out = tmp_path / "b"
+    first = build(spec_of(), out_dir=out, verify=False)
+    assert first.ran == ["source", "scale", "after_scale", "target ckpt"]
+    before = entries(out)
+    model_mtime = (out / "model" / "model.safetensors").stat().st_mtime_ns
+    second = build(spec_of(), out_dir=out, verify=False)
+    assert second.ran == [] and second.reused == ["scale", "after_scale", "target ckpt"]
+    assert entries(out) == before and (out / "model" / "model.safetensors").stat().st_mtime_ns == model_mtime
+    assert "build t: everything cached, nothing to rebuild" in (out / "build.log").read_text()
+    assert all(s.cached for s in plan_build(spec_of(), out).steps)
+
+
+def test_config_change_reruns_from_that_pass(tmp_path):
+    out = tmp_path / "b"
+    build(spec_of(), out_dir=out, verify=False)
+    changed = build(spec_of("[scale: {factor: 2}, after_scale: {bias: 0.75}]"), out_dir=out, verify=False)
+    assert changed.ran == ["after_scale", "target ckpt"]
+    assert changed.reused == ["scale", "source"]        # scale's output loaded; the source for Context.source_ir
+    assert len(entries(out)) == 4                       # source, scale, two after_scale versions
+    target_changed = build(spec_of("[scale: {factor: 2}, after_scale: {bias: 0.75}]", "{ckpt: {dtype: float16}}"),
+                           out_dir=out, verify=False)
+    assert target_changed.ran == ["target ckpt"]
+
+
+def test_pass_version_change_invalidates_it_and_what_follows(tmp_path):
+    out = tmp_path / "b"
+    build(spec_of(), out_dir=out, verify=False)
+    scale = next(p for p in PASSES if p.name == "scale")
+    bumped = PassInfo(scale.name, "2", scale.doc, scale.config, scale.run)
+    registry.unregister("scale")
+    registry.register_pass(bumped)
+    try:
+        assert build(spec_of(), out_dir=out, verify=False).ran == ["scale", "after_scale", "target ckpt"]
+    finally:
+        registry.unregister("scale")
+        registry.register_pass(scale)
+
+
+def test_redo_recomputes_and_rewrites(tmp_path):
+    out = tmp_path / "b"
+    build(spec_of(), out_dir=out, verify=False)
+    before = entries(out)
+    redo = build(spec_of(), out_dir=out, verify=False, policy="redo")
+    assert redo.ran == ["source", "scale", "after_scale", "target ckpt"]
+    after = entries(out)
+    assert set(after) == set(before) and all(after[k] > before[k] for k in before)
+
+
+def test_readonly_uses_hits_and_never_writes(tmp_path):
+    out = tmp_path / "b"
+    cold = build(spec_of("[scale: {factor: 2}]"), out_dir=out, verify=False, policy="readonly")
+    assert cold.ran == ["source", "scale", "target ckpt"]
+    assert entries(out) == {} and not (out / ".cache" / "work").exists()
+    assert (out / "model" / "config.json").is_file() and (out / "ckpt" / "manifest.json").is_file()
+    build(spec_of("[scale: {factor: 2}]"), out_dir=out, verify=False, policy="redo")   # fill the cache
+    filled = entries(out)
+    warm = build(spec_of(), out_dir=out, verify=False, policy="readonly")
+    assert warm.ran == ["after_scale", "target ckpt"] and warm.reused[0] == "scale"
+    assert entries(out) == filled
+
+
+def test_off_neither_reads_nor_writes(tmp_path):
+    out = tmp_path / "b"
+    build(spec_of(), out_dir=out, verify=False)
+    before = entries(out)
+    off = build(spec_of(), out_dir=out, verify=False, policy="off")
+    assert off.ran == ["source", "scale", "after_scale", "target ckpt"] and entries(out) == before
+
+
+def test_publish_dir_replaces_and_sweep_removes_only_dead_writers(tmp_path):
+    final = tmp_path / "t"
+    for text in ("one", "two"):
+        tmp = cache.temp_dir(tmp_path, "t")
+        (tmp / "f").write_text(text)
+        cache.publish_dir(tmp, final)
+    assert (final / "f").read_text() == "two" and sorted(p.name for p in tmp_path.iterdir()) == ["t"]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f".x.tmp-{dead.pid}-abc").mkdir()
+    (tmp_path / f".y.tmp-{os.getpid()}-abc").mkdir()
+    cache.sweep_stale(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".y.tmp-{os.getpid()}-abc", "t"]
+
+
+# ---- kill -9 in the middle of a real build ------------------------------------------------------------
+
+KILL_SPEC = tiny_spec(pipeline="[scale: {factor: 2, pause: 0.4}, after_scale: {}, prune_neurons: {fraction: 0.5}]",
+                      targets="{ckpt: {pause: 0.4}}")
+# (log line that must appear in this run, seconds to wait after it): each run gets further, as the cache fills.
+# The pauses (0.4 s in scale and in the ckpt backend) make the 2nd and 4th kills land inside a step / a write.
+KILL_MOMENTS = [("source: loading", 0.0), ("pass scale v1: running", 0.2), ("pass scale: done", 0.0),
+                ("target ckpt v1: lowering", 0.2), ("target ckpt v1: lowering", 0.42)]
+
+
+def _build_cmd() -> list[str]:
+    return [sys.executable, "-m", "tscompile", "build", "s.yaml", "--no-verify"]
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TSCOMPILE_DISABLE_PLUGIN_AUTOLOAD"}
+    return {**env, "PYTHONPATH": str(HERE), "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def _kill_when_logged(cwd: Path, line: str, delay: float) -> bool:
+    """Start a build; SIGKILL it `delay` s after `line` shows up in this run's part of build.log.
+    False if the build finished first."""
+    log = cwd / "build" / "t" / "build.log"
+    start = log.stat().st_size if log.exists() else 0
+    proc = subprocess.Popen(_build_cmd(), cwd=cwd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while proc.poll() is None:
+            if log.exists():
+                with open(log) as f:
+                    f.seek(start)
+                    if line in f.read():
+                        time.sleep(delay)
+                        proc.send_signal(signal.SIGKILL)
+                        proc.wait()
+                        return True
+            time.sleep(0.005)
+        return False
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _digest(d: Path) -> dict[str, str]:
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(d.rglob("*")) if p.is_file() and p.name != "build.log"}
+
+
+def _assert_nothing_half_done(out: Path, ref: Path) -> None:
+    """Whatever looks complete is byte-identical to the uninterrupted build's; the rest is hidden temp names."""
+    for entry in (out / ".cache" / "passes").glob("[!.]*"):
+        assert (entry / "entry.json").is_file(), entry
+        assert _digest(entry) == _digest(ref / ".cache" / "passes" / entry.name), entry
+    if (out / "ckpt" / "manifest.json").exists():
+        assert _digest(out / "ckpt") == _digest(ref / "ckpt")
+    else:
+        assert not (out / "ckpt").exists()
+    if (out / ".model.key").exists():
+        assert _digest(out / "model") == _digest(ref / "model")
+    visible = {p.name for p in out.iterdir() if not p.name.startswith(".")}
+    assert visible <= {"model", "ckpt", "spec.resolved.yaml", "build.log"}
+
+
+def test_kill_9_at_any_moment_leaves_nothing_that_looks_finished(tmp_path):
+    (tmp_path / "s.yaml").write_text(KILL_SPEC)
+    subprocess.run(_build_cmd(), cwd=tmp_path, env=_env(), check=True, capture_output=True)
+    ref = tmp_path / "ref"
+    os.replace(tmp_path / "build" / "t", ref)            # same build path for both runs: same bytes expected
+    killed, inside_a_write = 0, 0
+    for line, delay in KILL_MOMENTS:
+        killed += _kill_when_logged(tmp_path, line, delay)
+        _assert_nothing_half_done(tmp_path / "build" / "t", ref)
+        inside_a_write += bool(list((tmp_path / "build" / "t").rglob(".*.tmp-*")))   # swept by the next run
+    assert killed >= 4 and inside_a_write >= 1
+    r = subprocess.run(_build_cmd(), cwd=tmp_path, env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "build" / "t"
+    assert not list(out.rglob(".*.tmp-*")) and not list(out.rglob(".*.old-*"))
+    assert _digest(out) == _digest(ref)
+    shutil.rmtree(ref)

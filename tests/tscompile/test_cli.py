@@ -1,0 +1,200 @@
+"""The real `tscompile` command: listing commands, dry run of specs/tiny.yaml, one-line errors and exit codes,
+a cached second build, generate/eval/verify on a build dir, and that light commands never import torch."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tsc_test_plugin import tiny_spec
+
+from tscompile.cli import main
+
+HERE = Path(__file__).parent
+REPO = HERE.parent.parent
+BUILTIN_PASSES = {"drelu", "relufy", "threshold", "magnitude", "profile", "predictors", "reorder"}
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("TSCOMPILE_DISABLE_PLUGIN_AUTOLOAD", "TSCOMPILE_DEBUG")}
+    return {**env, "PYTHONPATH": str(HERE), **extra}
+
+
+def tsc(*args: str, cwd: Path = REPO, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tscompile", *args], cwd=cwd, capture_output=True, text=True,
+                          env=_env(**env), timeout=300)
+
+
+def run_main(capsys, *args: str) -> tuple[int, str, str]:
+    """The CLI in-process (for tests that patch a module)."""
+    with pytest.raises(SystemExit) as e:
+        main(list(args))
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def test_help_through_the_console_script():
+    r = subprocess.run([shutil.which("tscompile"), "--help"], capture_output=True, text=True, env=_env())
+    assert r.returncode == 0
+    for command in ("build", "verify", "passes", "targets", "schema", "import", "inspect", "eval", "generate", "data"):
+        assert f"\n  {command} " in r.stdout
+
+
+def test_passes_lists_builtins_and_the_example_plugin():
+    r = tsc("passes", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = {row["name"]: row for row in json.loads(r.stdout)}
+    assert BUILTIN_PASSES | {"prune_neurons"} <= set(rows)
+    assert rows["prune_neurons"]["config"] == [{"name": "fraction", "type": "float", "required": False, "default": 0.1,
+                                                "description": "share of each FFN's neurons to zero"}]
+    text = tsc("passes").stdout
+    assert "prune_neurons v1: zero each FFN's weakest neurons by weight norm (example plug-in)\n" \
+           "    fraction: float = 0.1\n" in text
+
+
+def test_targets_and_schema():
+    r = tsc("targets", "--json")
+    assert r.returncode == 0, r.stderr
+    assert {"onnx", "arm64", "cuda"} <= {row["name"] for row in json.loads(r.stdout)}
+    r = tsc("schema")
+    assert r.returncode == 0, r.stderr
+    schema = json.loads(r.stdout)
+    passes = {next(iter(i["properties"])) for i in schema["properties"]["pipeline"]["items"]["oneOf"]}
+    assert BUILTIN_PASSES | {"prune_neurons"} <= passes
+    assert {"onnx", "arm64", "cuda"} <= set(schema["properties"]["targets"]["properties"])
+
+
+def test_dry_run_of_the_tiny_spec(tmp_path):
+    r = tsc("build", str(REPO / "specs" / "tiny.yaml"), "--dry-run", "--out", str(tmp_path / "b"))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"plan for tiny -> {tmp_path / 'b'}/ (cache: on)"
+    assert lines[1].startswith("  source   tiny mistral/swiglu (2 layers, hidden 64, seed 0)")
+    assert lines[2].startswith("  pass 1   drelu v")
+    assert [ln.split()[1] for ln in lines if ln.startswith("  target")] == ["onnx", "arm64"]
+    assert not (tmp_path / "b").exists()
+
+
+def test_light_commands_do_not_import_torch():
+    code = ("import sys, tscompile\n"
+            "assert 'torch' not in sys.modules, 'import tscompile'\n"
+            "from tscompile.cli import main\n"
+            "for args in (['--help'], ['schema'], ['passes'], ['targets'], ['build', 'specs/tiny.yaml', '--dry-run']):\n"
+            "    try:\n"
+            "        main(args)\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "    assert 'torch' not in sys.modules, args\n"
+            "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env=_env())
+    assert r.returncode == 0 and r.stdout.endswith("ok\n"), r.stderr[-2000:]
+
+
+def test_bad_spec_is_one_line_exit_2_and_debug_shows_the_traceback(tmp_path):
+    (tmp_path / "x.yaml").write_text(tiny_spec(pipeline="[scale: {factor: -1}]"))
+    r = tsc("build", "x.yaml", cwd=tmp_path)
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", "error: x.yaml:5: pipeline[0].scale.factor: must be > 0, "
+                                                          "got -1\n")
+    r = tsc("build", "x.yaml", "--debug", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback (most recent call last)" in r.stderr
+    assert r.stderr.endswith("error: x.yaml:5: pipeline[0].scale.factor: must be > 0, got -1\n")
+
+
+@pytest.mark.parametrize("args, want", [
+    (["build"], "error: tscompile build: Missing argument 'SPEC'.\n"),
+    (["build", "nope.yaml"], "error: nope.yaml: spec file not found\n"),
+    (["build", "x.yaml", "--cache", "maybe"], "error: tscompile build: Invalid value for '--cache': 'maybe' is not "
+                                              "one of 'on', 'off', 'redo', 'readonly'.\n"),
+    (["frobnicate"], "error: tscompile: No such command 'frobnicate'.\n"),
+    (["build", "x.yaml", "-p", "tsc_no_such_plugin"], "error: plug-in 'tsc_no_such_plugin' failed to import: "
+                                                      "ModuleNotFoundError: No module named 'tsc_no_such_plugin'\n"),
+    (["verify", "."], "error: .: not a build directory (no spec.resolved.yaml)\n"),
+])
+def test_usage_errors_exit_2_with_one_line(args, want, tmp_path, capsys):
+    (tmp_path / "x.yaml").write_text(tiny_spec())
+    os.chdir(tmp_path)
+    try:
+        assert run_main(capsys, *args)[::2] == (2, want)
+    finally:
+        os.chdir(REPO)
+
+
+def test_broken_third_party_plugin_fails_listing_with_its_name(tmp_path):
+    info = tmp_path / "tsc_broken_cli-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tsc-broken-cli\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[tscompile.passes]\nbrokencli = tsc_broken_cli_mod:PASS\n")
+    (tmp_path / "tsc_broken_cli_mod.py").write_text("raise ImportError('needs libfoo')\n")
+    r = tsc("passes", PYTHONPATH=f"{tmp_path}:{HERE}")
+    assert r.returncode == 2 and "prune_neurons v1:" in r.stdout
+    assert ("error: pass plug-in 'brokencli' (tsc_broken_cli_mod:PASS) failed to load: ImportError: needs libfoo\n"
+            in r.stderr)
+    r = tsc("passes", PYTHONPATH=f"{tmp_path}:{HERE}", TSCOMPILE_DISABLE_PLUGIN_AUTOLOAD="1")
+    assert "brokencli" not in r.stderr and "prune_neurons" not in r.stdout
+
+
+@pytest.fixture(scope="module")
+def cli_build(tmp_path_factory):
+    """`tscompile build` of a tiny spec with a plug-in given by -p (not named in the spec), run twice."""
+    d = tmp_path_factory.mktemp("cli")
+    (d / "s.yaml").write_text(tiny_spec(pipeline="[scale: {factor: 1.5}, prune_neurons: {fraction: 0.5}]",
+                                        targets="{ckpt: {}}").replace("plugins: [tsc_test_plugin]\n", ""))
+    first = tsc("build", "s.yaml", "--no-verify", "-p", "tsc_test_plugin", cwd=d)
+    second = tsc("build", "s.yaml", "--no-verify", "-p", "tsc_test_plugin", cwd=d)
+    return d, first, second
+
+
+def test_second_identical_build_is_fully_cached_and_says_so(cli_build):
+    d, first, second = cli_build
+    assert first.returncode == 0, first.stderr
+    assert "pass prune_neurons v1: running" in first.stderr
+    assert second.returncode == 0, second.stderr
+    assert "running" not in second.stderr and "lowering" not in second.stderr
+    assert "build t: everything cached, nothing to rebuild" in second.stderr
+
+
+def test_generate_with_the_reference_model(cli_build, capsys):
+    from tokenizers import Tokenizer
+    from tscompile.ir import ModelIR
+    from tscompile.reference import ReferenceModel
+    d = cli_build[0]
+    ir = ModelIR.load(d / "build" / "t" / "model")
+    tok = Tokenizer.from_str(ir.tokenizer_json)
+    want = tok.decode(ReferenceModel.from_ir(ir).generate(tok.encode("The quick").ids, 6))
+    rc, out, err = run_main(capsys, "generate", str(d / "build" / "t"), "--prompt", "The quick",
+                            "--max-new-tokens", "6")
+    assert rc == 0 and out == "The quick" + want + "\n"
+    rc, out, err = run_main(capsys, "generate", str(d / "build" / "t"), "--target", "ckpt", "--prompt", "x",
+                            "--temperature", "0.5")
+    assert rc == 2 and err == "error: --target decodes greedily; drop --temperature/--top-p (or drop --target)\n"
+
+
+def test_eval_on_a_build_dir(cli_build, capsys, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    rc, out, err = run_main(capsys, "eval", str(cli_build[0] / "build" / "t"), "--text", str(text), "--json",
+                            "--seq-len", "64")
+    result = json.loads(out)
+    assert rc == 0 and result["perplexity"] > 1 and result["tokens"] > 64
+    assert 0.45 <= result["sparsity"] <= 1.0        # half of each FFN's neurons were pruned
+
+
+def test_verify_reads_the_resolved_spec_and_maps_goal_missed_to_exit_1(cli_build, capsys, monkeypatch):
+    import tscompile.verify
+    from tscompile.errors import GoalMissed
+    d = cli_build[0]
+    calls = []
+
+    def record(build_dir, spec, targets):
+        calls.append((build_dir, spec.pipeline[0].config.factor, targets))
+        raise GoalMissed("  min_top1  ckpt  0.5  0.99")
+    monkeypatch.setattr(tscompile.verify, "verify_build", record)
+    rc, out, err = run_main(capsys, "verify", str(d / "build" / "t"))
+    assert rc == 1 and err == "error: verification goal missed:\n  min_top1  ckpt  0.5  0.99\n"
+    assert calls == [(d / "build" / "t", 1.5, ["ckpt"])]
+    rc, out, err = run_main(capsys, "verify", str(d / "build" / "t"), "--target", "onnx")
+    assert rc == 2 and err == f"error: --target onnx: not built in {d / 'build' / 't'} (built: ckpt)\n"

@@ -1,0 +1,156 @@
+"""Engine: plan checks before anything runs, a real build end to end (test plug-in passes + the example
+plug-in + a lowering backend), the Context passes get, target selection, verification hook."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tsc_test_plugin import tiny_spec
+
+from tscompile.engine import build, format_plan, plan_build
+from tscompile.errors import GoalMissed, UserError
+from tscompile.ir import ModelIR, ffn_names
+from tscompile.sources import load_source
+from tscompile.spec import parse_spec
+
+HERE = Path(__file__).parent
+PIPELINE = "[scale: {factor: 2}, after_scale: {bias: 0.25}, prune_neurons: {fraction: 0.25}]"
+
+
+def spec_of(pipeline: str = PIPELINE, targets: str = "{ckpt: {}}", extra: str = ""):
+    return parse_spec(tiny_spec(pipeline=pipeline, targets=targets, extra=extra), "s.yaml")
+
+
+@pytest.mark.parametrize("pipeline, want", [
+    ("[after_scale: {}]", "s.yaml:5: pipeline[0].after_scale: needs pass 'scale' earlier, but it is not in the pipeline"),
+    ("[after_scale: {}, scale: {}]", "s.yaml:5: pipeline[0].after_scale: needs pass 'scale' earlier, "
+                                     "but it comes later (pipeline[1])"),
+    ("[scale: {}, wants_data: {}]", "s.yaml:5: pipeline[1].wants_data: needs text data: add a data: section "
+                                    "to the spec"),
+])
+def test_plan_rejects_bad_pipelines(pipeline, want, tmp_path):
+    with pytest.raises(UserError) as e:
+        plan_build(spec_of(pipeline), tmp_path / "b")
+    assert str(e.value) == want
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
+def test_gpu_required_pass_needs_a_gpu_unless_dry_run(tmp_path):
+    spec = spec_of("[wants_gpu: {}]")
+    with pytest.raises(UserError, match=r"^s\.yaml:5: pipeline\[0\]\.wants_gpu: needs a CUDA GPU and none"):
+        plan_build(spec, tmp_path / "b")
+    assert "wants_gpu v1" in format_plan(plan_build(spec, tmp_path / "b", dry_run=True))
+
+
+def test_missing_predecessor_rejected_by_the_cli_before_anything_runs(tmp_path):
+    (tmp_path / "s.yaml").write_text(tiny_spec(pipeline="[after_scale: {}]", targets="{ckpt: {}}"))
+    r = subprocess.run([sys.executable, "-m", "tscompile", "build", "s.yaml", "--no-verify"], cwd=tmp_path,
+                       capture_output=True, text=True, env={**_env(), "PYTHONPATH": str(HERE)})
+    assert r.returncode == 2
+    assert r.stderr == ("error: s.yaml:5: pipeline[0].after_scale: needs pass 'scale' earlier, "
+                        "but it is not in the pipeline\n")
+    assert not (tmp_path / "build").exists()
+
+
+def _env():
+    import os
+    return {k: v for k, v in os.environ.items() if k != "TSCOMPILE_DISABLE_PLUGIN_AUTOLOAD"}
+
+
+def test_dry_run_plan_lists_source_passes_targets_and_cache_state(tmp_path):
+    spec = spec_of(extra="verify: {goals: {min_top1: 0.9}}\n")
+    text = format_plan(plan_build(spec, tmp_path / "b", dry_run=True))
+    lines = text.splitlines()
+    assert lines[0] == f"plan for t -> {tmp_path / 'b'}/ (cache: on)"
+    assert lines[1].startswith("  source   tiny llama/swiglu (1 layers, hidden 32, seed 0)  [") and lines[1].endswith("run")
+    assert [ln.split()[2:4] for ln in lines[2:5]] == [["scale", "v1"], ["after_scale", "v1"], ["prune_neurons", "v1"]]
+    assert lines[5].startswith("  target   ckpt v1  [") and lines[5].endswith("] run")
+    assert lines[6] == '  verify   goals {"min_top1": 0.9}'
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One real build (no verification): the test passes, the example plug-in, the ckpt backend."""
+    out = tmp_path_factory.mktemp("engine") / "build"
+    spec = spec_of(targets="{ckpt: {dtype: float16}}")
+    plan = plan_build(spec, out, verify=False)
+    result = build(spec, out_dir=out, verify=False)
+    return spec, plan, result, out
+
+
+def test_build_applies_every_pass_in_order(built):
+    spec, plan, result, out = built
+    assert result.ran == ["source", "scale", "after_scale", "prune_neurons", "target ckpt"] and result.reused == []
+    src = load_source(spec.source)
+    model = ModelIR.load(out / "model")
+    g, u, d = ffn_names(0)
+    assert torch.equal(model.weights["model.norm.weight"], src.weights["model.norm.weight"] + 0.25)
+    dead = (model.weights[g] == 0).all(dim=1)
+    assert int(dead.sum()) == 16                                   # 25% of 64 neurons pruned by the plug-in
+    assert torch.equal(model.weights[d][:, ~dead], 2 * src.weights[d][:, ~dead])
+    assert (model.weights[d][:, dead] == 0).all() and (model.weights[u][dead] == 0).all()
+    assert model.layers[0].stats["pruned_neurons"] == 16
+    assert [p["pass"] for p in model.meta["passes"]] == ["scale", "after_scale", "prune_neurons"]
+    assert model.meta["passes"][0]["config"]["factor"] == 2.0
+
+
+def test_passes_get_a_real_context(built):
+    spec, plan, result, out = built
+    ctx = ModelIR.load(out / "model").meta["scale_ctx"]
+    scale_key = plan.steps[0].key
+    assert ctx == {"device": "cpu", "work_dir": str(out / ".cache" / "work" / scale_key), "seed": 0,
+                   "work_dir_exists": True, "has_source": True, "source_layers": 1}
+    assert not (out / ".cache" / "work" / scale_key).exists()      # scratch removed once the result is cached
+
+
+def test_build_dir_layout_manifest_log_and_resolved_spec(built):
+    spec, plan, result, out = built
+    assert {p.name for p in out.iterdir() if not p.name.startswith(".")} == {
+        "model", "ckpt", "spec.resolved.yaml", "build.log"}
+    manifest = json.loads((out / "ckpt" / "manifest.json").read_text())
+    assert manifest == {"files": 3, "dtype": "float16", "target": "ckpt", "backend_version": "1",
+                        "config": {"dtype": "float16", "pause": 0.0}, "cache_key": plan.targets[0].key}
+    assert ModelIR.load(out / "ckpt" / "model").weights["model.norm.weight"].dtype == torch.float16
+    again = parse_spec((out / "spec.resolved.yaml").read_text(), "resolved")
+    assert again.model_dump(mode="json") == spec.model_dump(mode="json")
+    log = (out / "build.log").read_text()
+    assert "pass prune_neurons v1: running" in log and "prune_neurons: zeroed 16 neurons" in log
+    assert {p.name for p in (out / ".cache" / "passes").iterdir()} == {plan.source.key} | {s.key for s in plan.steps}
+
+
+def test_target_selection(tmp_path):
+    spec = spec_of(targets="{ckpt: {dtype: float16}}")
+    assert [(t.name, t.config.dtype) for t in plan_build(spec, tmp_path, targets=["ckpt"]).targets] == [
+        ("ckpt", "float16")]
+    bare = spec_of(targets="{}")
+    assert plan_build(bare, tmp_path).targets == []
+    assert [(t.name, t.config.dtype) for t in plan_build(bare, tmp_path, targets=["ckpt"]).targets] == [
+        ("ckpt", "float32")]                                       # not in the spec: the backend's defaults
+    with pytest.raises(UserError, match=r"^--target ckp: unknown backend 'ckp'; did you mean 'ckpt'\?$"):
+        plan_build(spec, tmp_path, targets=["ckp"])
+
+
+def test_missing_verifier_fails_the_build_loudly(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tscompile.verify", None)     # as if tscompile/verify.py were absent
+    with pytest.raises(ImportError):
+        build(spec_of("[scale: {}]", targets="{}"), out_dir=tmp_path / "b")
+    assert (tmp_path / "b" / "model" / "config.json").is_file()   # it got that far, then failed
+
+
+def test_verifier_gets_build_dir_spec_and_targets(tmp_path, monkeypatch):
+    import tscompile.verify
+    calls = []
+
+    def record(build_dir, spec, targets):
+        calls.append((build_dir, spec.name, targets))
+        raise GoalMissed("min_top1 missed")
+    monkeypatch.setattr(tscompile.verify, "verify_build", record)
+    with pytest.raises(GoalMissed):
+        build(spec_of("[scale: {}]"), out_dir=tmp_path / "b")
+    assert calls == [(tmp_path / "b", "t", ["ckpt"])]
