@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,9 @@ def run_main(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def test_help_through_the_console_script():
-    r = subprocess.run([shutil.which("tscompile"), "--help"], capture_output=True, text=True, env=_env())
+    script = Path(sysconfig.get_path("scripts")) / "tscompile"      # installed beside this Python
+    r = subprocess.run([str(script if script.exists() else shutil.which("tscompile")), "--help"],
+                       capture_output=True, text=True, env=_env())
     assert r.returncode == 0
     for command in ("build", "verify", "passes", "targets", "schema", "import", "inspect", "eval", "generate", "data"):
         assert f"\n  {command} " in r.stdout
