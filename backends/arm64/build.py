@@ -59,12 +59,20 @@ class Job:
     commands: list[list[str]]     # run one after another
 
 
-def _aarch64_job(cc: list[str], src: Path, out: Path) -> Job:
-    c_files = [str(src / n) for n in SOURCES if n.endswith(".c") and n != FP16_ARITH_FILE]
+def aarch64_job(cc: list[str], src: Path, out: Path, extra_sources: tuple[Path, ...] = (),
+                skip: tuple[str, ...] = ()) -> Job:
+    """Compiles kernels_neon_fp16.c with +fp16, everything else for plain ARMv8-A, and links.
+
+    Linux builds are static: they run on any aarch64 Linux (and under qemu without a sysroot), and
+    the qemu plugin sees libc's symbols.
+    """
+    c_files = [str(src / n) for n in SOURCES if n.endswith(".c") and n != FP16_ARITH_FILE and n not in skip]
     fp16_obj = out.with_name(out.name + "-fp16.o")
+    static = [] if android_ndk() else ["-static"]
     return Job(f"aarch64 build of {out.name}", [
         cc + COMMON_FLAGS + ["-march=armv8.2-a+fp16", "-c", str(src / FP16_ARITH_FILE), "-o", str(fp16_obj)],
-        cc + COMMON_FLAGS + ["-march=armv8-a"] + c_files + [str(fp16_obj), "-o", str(out)] + LIBS,
+        cc + COMMON_FLAGS + ["-march=armv8-a", "-I", str(src)] + static + c_files + [str(p) for p in extra_sources] +
+        [str(fp16_obj), "-o", str(out)] + LIBS,
         ["rm", "-f", str(fp16_obj)],
     ])
 
@@ -75,7 +83,7 @@ def _host_job(cc: list[str], src: Path, out: Path, sanitize: bool) -> Job:
     return Job(f"host build of {out.name}", [cc + flags + c_files + ["-o", str(out)] + LIBS])
 
 
-def _run_jobs(jobs: list[Job]) -> None:
+def run_jobs(jobs: list[Job]) -> None:
     """Runs the jobs side by side (each job's commands in order); UserError naming every failure."""
     def start(cmd):
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -101,8 +109,8 @@ def build_binaries(outdir: Path, *, aarch64: bool = True, host: bool = True, san
     jobs, built = [], {}
     cc = cross_compiler() if aarch64 else None
     if cc:
-        jobs.append(_aarch64_job(cc, src, bin_dir / "tsrun"))
-        built["tsrun"] = {"compiler": _version(cc), "flags": "-O2 -march=armv8-a (+fp16 for kernels_neon_fp16.c)"}
+        jobs.append(aarch64_job(cc, src, bin_dir / "tsrun"))
+        built["tsrun"] = {"compiler": _version(cc), "flags": "-O2 -march=armv8-a -static (+fp16 for kernels_neon_fp16.c)"}
     hcc = host_compiler() if host or sanitize else None
     if hcc and host and not is_arm64_host():
         jobs.append(_host_job(hcc, src, bin_dir / "tsrun-host", False))
@@ -110,7 +118,7 @@ def build_binaries(outdir: Path, *, aarch64: bool = True, host: bool = True, san
     if hcc and sanitize:
         jobs.append(_host_job(hcc, src, bin_dir / "tsrun-host-asan", True))
         built["tsrun-host-asan"] = {"compiler": _version(hcc), "flags": "-O2 -fsanitize=address,undefined"}
-    _run_jobs(jobs)
+    run_jobs(jobs)
     return built
 
 

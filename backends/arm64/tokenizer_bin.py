@@ -68,10 +68,9 @@ def tokenizer_blob(tokenizer_json: str, where: str = "tokenizer.json") -> bytes:
             pieces[i] = bytes(char_to_byte[c] for c in text)
     for text, i in specials.items():
         pieces[i] = text.encode()
-    missing = [b for b, c in bytes_to_unicode().items() if c not in vocab]
-    if missing:
-        raise UserError(f"{where}: vocabulary lacks the byte token of byte {missing[0]}")
-    byte_token = [vocab[bytes_to_unicode()[b]] for b in range(256)]
+    # a byte without a token (SmolLM2 lacks some control bytes and those UTF-8 never uses) is -1:
+    # dropped from the input, as HF's BPE does without an unk token
+    byte_token = [vocab.get(bytes_to_unicode()[b], -1) for b in range(256)]
 
     merges = []
     for rank, m in enumerate(model.get("merges", [])):
