@@ -57,7 +57,15 @@ def chain_key(prev: str, *parts: Any) -> str:
 def temp_dir(parent: Path, name: str) -> Path:
     """A fresh hidden directory beside where `name` will be published (same filesystem: rename is atomic)."""
     parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=parent))
+    path = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=parent))
+    path.chmod(0o777 & ~_umask())        # mkdtemp makes it 0700; once published it is an ordinary directory
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def publish_dir(tmp: Path, final: Path) -> None:

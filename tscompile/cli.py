@@ -82,8 +82,8 @@ def verify(build_dir: Path, targets: tuple[str, ...]) -> None:
     for t in targets:
         if t not in built:
             raise UserError(f"--target {t}: not built in {build_dir} (built: {', '.join(built) or 'none'})")
-    from .verify import verify_build
-    verify_build(build_dir, spec, list(targets) or built)
+    from .engine import verify_dir
+    verify_dir(build_dir, spec, list(targets) or built)
     click.echo(f"verified {build_dir}: {', '.join(targets or built) or 'reference only'} "
                f"(details in {build_dir / 'verify.json'})")
 

@@ -22,6 +22,7 @@ from .api import BackendInfo, Context, PassConfig, PassInfo
 from .errors import UserError
 from .sources import describe_source, load_source, source_key
 from .spec import Spec
+from .verify import file_digests
 
 log = logging.getLogger("tscompile")
 
@@ -132,7 +133,8 @@ def plan_build(spec: Spec, out_dir: Path | None = None, targets: list[str] | Non
     for name, info, cfg in selected:
         tkey = cache.chain_key(key, "target", name, info.version, cfg.model_dump(mode="json"))
         manifest = cache.read_manifest(build_dir / name)
-        hit = can_read and manifest is not None and manifest.get("cache_key") == tkey
+        hit = (can_read and manifest is not None and manifest.get("cache_key") == tkey
+               and manifest.get("files") == file_digests(build_dir / name))    # an edited artifact is rebuilt
         planned_targets.append(PlannedTarget(name, info, cfg, tkey, hit))
     return Plan(spec, build_dir, policy, source, steps, planned_targets, verify)
 
@@ -283,8 +285,10 @@ class _Build:
                 manifest = target.info.lower(ir, target.config, tmp, self.context(work, "cpu"))
             if not isinstance(manifest, dict):
                 raise TypeError(f"backend {target.name}: lower() returned {type(manifest).__name__}, not a dict")
+            # "files": sha256 of every file as lowered, so the verifier can tell a tampered artifact
             manifest = {**manifest, "target": target.name, "backend_version": target.info.version,
-                        "config": target.config.model_dump(mode="json"), "cache_key": target.key}
+                        "config": target.config.model_dump(mode="json"), "cache_key": target.key,
+                        "files": file_digests(tmp)}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
             cache.publish_dir(tmp, self.plan.build_dir / target.name)
         except BaseException:
@@ -292,6 +296,32 @@ class _Build:
             raise
         self.result.ran.append(f"target {target.name}")
         log.info("target %s: done in %.1f s", target.name, time.time() - t0)
+
+
+    def verify(self) -> None:
+        """Verify unless verify.json already holds a passing verification of exactly these outputs."""
+        plan = self.plan
+        spec = plan.spec
+        key = cache.chain_key(plan.final_key, "verify", [t.key for t in plan.targets],
+                              spec.verify.model_dump(mode="json"),
+                              spec.data.eval.model_dump(mode="json") if spec.data and spec.data.eval else None)
+        key_file, report = plan.build_dir / ".verify.key", plan.build_dir / "verify.json"
+        if (cache.reads(plan.policy) and report.is_file() and key_file.is_file()
+                and key_file.read_text() == key):
+            self.result.verify = json.loads(report.read_text())
+            self.result.reused.append("verify")
+            log.info("verify: cached (passed before; %s)", report)
+            return
+        self.result.verify = verify_dir(plan.build_dir, spec, [t.name for t in plan.targets])
+        cache.write_text_atomic(key_file, key)    # only after it passed: a missed goal is checked again
+        self.result.ran.append("verify")
+
+
+def verify_dir(build_dir: Path, spec: Spec, targets: list[str]) -> dict:
+    """Run the verifier on a build dir, first forgetting any earlier pass (verify.json is rewritten)."""
+    (build_dir / ".verify.key").unlink(missing_ok=True)
+    from .verify import verify_build   # a missing verifier fails the build: never skip silently
+    return verify_build(build_dir, spec, targets)
 
 
 def run_build(plan: Plan) -> BuildResult:
@@ -318,8 +348,7 @@ def run_build(plan: Plan) -> BuildResult:
             else:
                 b.lower(target, ir)
         if plan.verify:
-            from .verify import verify_build   # a missing verifier fails the build: never skip silently
-            b.result.verify = verify_build(build_dir, plan.spec, [t.name for t in plan.targets])
+            b.verify()
         b.result.seconds = time.time() - t0
         n_ran = len(b.result.ran)
         log.info("build %s: %s in %.1f s -> %s/", plan.spec.name,

@@ -112,6 +112,40 @@ def test_off_neither_reads_nor_writes(tmp_path):
     assert off.ran == ["source", "scale", "after_scale", "target ckpt"] and entries(out) == before
 
 
+def test_an_edited_artifact_is_lowered_again(tmp_path):
+    out = tmp_path / "b"
+    build(spec_of(), out_dir=out, verify=False)
+    (out / "ckpt" / "checksums.json").write_text("{}")
+    assert not plan_build(spec_of(), out).targets[0].cached
+    assert build(spec_of(), out_dir=out, verify=False).ran == ["target ckpt"]
+    assert (out / "ckpt" / "checksums.json").read_text() != "{}"
+
+
+def test_a_passed_verification_is_reused_a_missed_one_is_not(tmp_path, monkeypatch):
+    import json
+    import tscompile.verify
+    from tscompile.errors import GoalMissed
+    calls, verdicts = [], ["pass", "pass", "miss", "pass"]
+
+    def fake_verify(build_dir, spec, targets):   # stands in for the verifier: writes verify.json like it does
+        calls.append(spec.verify.steps)
+        (build_dir / "verify.json").write_text(json.dumps({"ok": verdicts[len(calls) - 1] == "pass"}))
+        if verdicts[len(calls) - 1] == "miss":
+            raise GoalMissed("missed")
+        return {"ok": True}
+    monkeypatch.setattr(tscompile.verify, "verify_build", fake_verify)
+    out = tmp_path / "b"
+    build(spec_of(), out_dir=out)
+    again = build(spec_of(), out_dir=out)
+    assert calls == [32] and again.ran == [] and again.verify == {"ok": True}
+    steps8 = parse_spec(tiny_spec(pipeline="[scale: {factor: 2}, after_scale: {bias: 0.5}]", targets="{ckpt: {}}",
+                                  extra="verify: {steps: 8}\n"), "s.yaml")
+    assert build(steps8, out_dir=out).ran == ["verify"] and calls == [32, 8]
+    with pytest.raises(GoalMissed):
+        build(spec_of(), out_dir=out)
+    assert build(spec_of(), out_dir=out).ran == ["verify"] and calls == [32, 8, 32, 32]
+
+
 def test_publish_dir_replaces_and_sweep_removes_only_dead_writers(tmp_path):
     final = tmp_path / "t"
     for text in ("one", "two"):

@@ -2,6 +2,7 @@
 plug-in + a lowering backend), the Context passes get, target selection, verification hook."""
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 import torch
 from tsc_test_plugin import tiny_spec
 
+from tscompile.cache import _umask
 from tscompile.engine import build, format_plan, plan_build
 from tscompile.errors import GoalMissed, UserError
 from tscompile.ir import ModelIR, ffn_names
@@ -114,8 +116,12 @@ def test_build_dir_layout_manifest_log_and_resolved_spec(built):
     assert {p.name for p in out.iterdir() if not p.name.startswith(".")} == {
         "model", "ckpt", "spec.resolved.yaml", "build.log"}
     manifest = json.loads((out / "ckpt" / "manifest.json").read_text())
-    assert manifest == {"files": 3, "dtype": "float16", "target": "ckpt", "backend_version": "1",
+    digests = manifest.pop("files")
+    assert manifest == {"n_files": 3, "dtype": "float16", "target": "ckpt", "backend_version": "1",
                         "config": {"dtype": "float16", "pause": 0.0}, "cache_key": plan.targets[0].key}
+    assert sorted(digests) == ["checksums.json", "model/config.json", "model/model.safetensors", "model/tokenizer.json"]
+    assert digests["model/config.json"] == hashlib.sha256((out / "ckpt/model/config.json").read_bytes()).hexdigest()
+    assert (out / "ckpt").stat().st_mode & 0o777 == 0o777 & ~_umask()
     assert ModelIR.load(out / "ckpt" / "model").weights["model.norm.weight"].dtype == torch.float16
     again = parse_spec((out / "spec.resolved.yaml").read_text(), "resolved")
     assert again.model_dump(mode="json") == spec.model_dump(mode="json")

@@ -79,7 +79,7 @@ def lower_ckpt(ir, cfg: CkptConfig, outdir: Path, ctx) -> dict:
     time.sleep(cfg.pause)
     sums = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((outdir / "model").iterdir())}
     (outdir / "checksums.json").write_text(json.dumps(sums, indent=1))
-    return {"files": len(sums), "dtype": cfg.dtype}
+    return {"n_files": len(sums), "dtype": cfg.dtype}
 
 
 def load_ckpt(outdir: Path, dense: bool = False, **opts):
