@@ -17,11 +17,11 @@ class DReLUConfig(PassConfig):
 def apply_drelu(ir: ModelIR, cfg: DReLUConfig, ctx: Context) -> ModelIR:
     out = ir.clone()
     for layer in out.layers:
-        layer.activation = cfg.kind          # the layer-level entry of an MoE layer too, so it reads consistently
+        layer.activation = cfg.kind          # an MoE layer's own entry too, so it agrees with its experts
     for _, _, ann in out.ffn_units():
         ann.activation = cfg.kind
     return out
 
 
-PASS = PassInfo(name="drelu", version="1", doc="set every FFN activation to dReLU (or ReGLU); weights unchanged",
-                config=DReLUConfig, run=apply_drelu)
+PASS = PassInfo(name="drelu", version="1", config=DReLUConfig, run=apply_drelu,
+                doc="set every FFN activation to dReLU (or ReGLU); weights unchanged")

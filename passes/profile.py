@@ -108,6 +108,7 @@ def profile_model(ir: ModelIR, batch, device: str = "cpu") -> ModelIR:
 def plot_profile(ir: ModelIR, out_png: str | os.PathLike) -> Path:
     """Two panels: FFN sparsity per layer, and the distribution of neuron activation frequencies."""
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
@@ -123,7 +124,11 @@ def plot_profile(ir: ModelIR, out_png: str | os.PathLike) -> Path:
         raise UserError("plot_profile: the model has no activation statistics (run the profile pass first)")
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
     layers = sorted(per_layer)
-    a.bar(layers, [100 * np.mean(per_layer[i]) for i in layers], color="#4477aa")
+    heights = [100 * np.mean(per_layer[i]) for i in layers]
+    a.bar(layers, heights, color="#4477aa")
+    a.axhline(np.mean(heights), color="k", ls="--", lw=1, label=f"mean {np.mean(heights):.1f}%")
+    a.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    a.legend(loc="lower right")
     a.set(xlabel="layer", ylabel="FFN sparsity (%)", ylim=(0, 100), title="inactive neurons per layer")
     b.hist(np.concatenate(freqs), bins=50, range=(0, 1), color="#cc6677")
     b.set(xlabel="activation frequency", ylabel="neurons", yscale="log", title="how often each neuron fires")

@@ -17,7 +17,8 @@ LOG2_MIN, LOG2_MAX, BINS_PER_OCTAVE = -40, 24, 64
 
 class ThresholdConfig(PassConfig):
     value: float | None = Field(None, ge=0, description="one threshold t for every FFN")
-    target_sparsity: float | None = Field(None, gt=0, lt=1, description="calibrate t per FFN to this sparsity")
+    target_sparsity: float | None = Field(None, gt=0, lt=1,
+                                          description="calibrate t per FFN to this sparsity")
 
     @model_validator(mode="after")
     def _one_of(self):

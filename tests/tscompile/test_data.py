@@ -38,7 +38,8 @@ def test_corpus_manifest_matches_files_and_split(corpora):
             assert sha256_file(d / f) == info["sha256"]
         docs = {f: (d / f).read_text().split(data.DOC_SEP) for f in m["files"]}
         assert len(docs["train.txt"]) == m["files"]["train.txt"]["documents"]
-        assert len(docs["heldout.txt"]) == m["files"]["heldout.txt"]["documents"] == len(m["heldout_documents"])
+        n_held = len(docs["heldout.txt"])
+        assert n_held == m["files"]["heldout.txt"]["documents"] == len(m["heldout_documents"])
         share = len(docs["heldout.txt"]) / (len(docs["train.txt"]) + len(docs["heldout.txt"]))
         assert 0.015 < share < 0.05, (name, share)
         assert all(data.is_heldout(name, n) for n in m["heldout_documents"])
@@ -134,8 +135,8 @@ def test_calibration_batch_is_deterministic_and_cached(corpora):
     from types import SimpleNamespace
     import torch
     ir = make_tiny_ir()
-    spec = SimpleNamespace(mixture=[SimpleNamespace(path="corpus:prose", weight=1.0),
-                                    SimpleNamespace(path="corpus:code", weight=1.0)], tokens=1000, seq_len=100)
+    mixture = [SimpleNamespace(path=f"corpus:{n}", weight=1.0) for n in ("prose", "code")]
+    spec = SimpleNamespace(mixture=mixture, tokens=1000, seq_len=100)
     batch = data.calibration_batch(ir, spec)
     assert batch.shape == (10, 100) and batch.dtype == torch.int64
     assert int(batch.max()) < ir.config.vocab_size
