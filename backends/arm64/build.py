@@ -124,7 +124,7 @@ def build_binaries(outdir: Path, *, aarch64: bool = True, host: bool = True, san
 
 def _version(cc: list[str]) -> str:
     try:
-        return subprocess.run(cc + ["--version"], capture_output=True, text=True).stdout.splitlines()[0]
+        return subprocess.run(cc + ["--version"], check=False, capture_output=True, text=True).stdout.splitlines()[0]
     except (OSError, IndexError):
         return cc[0]
 

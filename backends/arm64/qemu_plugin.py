@@ -90,7 +90,7 @@ def build_plugin() -> Path:
         raise UserError("qemu plugin: no host C compiler (gcc)")
     tmp = out.with_suffix(".part.so")
     res = subprocess.run([cc, "-shared", "-fPIC", "-O2", "-Wall", "-I", str(header.parent), str(PLUGIN_SOURCE),
-                          "-o", str(tmp), "-lpthread"], capture_output=True, text=True)
+                          "-o", str(tmp), "-lpthread"], check=False, capture_output=True, text=True)
     if res.returncode != 0:
         raise UserError(f"qemu plugin: build failed: {res.stderr.strip()[-300:]}")
     os.replace(tmp, out)
@@ -109,7 +109,7 @@ def count(command: list[str], mem_prefixes: tuple[str, ...] = (), cpu: str = "co
         out = Path(tmp) / "counts.tsv"
         args = ",".join([str(plugin), f"out={out}"] + [f"mem={p}" for p in mem_prefixes])
         res = subprocess.run([qemu, "-cpu", cpu, "-L", QEMU_SYSROOT, "-plugin", args, *command],
-                             capture_output=True, timeout=timeout)
+                             check=False, capture_output=True, timeout=timeout)
         if res.returncode != 0 or not out.exists():
             raise UserError(f"qemu plugin run failed ({res.returncode}): "
                             f"{res.stderr.decode(errors='replace').strip()[-300:]}")

@@ -50,7 +50,7 @@ def template_context(ir: ModelIR, dtype: str) -> dict:
     c = ir.config
     layers = []
     for ann in ir.layers:
-        act, mode, rank, relu, thr, pthr = layer_spec_values(ann)
+        _, _, rank, relu, thr, pthr = layer_spec_values(ann)
         summary = f"{ann.activation}, {ann.mode}, threshold {thr:g}"
         if rank:
             summary += f", predictor rank {rank}{'' if relu else ' (linear)'} >= {pthr:g}"
