@@ -1,0 +1,46 @@
+"""The cuda target: generated sparse-FFN CUDA kernels (predictor, fused gate/up/down) compiled with nvcc, and a
+PyTorch runtime that calls them for every FFN and replays the decode step as a CUDA graph.
+
+    targets: {cuda: {arch: sm_90, dtype: bfloat16}}
+
+Artifact (build/<name>/cuda/): ffn.cu (generated source), libtscffn.so (nvcc, when nvcc was found at lowering),
+weights.safetensors (Wg, Wu, Wd^T as [inter, hidden]), manifest.json.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from tscompile.api import BackendInfo, PassConfig
+
+
+class CudaConfig(PassConfig):
+    arch: Literal["sm_90", "sm_80"] = "sm_90"             # nvcc target; the runtime rebuilds for another GPU
+    dtype: Literal["bfloat16", "float16"] = "bfloat16"    # weights and activations; sums are fp32
+
+
+def lower(ir, cfg, outdir, ctx=None) -> dict:
+    from .lower import lower_cuda
+    return lower_cuda(ir, cfg, outdir, ctx)
+
+
+def load(outdir, dense: bool = False, **opts):
+    from .runtime import load_runner
+    return load_runner(outdir, dense=dense, **opts)
+
+
+def available() -> str | None:
+    """None when this machine can run cuda artifacts, else why not."""
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU visible to torch"
+    major, _ = torch.cuda.get_device_capability()
+    if major < 8:
+        return f"GPU {torch.cuda.get_device_name()} is older than sm_80 (bf16 loads need Ampere or newer)"
+    return None
+
+
+BACKEND = BackendInfo(name="cuda", version="1", doc="generated CUDA sparse-FFN kernels + CUDA-graph decode runtime",
+                      config=CudaConfig, lower=lower, load=load, available=available)

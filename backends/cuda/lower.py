@@ -1,0 +1,98 @@
+"""Lower a ModelIR to the cuda artifact: generated kernel source (+ the nvcc-built library), GPU-layout weights,
+manifest.
+
+weights.safetensors, all in the target dtype (names from model.layer_weight_names):
+  embed [vocab, H]   norm [H]   lm_head [vocab, H] (untied models)
+  layers.{i}.input_norm, post_norm [H]   qkv [(heads + 2 kv_heads) * head_dim, H]   qkv_bias (qwen2)   o [H, heads * head_dim]
+  layers.{i}.gate, up, down_t [inter, H]   (down_t = down_proj transposed: one contiguous row per neuron)
+  layers.{i}.fc1 [rank, H], fc2 [inter, rank]   predictor, rank zero-padded to a multiple of 8 (same logits)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+from tscompile.errors import UserError
+from tscompile.ir import ModelIR, ffn_names, predictor_names
+
+from .kernels import LIBRARY, KernelShape, check_shape, compile_library, nvcc_path, render_source
+from .model import layer_weight_names
+
+log = logging.getLogger("tscompile")
+
+
+def kernel_shape(ir: ModelIR, cfg) -> KernelShape:
+    c = ir.config
+    ranks = [-(-ann.predictor.rank // 8) * 8 for ann in ir.layers if ann.mode == "predictor" and ann.predictor]
+    shape = KernelShape(name=str(ir.meta.get("source", "model")), hidden=c.hidden_size,
+                        inter=c.intermediate_size, dtype=cfg.dtype,
+                        activations=tuple(sorted({ann.activation for ann in ir.layers})),
+                        max_rank=max(ranks, default=0))
+    check_shape(shape, "targets.cuda")
+    return shape
+
+
+def ffn_specs(ir: ModelIR) -> list[dict]:
+    out = []
+    for ann in ir.layers:
+        gated = ann.mode == "predictor" and ann.predictor is not None
+        out.append({"activation": ann.activation, "threshold": float(ann.threshold), "gated": gated,
+                    "predictor_threshold": float(ann.predictor.threshold) if gated else 0.0,
+                    "predictor_relu": bool(ann.predictor.relu) if gated else True})
+    return out
+
+
+def gpu_weights(ir: ModelIR, dtype) -> dict:
+    """The weight table in the runtime's names and layouts (see the module docstring)."""
+    import torch
+    c, w = ir.config, ir.weights
+    out = {"embed": w["model.embed_tokens.weight"], "norm": w["model.norm.weight"]}
+    if not c.tie_word_embeddings:
+        out["lm_head"] = w["lm_head.weight"]
+    for i, ann in enumerate(ir.layers):
+        p, n = f"model.layers.{i}", layer_weight_names(i)
+        out[n["input_norm"]] = w[f"{p}.input_layernorm.weight"]
+        out[n["post_norm"]] = w[f"{p}.post_attention_layernorm.weight"]
+        out[n["qkv"]] = torch.cat([w[f"{p}.self_attn.{k}_proj.weight"] for k in "qkv"])
+        if c.attention_bias:
+            out[n["qkv_bias"]] = torch.cat([w[f"{p}.self_attn.{k}_proj.bias"] for k in "qkv"])
+        out[n["o"]] = w[f"{p}.self_attn.o_proj.weight"]
+        gate, up, down = ffn_names(i)
+        out[n["gate"]], out[n["up"]], out[n["down_t"]] = w[gate], w[up], w[down].T
+        if ann.mode == "predictor" and ann.predictor is not None:
+            fc1, fc2 = (w[k] for k in predictor_names(i))
+            pad = -fc1.shape[0] % 8
+            out[n["fc1"]] = torch.cat([fc1, fc1.new_zeros(pad, fc1.shape[1])])
+            out[n["fc2"]] = torch.cat([fc2, fc2.new_zeros(fc2.shape[0], pad)], dim=1)
+    return {k: v.to(dtype).contiguous() for k, v in out.items()}
+
+
+def lower_cuda(ir: ModelIR, cfg, outdir, ctx=None) -> dict:
+    import torch
+    from safetensors.torch import save_file
+    from tscompile.verify import file_digests
+    if ir.config.is_moe:
+        raise UserError("targets.cuda: mixture-of-experts models (mixtral) are not supported by the cuda target")
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    shape = kernel_shape(ir, cfg)
+    source = render_source(shape)
+    (outdir / "ffn.cu").write_text(source)
+    compiled = nvcc_path() is not None
+    if compiled:
+        compile_library(source, cfg.arch, outdir)
+    else:
+        log.warning("targets.cuda: nvcc not found; wrote ffn.cu only, the runtime compiles it on the GPU machine")
+    save_file(gpu_weights(ir, getattr(torch, cfg.dtype)), str(outdir / "weights.safetensors"))
+    manifest = {
+        "arch": cfg.arch, "dtype": cfg.dtype, "compiled": compiled,
+        "library": LIBRARY if compiled else None, "source": "ffn.cu", "weights": "weights.safetensors",
+        "arch_config": dataclasses.asdict(ir.config), "ffns": ffn_specs(ir),
+        "kernel_shape": dataclasses.asdict(shape),
+        "dense_baseline": "load(dense=True): the same weights, every FFN dense through cuBLAS (no predictor)",
+        "files": file_digests(outdir),
+    }
+    (outdir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest

@@ -1,0 +1,140 @@
+"""The decoder on the GPU: attention, norms and the LM head in PyTorch, every decode FFN through the generated
+kernels (or cuBLAS for the dense baseline). Same function as tscompile/reference.py.
+
+The KV cache has a fixed capacity and every tensor a decode step touches is allocated once, so the step
+(one token in at `pos`, logits and the greedy next token out) can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tscompile.ir import ArchConfig
+from tscompile.reference import activate, rope_inv_freq
+
+from .library import KernelLibrary, Workspace, default_grid
+
+
+@dataclass
+class FFNSpec:
+    """What the runtime needs of one FFN's annotation."""
+    activation: str
+    threshold: float
+    gated: bool                  # mode "predictor": the predictor picks the neurons at decode
+    predictor_threshold: float = 0.0
+    predictor_relu: bool = True
+
+
+def layer_weight_names(i: int) -> dict[str, str]:
+    """Names of layer i's tensors in weights.safetensors (shapes in backends/cuda/lower.py)."""
+    p = f"layers.{i}."
+    return {k: p + k for k in ("input_norm", "post_norm", "qkv", "qkv_bias", "o", "gate", "up", "down_t",
+                               "fc1", "fc2")}
+
+
+class GPUDecoder:
+    """Weights on the GPU, a fixed-capacity KV cache, and forward(tokens, positions) for T >= 1 tokens."""
+
+    def __init__(self, cfg: ArchConfig, ffns: list[FFNSpec], weights: dict[str, torch.Tensor],
+                 lib: KernelLibrary | None, dtype: torch.dtype):
+        self.cfg, self.ffns, self.lib, self.dtype = cfg, ffns, lib, dtype
+        self.w = weights
+        for k in [k for k in weights if k.endswith("norm")]:
+            weights[k] = weights[k].float()
+        self.dev = weights["embed"].device
+        self.head = weights["embed"] if cfg.tie_word_embeddings else weights["lm_head"]
+        if lib is None:   # dense baseline: cuBLAS wants gate and up in one matrix and down in HF layout
+            for i in range(cfg.num_layers):
+                n = layer_weight_names(i)
+                self.w[f"layers.{i}.gate_up"] = torch.cat([self.w.pop(n["gate"]), self.w.pop(n["up"])])
+                self.w[f"layers.{i}.down"] = self.w.pop(n["down_t"]).T.contiguous()
+        else:
+            ranks = [weights[layer_weight_names(i)["fc1"]].shape[0] for i, f in enumerate(ffns) if f.gated]
+            self.ws = Workspace(cfg.hidden_size, cfg.intermediate_size, max(ranks, default=8), 1, self.dev)
+            self.grid = default_grid(self.dev)
+        self.inv_freq = rope_inv_freq(cfg).to(self.dev)
+        self.capacity = 0
+        self.capture: list | None = None   # when a list: receives (layer, FFN input) of every forward
+
+    def reset(self, capacity: int) -> None:
+        """An empty KV cache for `capacity` positions (k, v: [layers, kv_heads, capacity, head_dim])."""
+        c = self.cfg
+        shape = (c.num_layers, c.num_kv_heads, capacity, c.head_dim)
+        self.k = torch.zeros(shape, dtype=self.dtype, device=self.dev)
+        self.v = torch.zeros(shape, dtype=self.dtype, device=self.dev)
+        pos = torch.arange(capacity, dtype=torch.float64, device=self.dev)
+        ang = pos[:, None] * self.inv_freq.double()[None]
+        ang = torch.cat([ang, ang], dim=-1)
+        self.cos, self.sin = ang.cos().float(), ang.sin().float()   # [capacity, head_dim], HF rotate-half layout
+        self.capacity = capacity
+
+    def _norm(self, x, w):
+        """RMSNorm in float32 (w is kept float32), result in the model dtype: as the reference."""
+        return F.rms_norm(x.float(), (x.shape[-1],), w, self.cfg.rms_norm_eps).to(x.dtype)
+
+    def _rope(self, x, cos, sin):
+        half = x.shape[-1] // 2
+        rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return (x.float() * cos + rot.float() * sin).to(x.dtype)
+
+    def _attention(self, i: int, x, pos, cos, sin, mask):
+        """x [T, H] at positions pos [T]; writes k, v into the cache, attends over it (float32 softmax)."""
+        c, n = self.cfg, layer_weight_names(i)
+        T, hd, nh, nkv = x.shape[0], c.head_dim, c.num_heads, c.num_kv_heads
+        qkv = F.linear(x, self.w[n["qkv"]], self.w.get(n["qkv_bias"]))
+        qk = self._rope(qkv[:, :(nh + nkv) * hd].view(T, nh + nkv, hd), cos, sin)   # rope on q and k at once
+        q, k = qk[:, :nh].transpose(0, 1), qk[:, nh:].transpose(0, 1)             # [heads, T, hd]
+        self.k[i].index_copy_(1, pos, k)
+        self.v[i].index_copy_(1, pos, qkv[:, (nh + nkv) * hd:].view(T, nkv, hd).transpose(0, 1))
+        rep = nh // nkv   # the query heads of one kv head attend as one batch row: [kv_heads, rep * T, hd]
+        out = F.scaled_dot_product_attention(q.reshape(1, nkv, rep * T, hd), self.k[i][None], self.v[i][None],
+                                             attn_mask=mask.repeat(rep, 1))
+        return F.linear(out.view(nh, T, hd).transpose(0, 1).reshape(T, nh * hd), self.w[n["o"]])
+
+    def _ffn_dense(self, i: int, x):
+        f, w = self.ffns[i], self.w
+        if self.lib is None:
+            g, u = F.linear(x, w[f"layers.{i}.gate_up"]).chunk(2, dim=-1)
+            down = w[f"layers.{i}.down"]
+        else:
+            n = layer_weight_names(i)
+            g, u, down = F.linear(x, w[n["gate"]]), F.linear(x, w[n["up"]]), None
+        h = activate(f.activation, g, u)
+        if f.threshold > 0:
+            h = h * (h.abs() > f.threshold)
+        return F.linear(h, down) if down is not None else h @ w[layer_weight_names(i)["down_t"]]
+
+    def _ffn_sparse_into(self, i: int, hn, residual) -> None:
+        """residual += FFN(hn) for one token, through the generated kernels."""
+        f, n, ws = self.ffns[i], layer_weight_names(i), self.ws
+        if f.gated:
+            self.lib.predict(hn, self.w[n["fc1"]], self.w[n["fc2"]], f.predictor_relu, f.predictor_threshold, ws)
+            active, count = ws.active, ws.active_count
+        else:
+            active, count = ws.all_ids, ws.all_count
+        self.lib.sparse_ffn(hn, self.w[n["gate"]], self.w[n["up"]], self.w[n["down_t"]], f.activation,
+                            f.threshold, active, count, None, ws, residual, self.grid, residual=residual)
+
+    def forward(self, tokens, pos):
+        """tokens, pos [T] (device, int64) -> float32 logits [T, vocab]. T == 1 uses the sparse kernels."""
+        c = self.cfg
+        kpos = torch.arange(self.capacity, device=self.dev)
+        mask = kpos[None, :] <= pos[:, None]                                   # causal (positions = order)
+        if c.sliding_window:
+            mask &= (pos[:, None] - kpos[None, :]) < c.sliding_window
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]             # [T, 1, head_dim]
+        x = self.w["embed"][tokens]
+        sparse = self.lib is not None and tokens.shape[0] == 1
+        for i in range(c.num_layers):
+            n = layer_weight_names(i)
+            x = x + self._attention(i, self._norm(x, self.w[n["input_norm"]]), pos, cos, sin, mask)
+            hn = self._norm(x, self.w[n["post_norm"]])
+            if self.capture is not None:
+                self.capture.append((i, hn))
+            if sparse:
+                self._ffn_sparse_into(i, hn, x)
+            else:
+                x = x + self._ffn_dense(i, hn)
+        return F.linear(self._norm(x, self.w["norm"]), self.head).float()

@@ -1,0 +1,103 @@
+"""The cuda target on a machine without a GPU: lowering, nvcc compilation (sm_90 and sm_80), the generated-source
+golden, and the PyTorch half of the runtime (dense decoder vs the reference on the CPU)."""
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from golden_cases import CASES, PROMPT, case_ir
+from tscompile.backends.cuda import BACKEND, CudaConfig
+from tscompile.backends.cuda.kernels import LIBRARY, KernelShape, compile_library, nvcc_path, render_source
+from tscompile.backends.cuda.lower import ffn_specs, gpu_weights, lower_cuda
+from tscompile.backends.cuda.model import FFNSpec, GPUDecoder
+from tscompile.errors import UserError
+from tscompile.reference import KVCache, ReferenceModel
+from tscompile.tiny import make_tiny_ir
+
+GOLDEN = Path(__file__).parents[2] / "golden" / "cuda" / "tiny-drelu-predictor.cu"
+UPDATE = os.environ.get("TSCOMPILE_UPDATE_GOLDENS") == "1"
+needs_nvcc = pytest.mark.skipif(nvcc_path() is None, reason="nvcc not found (PATH, CUDA_HOME, /usr/local/cuda)")
+
+
+@pytest.fixture(scope="module")
+def lowered(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cuda")
+    return out, lower_cuda(case_ir("mistral-drelu-predictor"), CudaConfig(), out)
+
+
+def test_generated_source_matches_golden(lowered):
+    out, _ = lowered
+    src = (out / "ffn.cu").read_text()
+    if UPDATE or not GOLDEN.exists():
+        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+        GOLDEN.write_text(src)
+    assert src == GOLDEN.read_text(), "generated CUDA changed: review, then TSCOMPILE_UPDATE_GOLDENS=1"
+    assert "#define HIDDEN 64" in src and "#define INTER 192" in src
+    assert "ACT_DRELU" in src and "sparse_ffn<1, 1, 32," in src   # only the activation the model uses
+
+
+def test_lowering_writes_weights_and_manifest(lowered):
+    from safetensors import safe_open
+    out, manifest = lowered
+    ir = case_ir("mistral-drelu-predictor")
+    assert set(manifest["files"]) >= {"ffn.cu", "weights.safetensors"}
+    assert manifest["ffns"][0] == {"activation": "drelu", "threshold": 0.0, "gated": True,
+                                   "predictor_threshold": 0.0, "predictor_relu": True}
+    with safe_open(str(out / "weights.safetensors"), "pt") as f:
+        down_t = f.get_tensor("layers.1.down_t")
+        assert down_t.dtype == torch.bfloat16 and tuple(down_t.shape) == (192, 64)
+        want = ir.weights["model.layers.1.mlp.down_proj.weight"].T.to(torch.bfloat16)
+        assert torch.equal(down_t, want)
+        assert tuple(f.get_tensor("layers.0.fc1").shape) == (8, 64)
+        assert tuple(f.get_tensor("layers.0.qkv").shape) == (64 + 2 * 32, 64)
+
+
+@needs_nvcc
+def test_library_is_built_and_loads_without_a_gpu(lowered):
+    out, manifest = lowered
+    assert manifest["compiled"] and (out / LIBRARY).exists()
+    lib = ctypes.CDLL(str(out / LIBRARY))   # static cudart: loading needs no driver
+    assert (lib.tsc_hidden_size(), lib.tsc_intermediate_size(), lib.tsc_max_batch()) == (64, 192, 8)
+
+
+@needs_nvcc
+def test_compiles_for_sm80_too(tmp_path):
+    shape = KernelShape("tiny-sm80", 64, 192, "float16", ("swiglu",), 16)
+    lib = compile_library(render_source(shape), "sm_80", tmp_path)
+    assert ctypes.CDLL(str(lib)).tsc_hidden_size() == 64
+
+
+def test_bad_models_are_refused(tmp_path):
+    with pytest.raises(UserError, match="mixture-of-experts"):
+        lower_cuda(make_tiny_ir("mixtral", experts=2), CudaConfig(), tmp_path / "moe")
+    with pytest.raises(UserError, match="hidden_size 60 is not a multiple of 8"):
+        lower_cuda(make_tiny_ir("llama", hidden=60, heads=4, kv_heads=2), CudaConfig(), tmp_path / "h60")
+
+
+def test_available_says_why_not_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert "no CUDA GPU" in BACKEND.available()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_decoder_matches_reference_on_cpu(name):
+    """The runtime's attention/norm/rope/FFN code (dense path, float32, CPU) against the reference."""
+    ir = case_ir(name)
+    dec = GPUDecoder(ir.config, [FFNSpec(**f) for f in ffn_specs(ir)], gpu_weights(ir, torch.float32), None,
+                     torch.float32)
+    dec.reset(16)
+    ref, cache = ReferenceModel.from_ir(ir), KVCache.empty(ir.config.num_layers)
+    ids = torch.tensor(PROMPT)
+    with torch.no_grad():
+        got = [dec.forward(ids, torch.arange(len(ids)))]
+        want = [ref(ids[None], cache=cache, gating="exact")[0]]
+        for t in (5, 77):   # two decode steps
+            got.append(dec.forward(torch.tensor([t]), torch.tensor([cache.length])))
+            want.append(ref(torch.tensor([[t]]), cache=cache, gating="exact")[0])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5)
