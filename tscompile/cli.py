@@ -270,6 +270,17 @@ def data_build(out_dir: Path | None) -> None:
 # ---- entry point ------------------------------------------------------------------------------------
 
 
+class _ProgressAwareHandler(logging.Handler):
+    """Log lines to stderr through tqdm.write, so they do not tear a progress bar that is on screen."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -278,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("TSCOMPILE_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _ProgressAwareHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler.setLevel(logging.DEBUG if debug else logging.INFO)
     log.addHandler(handler)

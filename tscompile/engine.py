@@ -200,11 +200,17 @@ def _device(info_gpu: str) -> str:
 class _Build:
     """The state of one run_build: where models come from and what happened."""
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, bar):
         self.plan = plan
+        self.bar = bar          # tqdm over passes, targets and verification
         self.passes = cache.PassCache(plan.build_dir / ".cache" / "passes")
         self.result = BuildResult(plan.build_dir)
         self._source_ir = None
+
+    def done(self, label: str, reused: bool = False) -> None:
+        (self.result.reused if reused else self.result.ran).append(label)
+        if label != "source":
+            self.bar.update(1)
 
     def context(self, work_dir: Path, device: str) -> Context:
         return Context(spec=self.plan.spec, build_dir=self.plan.build_dir, work_dir=work_dir, device=device,
@@ -215,13 +221,13 @@ class _Build:
             step = self.plan.source
             if step.cached:
                 self._source_ir = self.passes.load(step.key)
-                self.result.reused.append("source")
+                self.done("source", reused=True)
             else:
                 log.info("source: loading %s", describe_source(self.plan.spec.source))
                 t0 = time.time()
                 self._source_ir = load_source(self.plan.spec.source)
                 self._store(step, self._source_ir)
-                self.result.ran.append("source")
+                self.done("source")
                 log.info("source: ready in %.1f s", time.time() - t0)
         return self._source_ir
 
@@ -235,7 +241,8 @@ class _Build:
         """Run the passes not cached; the model after the last pass."""
         steps = self.plan.steps
         start = max((i for i, s in enumerate(steps) if s.cached), default=-1)
-        self.result.reused += [s.label for s in steps[:start + 1]]
+        for s in steps[:start + 1]:
+            self.done(s.label, reused=True)
         ir = self.passes.load(steps[start].key) if start >= 0 else self.source_ir()
         for step in steps[start + 1:]:
             ir = self.run_pass(step, ir)
@@ -252,7 +259,7 @@ class _Build:
             out.meta.setdefault("passes", []).append(
                 {"pass": step.label, "version": step.info.version, "config": step.config.model_dump(mode="json")})
             self._store(step, out)
-        self.result.ran.append(step.label)
+        self.done(step.label)
         log.info("pass %s: done in %.1f s", step.label, time.time() - t0)
         return out
 
@@ -282,7 +289,7 @@ class _Build:
         tmp = cache.temp_dir(self.plan.build_dir, target.name)
         try:
             with _work_dir(self.plan, target.key) as work:
-                manifest = target.info.lower(ir, target.config, tmp, self.context(work, "cpu"))
+                manifest = target.info.lower(ir, target.config, tmp, self.context(work, _device("optional")))
             if not isinstance(manifest, dict):
                 raise TypeError(f"backend {target.name}: lower() returned {type(manifest).__name__}, not a dict")
             # "files": sha256 of every file as lowered, so the verifier can tell a tampered artifact
@@ -294,7 +301,7 @@ class _Build:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self.result.ran.append(f"target {target.name}")
+        self.done(f"target {target.name}")
         log.info("target %s: done in %.1f s", target.name, time.time() - t0)
 
 
@@ -309,12 +316,12 @@ class _Build:
         if (cache.reads(plan.policy) and report.is_file() and key_file.is_file()
                 and key_file.read_text() == key):
             self.result.verify = json.loads(report.read_text())
-            self.result.reused.append("verify")
+            self.done("verify", reused=True)
             log.info("verify: cached (passed before; %s)", report)
             return
         self.result.verify = verify_dir(plan.build_dir, spec, [t.name for t in plan.targets])
         cache.write_text_atomic(key_file, key)    # only after it passed: a missed goal is checked again
-        self.result.ran.append("verify")
+        self.done("verify")
 
 
 def verify_dir(build_dir: Path, spec: Spec, targets: list[str]) -> dict:
@@ -328,13 +335,17 @@ def run_build(plan: Plan) -> BuildResult:
     """Execute a checked plan. GoalMissed (from verification) and UserError propagate."""
     t0 = time.time()
     build_dir = plan.build_dir
-    with _build_log(build_dir):
+    from tqdm import tqdm
+    total = len(plan.steps) + len(plan.targets) + plan.verify
+    with _build_log(build_dir), tqdm(total=total, desc=f"build {plan.spec.name}", unit="step", disable=None,
+                                     leave=False) as bar:
         cache.sweep_stale(build_dir)
         log.debug("plan:\n%s", format_plan(plan))
-        b = _Build(plan)
+        b = _Build(plan, bar)
         ir = None
         if b.model_is_current() and all(t.cached for t in plan.targets):
-            b.result.reused += [s.label for s in plan.steps]      # nothing needs the model in memory
+            for s in plan.steps:                                  # nothing needs the model in memory
+                b.done(s.label, reused=True)
             log.info("model: cached")
         else:
             ir = b.final_ir()
@@ -343,7 +354,7 @@ def run_build(plan: Plan) -> BuildResult:
         cache.write_text_atomic(build_dir / "spec.resolved.yaml", plan.spec.to_yaml())
         for target in plan.targets:
             if target.cached:
-                b.result.reused.append(f"target {target.name}")
+                b.done(f"target {target.name}", reused=True)
                 log.info("target %s: cached", target.name)
             else:
                 b.lower(target, ir)

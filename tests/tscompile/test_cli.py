@@ -201,3 +201,21 @@ def test_verify_reads_the_resolved_spec_and_maps_goal_missed_to_exit_1(cli_build
     assert calls == [(d / "build" / "t", 1.5, ["ckpt"])]
     rc, out, err = run_main(capsys, "verify", str(d / "build" / "t"), "--target", "onnx")
     assert rc == 2 and err == f"error: --target onnx: not built in {d / 'build' / 't'} (built: ckpt)\n"
+
+
+def test_import_and_inspect_a_checkpoint_dir(cli_build, capsys, tmp_path):
+    model = cli_build[0] / "build" / "t" / "model"
+    rc, out, err = run_main(capsys, "import", str(model), "--out", str(tmp_path / "copy"))
+    assert rc == 0 and out == f"imported {model} -> {tmp_path / 'copy'} (llama, 1 layers)\n"
+    from tscompile.ir import ModelIR
+    assert ModelIR.load(tmp_path / "copy").content_hash() == ModelIR.load(model).content_hash()
+    rc, out, err = run_main(capsys, "inspect", str(cli_build[0] / "build" / "t"), "--json")
+    assert rc == 0 and json.loads(out) == json.loads(json.dumps(_describe(model), default=str))
+    rc, out, err = run_main(capsys, "inspect", str(tmp_path / "nothing-here"))
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1
+
+
+def _describe(model_dir):
+    from tscompile.inspect import describe
+    from tscompile.ir import ModelIR
+    return describe(ModelIR.load(model_dir))
