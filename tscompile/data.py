@@ -30,6 +30,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from .cache import publish_dir, temp_dir
 from .errors import UserError
 from .importers import cache_root, sha256_file
 
@@ -79,13 +80,13 @@ def debian_package(pkg: str, cache: Path, corpus: str) -> tuple[Path, dict]:
     deb = debs[-1]
     tree = dest / deb.name.removesuffix(".deb")
     if not tree.is_dir():
-        tmp = tempfile.mkdtemp(dir=dest, prefix=".x.")
+        tmp = temp_dir(dest, tree.name)
         try:
-            _run(["dpkg-deb", "-x", str(deb), tmp], f"corpus:{corpus}: cannot unpack {deb}")
+            _run(["dpkg-deb", "-x", str(deb), str(tmp)], f"corpus:{corpus}: cannot unpack {deb}")
         except UserError:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        os.replace(tmp, tree)
+        publish_dir(tmp, tree)
     return tree, {"package": f"debian:{pkg}", "file": deb.name, "sha256": sha256_file(deb)}
 
 
@@ -325,7 +326,7 @@ def _clean(text: str) -> str:
 
 def _build_corpus(name: str, out: Path, cache: Path) -> None:
     from tqdm import tqdm
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out.parent))
+    tmp = temp_dir(out.parent, name)
     try:
         sources, heldout_names, seen = [], [], set()
         with open(tmp / "train.txt", "w") as train, open(tmp / "heldout.txt", "w") as held:
@@ -360,9 +361,7 @@ def _build_corpus(name: str, out: Path, cache: Path) -> None:
                                       f"{HELDOUT_FRACTION}", "fraction": HELDOUT_FRACTION},
                     "heldout_documents": heldout_names}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -506,10 +505,14 @@ class _TextFile:
         dtype = np.uint16 if self.tok.get_vocab_size() <= 65536 else np.uint32
         arr = np.concatenate([np.asarray(e.ids + [self.sep], dtype=dtype) for e in enc])
         self.dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".npy")
-        with os.fdopen(fd, "wb") as out:
-            np.save(out, arr)
-        os.replace(tmp, f)
+        fd, tmp = tempfile.mkstemp(prefix=f".{f.name}.tmp-{os.getpid()}-", dir=self.dir)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                np.save(out, arr)
+            os.replace(tmp, f)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return arr
 
 
