@@ -32,7 +32,7 @@ def gguf_name(hf: str) -> str:
 
 
 def write_gguf(ir: ModelIR, path, arch: str | None = None, types: dict[str, Q] | None = None,
-               pre: str = "gpt-2", extra_tensors: dict | None = None, skip_keys=()) -> None:
+               pre: str = "gpt-2", extra_tensors: dict | None = None, skip_keys=(), extra_kv=None) -> None:
     """Write `ir` as llama.cpp would: rope-permuted q/k (llama arch), stacked experts, GGUF names and
     metadata, the tokenizer as token list + merges. `types`: GGUF name -> quantization type (default F32)."""
     cfg = ir.config
@@ -57,13 +57,16 @@ def write_gguf(ir: ModelIR, path, arch: str | None = None, types: dict[str, Q] |
     vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
     special = {a["id"] for a in tok["added_tokens"] if a["special"]}
-    w.add_tokenizer_model("gpt2")
+    extra_kv = dict(extra_kv or {})
+    w.add_tokenizer_model(extra_kv.pop("tokenizer.ggml.model", "gpt2"))
     w.add_tokenizer_pre(pre)
     w.add_token_list([t for t, _ in vocab])
     w.add_token_merges(merges)
     w.add_token_types([3 if i in special else 1 for _, i in vocab])
     w.add_bos_token_id(cfg.bos_token_id)
     w.add_eos_token_id(cfg.eos_token_id)
+    for key, value in extra_kv.items():
+        w.add_bool(key, value)
     tensors = {}
     for name in sorted(ir.weights):
         t = ir.weights[name].numpy()
@@ -292,3 +295,34 @@ def test_smollm2_greedy_is_sane(smollm2_ir):
     chat = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     out = tok.decode(model.generate(tok.encode(chat).ids, 12))
     assert "Paris" in out
+
+
+@pytest.mark.parametrize("pre", ["smollm", "gpt-2", "default", "llama-bpe", "qwen2"])
+def test_gguf_byte_level_pre_tokenizers_round_trip(tmp_path, pre):
+    write_gguf(make_tiny_ir("llama"), tmp_path / "t.gguf", pre=pre)
+    tok = Tokenizer.from_str(import_source(str(tmp_path / "t.gguf")).tokenizer_json)
+    text = "Numbers 12345 and ünïcödé 日本\n\tdef f(x): return x  # ok\r\n"
+    assert tok.decode(tok.encode(text).ids) == text
+    pieces = [p for p, _ in tok.pre_tokenizer.pre_tokenize_str("x 12345")]
+    assert pieces == {"smollm": ["x", "Ġ", "1", "2", "3", "4", "5"], "llama-bpe": ["x", "Ġ", "123", "45"],
+                      "qwen2": ["x", "Ġ", "1", "2", "3", "4", "5"]}.get(pre, ["x", "Ġ12345"])
+
+
+def test_gguf_add_bos_token(tmp_path):
+    p = tmp_path / "bos.gguf"
+    ir = make_tiny_ir("llama")
+    write_gguf(ir, p)
+    assert Tokenizer.from_str(import_source(str(p)).tokenizer_json).encode("hi").ids[0] != 1
+    p2 = tmp_path / "bos2.gguf"
+    write_gguf(ir, p2, extra_kv={"tokenizer.ggml.add_bos_token": True})
+    tok = Tokenizer.from_str(import_source(str(p2)).tokenizer_json)
+    ids = tok.encode("hi").ids
+    assert ids[0] == 1 and tok.decode(ids) == "hi"
+
+
+def test_gguf_other_tokenizer_is_skipped_with_a_note(tmp_path, capsys):
+    p = tmp_path / "spm.gguf"
+    write_gguf(make_tiny_ir("llama"), p, extra_kv={"tokenizer.ggml.model": "llama"})
+    ir = import_source(str(p))
+    assert ir.tokenizer_json is None and "'llama'" in ir.meta["tokenizer_note"]
+    assert "warning:" in capsys.readouterr().err
