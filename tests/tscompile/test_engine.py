@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -160,3 +161,22 @@ def test_verifier_gets_build_dir_spec_and_targets(tmp_path, monkeypatch):
     with pytest.raises(GoalMissed):
         build(spec_of("[scale: {}]"), out_dir=tmp_path / "b")
     assert calls == [(tmp_path / "b", "t", ["ckpt"])]
+
+
+def test_checkpoint_dir_source_is_read_in_place_not_copied(built, tmp_path):
+    """A source that is already a checkpoint on disk is hashed for its key but not copied into the cache."""
+    model_dir = tmp_path / "src"
+    shutil.copytree(built[3] / "model", model_dir)
+    spec = parse_spec(f"version: 1\nname: d\nplugins: [tsc_test_plugin]\nsource: {{path: {model_dir}}}\n"
+                      "pipeline: [scale: {factor: 3}]\n", "d.yaml")
+    out = tmp_path / "d"
+    first = build(spec, out_dir=out, verify=False)
+    assert first.ran == ["source", "scale"]
+    plan = plan_build(spec, out)
+    assert not plan.source.cached and plan.steps[0].cached
+    assert {p.name for p in (out / ".cache" / "passes").iterdir()} == {plan.steps[0].key}
+    src, got = ModelIR.load(model_dir), ModelIR.load(out / "model")
+    down = ffn_names(0)[2]
+    assert torch.allclose(got.weights[down], 3 * src.weights[down])
+    (model_dir / "tokenizer.json").write_text((model_dir / "tokenizer.json").read_text() + " ")
+    assert not plan_build(spec, out).steps[0].cached          # the source's bytes changed: so did every key
