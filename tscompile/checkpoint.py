@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import struct
+import sys
 import tempfile
 from pathlib import Path
 
@@ -171,38 +172,51 @@ def load_checkpoint(root: Path, check_values: bool = True) -> ModelIR:
     return ir
 
 
+def plan_shards(sizes: dict[str, int], shard_bytes: int) -> list[list[str]]:
+    """Tensor names in sorted order, grouped: a new shard starts when the next tensor would pass shard_bytes."""
+    shards, cur, cur_bytes = [], [], 0
+    for name in sorted(sizes):
+        if cur and cur_bytes + sizes[name] > shard_bytes:
+            shards.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append(name)
+        cur_bytes += sizes[name]
+    shards.append(cur)
+    return shards
+
+
 def save_checkpoint(ir: ModelIR, out: Path, shard_bytes: int) -> None:
-    """Write into a temp dir beside `out`, then rename: a killed save never leaves a complete-looking dir."""
-    import torch
+    """Write into a temp dir beside `out`, then rename: a killed save never leaves a complete-looking dir.
+
+    Shards are planned from tensor sizes, then read and written one at a time, so saving a lazily loaded
+    model holds at most one shard in memory.
+    """
     from safetensors.torch import save_file
+    from tqdm import tqdm
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        names = sorted(ir.weights)
-        shards, cur, cur_bytes = [], {}, 0
-        for name in names:
-            t = ir.weights[name].contiguous()
-            nbytes = t.numel() * t.element_size()
-            if cur and cur_bytes + nbytes > shard_bytes:
-                shards.append(cur)
-                cur, cur_bytes = {}, 0
-            cur[name], cur_bytes = t, cur_bytes + nbytes
-        shards.append(cur)
-        if len(shards) == 1:
-            save_file(_untie(shards[0]), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        else:
-            wm, total = {}, 0
-            for k, shard in enumerate(shards):
-                fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(_untie(shard), str(tmp / fname), metadata={"format": "pt"})
-                wm |= {n: fname for n in shard}
-                total += sum(t.numel() * t.element_size() for t in shard.values())
+        sizes = {}
+        for name in ir.weights:
+            shape, elem = ir.weights.info(name)
+            sizes[name] = math.prod(shape) * elem
+        plan = plan_shards(sizes, shard_bytes)
+        fnames = ["model.safetensors"] if len(plan) == 1 else \
+            [f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors" for k in range(len(plan))]
+        total = sum(sizes.values())
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"save {out.name}", file=sys.stderr,
+                  disable=total < 256 * 1024**2) as bar:
+            for names, fname in zip(plan, fnames):
+                save_file(_untie({n: ir.weights[n].contiguous() for n in names}), str(tmp / fname),
+                          metadata={"format": "pt"})
+                bar.update(sum(sizes[n] for n in names))
+        if len(plan) > 1:
+            wm = {n: fname for names, fname in zip(plan, fnames) for n in names}
             (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": wm}, indent=1))
         (tmp / "config.json").write_text(json.dumps(ir.config_json(), indent=1, default=_json_default))
         if ir.tokenizer_json is not None:
             (tmp / "tokenizer.json").write_text(ir.tokenizer_json)
-        del torch
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -285,3 +285,18 @@ def test_annotation_defaults():
     assert (ann.threshold, ann.mode, ann.predictor) == (0.0, "dense", None)
     ann = FFNSparsity.from_json({"activation": "drelu", "predictor": {"rank": 3}}, "x")
     assert ann.predictor == Predictor(rank=3, threshold=0.0, relu=True)
+
+
+def test_save_a_loaded_checkpoint_over_itself(tmp_path):
+    ir = annotated_ir("mistral")
+    path = saved(tmp_path, ir, shard_bytes=40_000)
+    lazy = load_checkpoint(path)                     # memory-mapped from the files about to be replaced
+    lazy.save(path)
+    assert (path / "model.safetensors").exists() and not list(path.glob("model-*"))
+    assert load_checkpoint(path).content_hash() == lazy.content_hash() == ir.content_hash()
+
+
+def test_plan_shards():
+    from tscompile.checkpoint import plan_shards
+    assert plan_shards({"b": 5, "a": 5, "c": 20, "d": 1}, 10) == [["a", "b"], ["c"], ["d"]]
+    assert plan_shards({}, 10) == [[]]
