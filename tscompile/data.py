@@ -493,6 +493,7 @@ class _TextFile:
     def __init__(self, path: Path, docs: list[str], tok, tok_hash: str, sep: int, cache: Path):
         self.path, self.docs, self.tok, self.sep = path, docs, tok, sep
         self.shards = _shards(docs)
+        self.bar = None
         self.dir = cache / "tokens" / tok_hash[:16] / _file_digest(path)[:16]
 
     def tokens(self, k: int):
@@ -500,6 +501,11 @@ class _TextFile:
         f = self.dir / f"{k:05d}.npy"
         if f.exists():
             return np.load(f, allow_pickle=False)
+        if self.bar is None:       # shown only when something is tokenized (not read from the cache)
+            from tqdm import tqdm
+            self.bar = tqdm(desc=f"tokenizing {self.path.name}", total=len(self.shards), unit="shard",
+                            file=sys.stderr, leave=False, mininterval=1.0)
+        self.bar.update(1)
         lo, hi = self.shards[k]
         enc = self.tok.encode_batch(self.docs[lo:hi], add_special_tokens=False)
         dtype = np.uint16 if self.tok.get_vocab_size() <= 65536 else np.uint32
@@ -534,22 +540,18 @@ def _source_files(path: str, split: str, held_out: float, tok, tok_hash, sep, ca
     return out
 
 
-def _source_tokens(files: list[_TextFile], seed: int, cycle: bool, desc: str) -> Iterator:
+def _source_tokens(files: list[_TextFile], seed: int, cycle: bool) -> Iterator:
     """Token arrays of a source, shard by shard in a seeded order; reshuffled and repeated if `cycle`."""
     import numpy as np
-    from tqdm import tqdm
     shards = [(i, k) for i, f in enumerate(files) for k in range(len(f.shards))]
     epoch = 0
-    with tqdm(desc=f"tokenizing {desc}", unit="shard", file=sys.stderr, leave=False, mininterval=1.0) as bar:
-        while True:
-            order = np.random.default_rng([seed, epoch]).permutation(len(shards))
-            for j in order:
-                i, k = shards[j]
-                bar.update(1)
-                yield files[i].tokens(k)
-            if not cycle:
-                return
-            epoch += 1
+    while True:
+        for j in np.random.default_rng([seed, epoch]).permutation(len(shards)):
+            i, k = shards[j]
+            yield files[i].tokens(k)
+        if not cycle:
+            return
+        epoch += 1
 
 
 def token_stream(tokenizer, sources, seq_len: int, seed: int = 0, split: str = "train",
@@ -575,7 +577,7 @@ def token_stream(tokenizer, sources, seq_len: int, seed: int = 0, split: str = "
     streams, buffers = [], []
     for n, (path, _) in enumerate(pairs):
         files = _source_files(path, split, held_out, tokenizer, tok_hash, sep, cache)
-        streams.append(_source_tokens(files, seed * 1000 + n, split == "train", path))
+        streams.append(_source_tokens(files, seed * 1000 + n, split == "train"))
         buffers.append(np.zeros(0, dtype=np.int64))
     weights = [w for _, w in pairs]
     counts = [0] * len(pairs)
