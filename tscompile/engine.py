@@ -121,8 +121,8 @@ def plan_build(spec: Spec, out_dir: Path | None = None, targets: list[str] | Non
 
     pass_cache = cache.PassCache(build_dir / ".cache" / "passes")
     can_read = cache.reads(policy)
-    memo = build_dir / ".cache" / "source-hashes.json" if cache.writes(policy) and not dry_run else None
-    key = cache.chain_key("", "source", source_key(spec.source, memo))
+    memo = build_dir / ".cache" / "source-hashes.json" if can_read else None   # hashes by (path, size, mtime)
+    key = cache.chain_key("", "source", source_key(spec.source, memo, cache.writes(policy) and not dry_run))
     source = PlannedStep("source", key, can_read and pass_cache.has(key))
     steps = []
     for step in spec.pipeline:

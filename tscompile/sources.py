@@ -88,7 +88,7 @@ def describe_source(src: SourceSpec) -> str:
     return src.path
 
 
-def source_key(src: SourceSpec, memo_file: Path | None = None) -> str:
+def source_key(src: SourceSpec, memo_file: Path | None = None, write_memo: bool = True) -> str:
     """Content key of the source: the tiny config, the bytes of a local file/dir, or the pypi requirement."""
     h = hashlib.sha256()
     if src.tiny is not None:
@@ -97,11 +97,11 @@ def source_key(src: SourceSpec, memo_file: Path | None = None) -> str:
         # The importer pins what it downloads; the requirement text is what identifies it here.
         h.update(b"pypi\0" + src.path.encode())
     else:
-        h.update(b"path\0" + _tree_hash(Path(src.path), memo_file).encode())
+        h.update(b"path\0" + _tree_hash(Path(src.path), memo_file, write_memo).encode())
     return h.hexdigest()
 
 
-def _tree_hash(root: Path, memo_file: Path | None) -> str:
+def _tree_hash(root: Path, memo_file: Path | None, write_memo: bool) -> str:
     """sha256 over relative names and bytes of every file under root; memoized by (path, size, mtime)."""
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     memo = {}
@@ -117,7 +117,7 @@ def _tree_hash(root: Path, memo_file: Path | None) -> str:
         digest = memo.get(stamp) or _file_hash(p)
         memo[stamp] = digest
         h.update(f"{p.relative_to(root) if p != root else p.name}\0{digest}\0".encode())
-    if memo_file is not None:
+    if memo_file is not None and write_memo:
         memo_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo_file.with_name(memo_file.name + f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(memo, indent=0))
