@@ -142,8 +142,18 @@ def _print_listing(infos: dict, errors: list[str], kind: str, as_json: bool) -> 
     return 2 if errors else 0
 
 
+def _plugin_option(f):
+    def load(ctx, param, modules):
+        for module in modules:
+            registry.load_plugin(module)
+        return modules
+    return click.option("--plugin", "-p", "plugins", multiple=True, metavar="MODULE", expose_value=False,
+                        callback=load, help="Also import this plug-in module (repeatable).")(f)
+
+
 @cli.command("passes")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_plugin_option
 def list_passes(as_json: bool) -> int:
     """List the registered passes and their config fields."""
     return _print_listing(*registry.all_passes(), "pass", as_json)
@@ -151,12 +161,14 @@ def list_passes(as_json: bool) -> int:
 
 @cli.command("targets")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_plugin_option
 def list_targets(as_json: bool) -> int:
     """List the registered backends (targets) and their config fields."""
     return _print_listing(*registry.all_backends(), "backend", as_json)
 
 
 @cli.command()
+@_plugin_option
 def schema() -> int:
     """Print the spec's JSON Schema, including every registered pass and target config."""
     from .spec import json_schema

@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+import sys
 from importlib.metadata import EntryPoint, entry_points
 
 from .api import BackendInfo, PassInfo
@@ -132,9 +133,12 @@ def unregister(name: str) -> None:
 
 
 def load_plugin(module: str) -> None:
-    """Import a plug-in module; register the PASS/PASSES/BACKEND/BACKENDS it exposes."""
+    """Import a plug-in module (from sys.path or the current directory); register the
+    PASS/PASSES/BACKEND/BACKENDS it exposes."""
     if module in _loaded_plugins:
         return
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())      # like `python -m`: a plug-in module in the current directory is found
     try:
         mod = importlib.import_module(module)
     except Exception as e:

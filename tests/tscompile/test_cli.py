@@ -47,6 +47,18 @@ def test_help_through_the_console_script():
         assert f"\n  {command} " in r.stdout
 
 
+def test_plugin_module_in_the_current_directory_via_p(tmp_path):
+    (tmp_path / "my_local_pass.py").write_text(
+        "from tscompile.api import PassConfig, PassInfo\n"
+        "class Cfg(PassConfig):\n    strength: int = 3\n"
+        "PASS = PassInfo('my_local', '7', 'a local pass', Cfg, lambda ir, cfg, ctx: ir)\n")
+    script = Path(sysconfig.get_path("scripts")) / "tscompile"
+    env = {k: v for k, v in _env().items() if k != "PYTHONPATH"}
+    r = subprocess.run([str(script), "passes", "-p", "my_local_pass"], cwd=tmp_path, capture_output=True, text=True,
+                       env=env)
+    assert "my_local v7: a local pass\n    strength: int = 3\n" in r.stdout
+
+
 def test_passes_lists_builtins_and_the_example_plugin():
     r = tsc("passes", "--json")
     assert r.returncode == 0, r.stderr
