@@ -57,3 +57,47 @@ def test_prefill_styles_agree_without_predictors():
         _, a = reference_outputs(name, "batched")
         _, b = reference_outputs(name, "stepwise")
         assert compare_logits(a, b)["rel_l2"] < 1e-5, name
+
+
+# ---- every backend path against the reference ------------------------------------------------------------
+
+PATHS = {   # path -> (backend, load options)
+    "onnx-function": ("onnx", {"native": False}),
+    "onnx-native": ("onnx", {"native": True}),
+    "arm64-qemu": ("arm64", {"where": "qemu"}),
+    "arm64-host": ("arm64", {"where": "host"}),
+    "cuda": ("cuda", {}),
+}
+
+
+@pytest.fixture(scope="module")
+def lowered(tmp_path_factory):
+    """(case, backend) -> artifact dir, lowered once per module."""
+    from tscompile import registry
+    built = {}
+
+    def get(case: str, backend_name: str) -> Path:
+        if (case, backend_name) not in built:
+            backend = registry.backend(backend_name)
+            why = backend.available()
+            if why:
+                pytest.skip(f"{backend_name}: {why}")
+            out = tmp_path_factory.mktemp(case) / backend_name
+            backend.lower(case_ir(case), backend.config(), out, None)
+            built[case, backend_name] = out
+        return built[case, backend_name]
+    return get
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_backend_matches_reference(case, path, lowered):
+    from tscompile import registry
+    backend_name, opts = PATHS[path]
+    runner = registry.backend(backend_name).load(lowered(case, backend_name), **opts)
+    tokens, want = reference_outputs(case, runner.prefill)
+    got = runner.logits(PROMPT, tokens[:-1])
+    assert got.shape == want.shape and got.dtype == np.float32
+    m = compare_logits(got, want)
+    assert m["rel_l2"] <= 1e-4, m
+    assert runner.generate(PROMPT, STEPS) == tokens
