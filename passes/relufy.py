@@ -37,7 +37,7 @@ class L1Ramp(PassConfig):
 
 
 class L1Control(PassConfig):
-    """Scale the scheduled λ by k, log k += gain·(target − batch sparsity) each step (only where λ > 0)."""
+    """In stages of constant λ > 0, use λ·k with log k += gain·(target − batch sparsity) after each step."""
     target: float = Field(gt=0, lt=1, description="training-batch FFN sparsity to steer toward")
     gain: float = Field(0.5, gt=0, description="log-λ change per step per unit of sparsity error")
 
@@ -122,15 +122,13 @@ def _windows(tokenizer, sources, seq_len: int, seed: int, split: str, held_out: 
     return np.stack(rows)
 
 
-def _cached_windows(work_dir: Path, name: str, key: dict, make):
+def _load_or_make(path: Path, make):
     """Token windows kept in work_dir (numpy .npy, no pickle) so a resumed run reads the same data."""
     import numpy as np
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = work_dir / f"{name}-{digest}.npy"
     if path.exists():
         return np.load(path, allow_pickle=False)
     arr = make()
-    work_dir.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         np.save(f, arr)
@@ -138,26 +136,45 @@ def _cached_windows(work_dir: Path, name: str, key: dict, make):
     return arr
 
 
+def _train_spec(ctx: Context):
+    train = getattr(getattr(ctx.spec, "data", None), "train", None)
+    if train is None:
+        raise UserError("spec data.train: the relufy pass needs training text (data.train.mixture)")
+    return train
+
+
+def window_files(ir: ModelIR, cfg: RelufyConfig, ctx: Context) -> tuple[Path, dict[str, Path], int, int]:
+    """Where the training and per-source held-out windows live in work_dir (named by a hash of what they
+    hold), and how many windows of each: (train file, {source path: held-out file}, n_train, n_heldout)."""
+    from tscompile.data import tokenizer_of
+    train = _train_spec(ctx)
+    seq_len = cfg.seq_len or train.seq_len
+    total = sum(s.steps for s in cfg.stages) * cfg.batch_tokens
+    n_train = max(1, min(total, cfg.max_train_tokens) // seq_len)
+    n_eval = max(1, cfg.eval_tokens // seq_len)
+    key = {"mixture": [(s.path, s.weight) for s in train.mixture], "seq_len": seq_len, "seed": ctx.seed,
+           "held_out": train.held_out,
+           "tokenizer": hashlib.sha256(tokenizer_of(ir).to_str().encode()).hexdigest()}
+
+    def name(kind, **more):
+        digest = hashlib.sha256(json.dumps(dict(key, **more), sort_keys=True).encode()).hexdigest()[:16]
+        return ctx.work_dir / f"{kind}-{digest}.npy"
+    return (name("train", n=n_train), {s.path: name("heldout", source=s.path, n=n_eval) for s in train.mixture},
+            n_train, n_eval)
+
+
 def training_data(ir: ModelIR, cfg: RelufyConfig, ctx: Context):
     """(TokenWindows over the train split, {source path: held-out windows}) from spec.data.train."""
     from tscompile.data import tokenizer_of
     from tscompile.trainer import TokenWindows
-    train = getattr(getattr(ctx.spec, "data", None), "train", None)
-    if train is None:
-        raise UserError("spec data.train: the relufy pass needs training text (data.train.mixture)")
+    train = _train_spec(ctx)
     seq_len = cfg.seq_len or train.seq_len
     tok = tokenizer_of(ir)
-    total = sum(s.steps for s in cfg.stages) * cfg.batch_tokens
-    n_train = max(1, min(total, cfg.max_train_tokens) // seq_len)
-    mixture = [(s.path, s.weight) for s in train.mixture]
-    key = {"mixture": mixture, "seq_len": seq_len, "seed": ctx.seed, "held_out": train.held_out,
-           "tokenizer": hashlib.sha256(tok.to_str().encode()).hexdigest()}
-    arr = _cached_windows(ctx.work_dir, "train", dict(key, n=n_train), lambda: _windows(
-        tok, train.mixture, seq_len, ctx.seed, "train", train.held_out, n_train))
-    n_eval = max(1, cfg.eval_tokens // seq_len)
-    heldout = {s.path: _cached_windows(ctx.work_dir, "heldout", dict(key, source=s.path, n=n_eval), lambda s=s:
-                                       _windows(tok, [s], seq_len, ctx.seed, "heldout", train.held_out, n_eval))
-               for s in train.mixture}
+    train_file, heldout_files, n_train, n_eval = window_files(ir, cfg, ctx)
+    arr = _load_or_make(train_file, lambda: _windows(tok, train.mixture, seq_len, ctx.seed, "train",
+                                                     train.held_out, n_train))
+    heldout = {s.path: _load_or_make(heldout_files[s.path], lambda s=s: _windows(
+        tok, [s], seq_len, ctx.seed, "heldout", train.held_out, n_eval)) for s in train.mixture}
     return TokenWindows(arr, ctx.seed), heldout
 
 
@@ -176,7 +193,13 @@ def apply_relufy(ir: ModelIR, cfg: RelufyConfig, ctx: Context) -> ModelIR:
     if cfg.distill > 0:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         teacher = ReferenceModel.from_ir(ctx.source_ir, dtype, device).requires_grad_(False)
-    result = train(model, cfg, data, heldout, ctx.work_dir, device, teacher, ctx.log)
+    budget = ctx.extras.get("max_seconds")     # a job time limit: checkpoint, stop, resume on the next run
+    result = train(model, cfg, data, heldout, ctx.work_dir, device, teacher, ctx.log, max_seconds=budget,
+                   peak_flops=ctx.extras.get("peak_flops"))
+    total = sum(s.steps for s in cfg.stages)
+    if result.steps < total:
+        raise UserError(f"pipeline relufy: stopped at step {result.steps}/{total} after the {budget:.0f} s time "
+                        f"budget; run the build again to resume from {ctx.work_dir}")
     weights = full_state_dict(model)
     out = ir.clone()
     for name, t in weights.items():
@@ -189,7 +212,8 @@ def apply_relufy(ir: ModelIR, cfg: RelufyConfig, ctx: Context) -> ModelIR:
             ann.stats["sparsity"] = per_layer[i]
     out.meta["relufy"] = {"steps": result.steps, "tokens": result.final.get("tokens"),
                           "heldout": {k: {"ppl": v["ppl"], "sparsity": v["sparsity"]} for k, v in final.items()},
-                          "final_lambda": result.final.get("lambda"), "tokens_per_second": result.tokens_per_second}
+                          "final_lambda": result.final.get("lambda"), "tokens_per_second": result.tokens_per_second,
+                          "mfu": result.mfu}
     return out
 
 

@@ -7,8 +7,8 @@ seeded random order, split over ranks, then over micro-batches (gradient accumul
 
     L1 = Σ_layers mean_tokens Σ_neurons |h|          (h: FFN intermediate after the activation)
 
-λ(step) follows the stages (constant, or ProSparse's sine ramp); with `l1_control` it is further scaled by a
-factor k that a log-space integral controller moves toward the target training-batch sparsity.
+λ(step) follows the stages (constant, or ProSparse's sine ramp); with `l1_control`, stages of constant λ > 0
+scale it by a factor k that a log-space integral controller moves toward the target training-batch sparsity.
 
 Multi-GPU runs are the same code under `torchrun` (FSDP2 `fully_shard` per decoder layer; gloo on CPU, NCCL on
 CUDA). Checkpoints (weights, AdamW state, RNG, data position, controller state) are safetensors + JSON, written
@@ -120,6 +120,30 @@ class TokenWindows:
 
 
 # ---- model helpers -----------------------------------------------------------------------------------------
+
+def causal_attention(model) -> None:
+    """Swap each attention's forward for one through F.scaled_dot_product_attention(is_causal=True) (flash
+    attention on CUDA). Training windows are full causal sequences (no padding, no cache), where this is the
+    same function as the reference's explicit float32 softmax, which stores T×T scores per head and layer."""
+    import types
+    from tscompile.reference import apply_rope
+    if model.cfg.sliding_window:     # a window shorter than the sequence needs the reference's explicit mask
+        return
+
+    def forward(self, x, cos, sin, mask, cache, i):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rep = self.nh // self.nkv
+        out = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                             is_causal=True)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+    for layer in model.model.layers:
+        layer.self_attn.forward = types.MethodType(forward, layer.self_attn)
+
 
 def ffn_outputs(model) -> list[torch.Tensor]:
     """The intermediate h of every FFN from the last forward (needs `start_capture`)."""
@@ -337,6 +361,7 @@ def train(model, cfg, train_data: TokenWindows, heldout: dict[str, np.ndarray], 
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_cuda else contextlib.nullcontext
 
     model.train()
+    causal_attention(model)
     if cfg.activation_checkpointing:
         _checkpoint_layers(model)
     if cfg.compile:
@@ -363,6 +388,8 @@ def train(model, cfg, train_data: TokenWindows, heldout: dict[str, np.ndarray], 
             _truncate_log(log_path, step)
         elif log_path.exists():
             log_path.unlink()
+    if teacher is not None:
+        causal_attention(teacher)
     start_capture(model)
     fpt = flops_per_token(model.cfg, seq_len, teacher is not None)
     t_start, tokens_run, last, history = time.time(), 0, {}, []
@@ -372,7 +399,9 @@ def train(model, cfg, train_data: TokenWindows, heldout: dict[str, np.ndarray], 
         t0 = time.time()
         lr = lr_at(cfg.stages, step, cfg.lr, cfg.min_lr_ratio)
         lam_sched = l1_at(cfg.stages, step)
-        lam = lam_sched * math.exp(log_k) if cfg.l1_control and lam_sched > 0 else lam_sched
+        controlled = (cfg.l1_control is not None and lam_sched > 0
+                      and isinstance(cfg.stages[stage_index(cfg.stages, step)].l1, (int, float)))
+        lam = lam_sched * math.exp(log_k) if controlled else lam_sched
         for g in opt.param_groups:
             g["lr"] = lr
         batch = train_data.take(pos + rank * per_rank, per_rank).to(device)
@@ -412,7 +441,7 @@ def train(model, cfg, train_data: TokenWindows, heldout: dict[str, np.ndarray], 
             sums /= world
             layer_zeros /= world
         loss_v, ce_v, kl_v, l1_v, sp_v = sums.tolist()
-        if cfg.l1_control and lam_sched > 0:
+        if controlled:
             # integral control in log space: λ grows while the batch is denser than the target, shrinks when sparser
             log_k = max(-8.0, min(8.0, log_k + cfg.l1_control.gain * (cfg.l1_control.target - sp_v)))
         step += 1

@@ -201,3 +201,19 @@ def test_gloo_fsdp_two_processes_match_one(tmp_path):
     w1, w2 = _weights(one / "final.safetensors"), _weights(two / "final.safetensors")
     for k in w1:
         assert torch.allclose(w1[k], w2[k], rtol=1e-3, atol=1e-4), k
+
+
+def test_example_specs_validate(tmp_path):
+    from pathlib import Path
+    from tscompile.spec import parse_spec
+    specs = Path(__file__).resolve().parents[2] / "specs"
+    smol = parse_spec((specs / "smollm2.yaml").read_text(), "smollm2.yaml")
+    cfg = next(s.config for s in smol.pipeline if s.name == "relufy")
+    assert [s.name for s in smol.pipeline] == ["drelu", "relufy", "threshold"]
+    assert sum(s.steps for s in cfg.stages) * cfg.batch_tokens <= 140_000_000     # ~20 GPU-minutes
+    # mistral.yaml names a user's local checkpoint; point it at an existing directory to validate the rest
+    text = (specs / "mistral.yaml").read_text().replace("/path/to/Mistral-7B-v0.1", str(tmp_path))
+    mistral = parse_spec(text, "mistral.yaml")
+    cfg = next(s.config for s in mistral.pipeline if s.name == "relufy")
+    assert cfg.activation_checkpointing and l1_at(cfg.stages, 10**9) == pytest.approx(5e-4)
+    assert set(mistral.targets) == {"onnx", "cuda", "arm64"}
