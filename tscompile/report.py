@@ -17,7 +17,9 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
-    if isinstance(x, bool) or x is None:
+    if x is None:
+        return "—"
+    if isinstance(x, bool):
         return str(x)
     if isinstance(x, float):
         return "—" if math.isnan(x) else f"{x:.{digits}g}"

@@ -248,7 +248,7 @@ def verify_build(build_dir: Path, spec, targets: list[str] | None = None) -> dic
     write_report(build_dir, ir, results)
     missed = [g for g in results["goals"] if not g["ok"]]
     if missed:
-        raise GoalMissed("verification goals missed:\n" + goal_table(missed))
+        raise GoalMissed(goal_table(missed))
     return results
 
 
