@@ -247,8 +247,9 @@ def generate(path: str, target: str | None, prompt: str, max_new_tokens: int, te
     ir = load_model(path)
     if not ir.tokenizer_json:
         raise UserError(f"{path}: the model has no tokenizer.json")
+    from .verify import prompt_ids      # the verifier's encoding, so generate reproduces what it checks
     tok = Tokenizer.from_str(ir.tokenizer_json)
-    ids = tok.encode(prompt).ids
+    ids = prompt_ids(tok, [prompt], ir.config.bos_token_id)[0]
     if target is None:
         from .reference import ReferenceModel
         out = ReferenceModel.from_ir(ir).generate(ids, max_new_tokens, temperature=temperature, top_p=top_p,
