@@ -438,7 +438,7 @@ def tokenizer_of(ir):
     """The IR's tokenizer as a `tokenizers.Tokenizer`."""
     from tokenizers import Tokenizer
     if not ir.tokenizer_json:
-        raise UserError(f"model {ir.meta.get('source', '')}: has no tokenizer.json")
+        raise UserError(f"model {ir.meta.get('source', '(in memory)')}: has no tokenizer (tokenizer.json)")
     return Tokenizer.from_str(ir.tokenizer_json)
 
 
