@@ -108,8 +108,10 @@ def test_off_neither_reads_nor_writes(tmp_path):
     out = tmp_path / "b"
     build(spec_of(), out_dir=out, verify=False)
     before = entries(out)
+    assert (out / "model" / "model.safetensors").stat().st_nlink == 2     # model/ is hard-linked to the cache
     off = build(spec_of(), out_dir=out, verify=False, policy="off")
     assert off.ran == ["source", "scale", "after_scale", "target ckpt"] and entries(out) == before
+    assert (out / "model" / "model.safetensors").stat().st_nlink == 1     # written fresh, not from the cache
 
 
 def test_an_edited_artifact_is_lowered_again(tmp_path):
