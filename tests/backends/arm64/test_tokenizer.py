@@ -6,8 +6,8 @@ import subprocess
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from tscompile.backends.arm64.tokenizer_bin import tokenizer_blob, write_tokenizer_bin
+
 from tscompile.errors import UserError
 from tscompile.tiny import tiny_tokenizer_json
 

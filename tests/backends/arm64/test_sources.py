@@ -1,0 +1,106 @@
+"""The generated C: snapshots against goldens, hand-written style, Android compile check of the kernels.
+
+Regenerate the goldens after a template change with TSCOMPILE_UPDATE_GOLDENS=1 (and review the diff).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from arm64_cases import needs
+from tscompile.backends.arm64.sources import KERNEL_FILES, render_build_files, render_sources
+
+from tscompile.errors import UserError
+from tscompile.ir import LayerSparsity, ModelIR, Predictor, Weights
+from tscompile.tiny import make_tiny_ir, tiny_config
+
+GOLDEN = Path(__file__).parents[2] / "golden" / "arm64"
+UPDATE = os.environ.get("TSCOMPILE_UPDATE_GOLDENS") == "1"
+
+
+def golden_irs() -> dict[str, tuple[ModelIR, str]]:
+    """Shapes only (the sources do not depend on weight values)."""
+    qwen = tiny_config("qwen2", layers=2)
+    qwen_layers = [LayerSparsity(activation="relu", threshold=0.01, mode="predictor",
+                                 predictor=Predictor(rank=12, threshold=-0.25, relu=True)),
+                   LayerSparsity(activation="drelu", mode="exact")]
+    mistral = tiny_config("mistral", layers=2, sliding_window=64)
+    mistral_layers = [LayerSparsity(activation="swiglu"), LayerSparsity(activation="geglu", threshold=0.05)]
+    return {"qwen2-relu-predictor-f32": (ModelIR(qwen, Weights(), None, qwen_layers, {"source": "tiny:qwen2"}),
+                                         "float32"),
+            "mistral-swiglu-geglu-f16": (ModelIR(mistral, Weights(), None, mistral_layers,
+                                                 {"source": "tiny:mistral"}), "float16")}
+
+
+def generated(name: str) -> dict[str, str]:
+    ir, dtype = golden_irs()[name]
+    return {**render_sources(ir, dtype), **render_build_files(None)}
+
+
+@pytest.mark.parametrize("name", list(golden_irs()))
+def test_generated_sources_match_goldens(name):
+    files = generated(name)
+    d = GOLDEN / name
+    if UPDATE:
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        for fname, text in files.items():
+            (d / fname).write_text(text)
+    assert sorted(p.name for p in d.iterdir()) == sorted(files), "file set changed (TSCOMPILE_UPDATE_GOLDENS=1)"
+    for fname, text in files.items():
+        assert text == (d / fname).read_text(), f"{name}/{fname} differs from its golden (TSCOMPILE_UPDATE_GOLDENS=1)"
+
+
+def test_sources_follow_the_model():
+    q = generated("qwen2-relu-predictor-f32")
+    m = generated("mistral-swiglu-geglu-f16")
+    assert "L->bq[i]" in q["forward.c"] and "L->bq" not in m["forward.c"]              # qkv bias
+    assert "SLIDING_WINDOW + 1" in m["forward.c"] and "int first = 0;" in q["forward.c"]
+    assert "w->lm_head = w->embed;" in q["weights.c"] and '"lm_head"' in m["weights.c"]  # tied / untied
+    assert "{ ACT_RELU, MODE_PREDICTOR, 12, 1, 0.00999999978f, -0.25f }" in q["ffn.c"]
+    assert "#define WEIGHT_DTYPE  1" in m["model.h"] and "#define SLIDING_WINDOW 64" in m["model.h"]
+
+
+@pytest.mark.parametrize("name", list(golden_irs()))
+def test_sources_read_like_hand_written_code(name):
+    for fname, text in generated(name).items():
+        assert "{{" not in text and "{%" not in text and "\n\n\n\n" not in text, fname
+        if fname.endswith((".c", ".h")):
+            assert text.startswith("// "), f"{fname}: no header comment"
+            assert max(len(line) for line in text.splitlines()) <= 120, fname
+            if fname.endswith(".c") and len(text.splitlines()) > 60:
+                assert "// ------------" in text, f"{fname}: no section banners"
+    # every buffer in the structs says its shape (arrays in their declaration, pointers in a comment)
+    header = generated(name)["model.h"]
+    for body, sname in re.findall(r"typedef struct \{(.*?)\} (\w+);", header, re.DOTALL):
+        for line in body.splitlines():
+            if sname in ("LayerWeights", "Weights", "RunState") and re.search(r"\*\s*\w+;", line):
+                if "void *map" in line or "Kernels" in line:
+                    continue
+                assert re.search(r"//.*\[", line), f"{sname}: buffer without a shape comment: {line.strip()}"
+
+
+@needs("clang")
+def test_kernel_files_compile_for_android(tmp_path):
+    files = generated("mistral-swiglu-geglu-f16")
+    for fname, text in files.items():
+        (tmp_path / fname).write_text(text)
+    for fname in KERNEL_FILES:
+        includes = set(re.findall(r'#include [<"]([^>"]+)[>"]', files[fname]))
+        assert includes <= {"arm_neon.h", "stdint.h", "stddef.h", "kernels.h"}, (fname, includes)
+        assert set(re.findall(r'#include [<"]([^>"]+)[>"]', files["kernels.h"])) <= {"stdint.h", "stddef.h"}
+        arch = ["-march=armv8.2-a+fp16"] if fname == "kernels_neon_fp16.c" else []
+        res = subprocess.run(["clang", "--target=aarch64-linux-android28", "-ffreestanding", "-std=c11", "-O2",
+                              "-Wall", "-Wextra", "-Werror", *arch, "-c", str(tmp_path / fname), "-o",
+                              str(tmp_path / (fname + ".o"))], check=False, capture_output=True, text=True)
+        assert res.returncode == 0, f"{fname}: {res.stderr[-1500:]}"
+
+
+def test_unsupported_models_are_user_errors():
+    moe = make_tiny_ir("mixtral", "swiglu", experts=2, layers=1)
+    with pytest.raises(UserError, match="mixture-of-experts"):
+        render_sources(moe, "float32")
