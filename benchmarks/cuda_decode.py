@@ -66,6 +66,24 @@ def predictor_logits(w, i, hn):
     return F.relu(hn.float() @ w[n["fc1"]].float().T) @ w[n["fc2"]].float().T
 
 
+def kernel_census(runner) -> dict:
+    """Kernels of one decode step and their summed device time, FFN kernels apart (torch profiler over one graph
+    replay); the rest of the step's wall time is launch gaps between dependent kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        runner.graph.replay()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    busy = {"ffn": 0.0, "other": 0.0}
+    count = {"ffn": 0, "other": 0}
+    for e in kernels:
+        kind = "ffn" if any(k in e.name for k in ("sparse_ffn", "predict_")) else "other"
+        busy[kind] += getattr(e, "device_time", 0.0)
+        count[kind] += 1
+    return {"kernels": count, "device_busy_us": busy}
+
+
 def bench_model(name: str, repeats: int) -> dict:
     cfg, rank = MODELS[name]
     major, minor = torch.cuda.get_device_capability()
@@ -100,6 +118,12 @@ def bench_model(name: str, repeats: int) -> dict:
         s_tps.append(sparse.decode_tokens_per_second(prompt, TOKENS))
         d_tps.append(dense.decode_tokens_per_second(prompt, TOKENS))
     s, d = statistics.median(s_tps), statistics.median(d_tps)
+    census = {}
+    for label, r in (("sparse", sparse), ("dense", dense)):
+        try:
+            census[label] = kernel_census(r)
+        except Exception as e:   # a diagnostic only: never lose the measurement for it
+            census[label] = {"error": str(e)}
 
     H, I, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
     attn = L * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim * H + L * H * cfg.num_heads * cfg.head_dim
@@ -112,7 +136,7 @@ def bench_model(name: str, repeats: int) -> dict:
     return {"model": name, "weights": "random bf16 of the real shape", "context": CONTEXT, "tokens": TOKENS,
             "predictor_rank": rank, "active_fraction_decode": active, "active_fraction_per_layer": fractions,
             "sparse_tokens_per_s": s, "dense_tokens_per_s": d, "speedup": s / d, "bytes_ideal_speedup": ideal,
-            "samples_sparse": s_tps, "samples_dense": d_tps}
+            "samples_sparse": s_tps, "samples_dense": d_tps, "step_census": census}
 
 
 def main():

@@ -41,8 +41,6 @@ class GPUDecoder:
                  lib: KernelLibrary | None, dtype: torch.dtype):
         self.cfg, self.ffns, self.lib, self.dtype = cfg, ffns, lib, dtype
         self.w = weights
-        for k in [k for k in weights if k.endswith("norm")]:
-            weights[k] = weights[k].float()
         self.dev = weights["embed"].device
         self.head = weights["embed"] if cfg.tie_word_embeddings else weights["lm_head"]
         if lib is None:   # dense baseline: cuBLAS wants gate and up in one matrix and down in HF layout
@@ -71,16 +69,19 @@ class GPUDecoder:
         self.capacity = capacity
 
     def _norm(self, x, w):
-        """RMSNorm in float32 (w is kept float32), result in the model dtype: as the reference."""
-        return F.rms_norm(x.float(), (x.shape[-1],), w, self.cfg.rms_norm_eps).to(x.dtype)
+        """RMSNorm, one fused kernel: float32 inside, one rounding to the model dtype at the end (as the reference;
+        the weights are already in the model dtype)."""
+        return F.rms_norm(x, (x.shape[-1],), w, self.cfg.rms_norm_eps)
 
     def _rope(self, x, cos, sin):
+        """HF rotate-half rope, x * cos + [-x2, x1] * sin, in float32 (cos and sin are: type promotion)."""
         half = x.shape[-1] // 2
-        rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return (x.float() * cos + rot.float() * sin).to(x.dtype)
+        return torch.addcmul(x * cos, torch.cat([-x[..., half:], x[..., :half]], dim=-1), sin).to(x.dtype)
 
     def _attention(self, i: int, x, pos, cos, sin, mask):
-        """x [T, H] at positions pos [T]; writes k, v into the cache, attends over it (float32 softmax)."""
+        """x [T, H] at positions pos [T]; writes k, v into the cache, attends over it (float32 softmax); returns the
+        heads' outputs [T, heads * head_dim] (o_proj is applied with the residual add).
+        mask [rep * T, capacity]: which cached positions each query row may see."""
         c, n = self.cfg, layer_weight_names(i)
         T, hd, nh, nkv = x.shape[0], c.head_dim, c.num_heads, c.num_kv_heads
         qkv = F.linear(x, self.w[n["qkv"]], self.w.get(n["qkv_bias"]))
@@ -90,8 +91,8 @@ class GPUDecoder:
         self.v[i].index_copy_(1, pos, qkv[:, (nh + nkv) * hd:].view(T, nkv, hd).transpose(0, 1))
         rep = nh // nkv   # the query heads of one kv head attend as one batch row: [kv_heads, rep * T, hd]
         out = F.scaled_dot_product_attention(q.reshape(1, nkv, rep * T, hd), self.k[i][None], self.v[i][None],
-                                             attn_mask=mask.repeat(rep, 1))
-        return F.linear(out.view(nh, T, hd).transpose(0, 1).reshape(T, nh * hd), self.w[n["o"]])
+                                             attn_mask=mask)
+        return out.view(nh, T, hd).transpose(0, 1).reshape(T, nh * hd)
 
     def _ffn_dense(self, i: int, x):
         f, w = self.ffns[i], self.w
@@ -124,12 +125,14 @@ class GPUDecoder:
         mask = kpos[None, :] <= pos[:, None]                                   # causal (positions = order)
         if c.sliding_window:
             mask &= (pos[:, None] - kpos[None, :]) < c.sliding_window
+        mask = mask.repeat(c.num_heads // c.num_kv_heads, 1)                 # rows: (head in group, token)
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]             # [T, 1, head_dim]
         x = self.w["embed"][tokens]
         sparse = self.lib is not None and tokens.shape[0] == 1
         for i in range(c.num_layers):
             n = layer_weight_names(i)
-            x = x + self._attention(i, self._norm(x, self.w[n["input_norm"]]), pos, cos, sin, mask)
+            att = self._attention(i, self._norm(x, self.w[n["input_norm"]]), pos, cos, sin, mask)
+            x = torch.addmm(x, att, self.w[n["o"]].T)                           # x + o_proj(att), one GEMM
             hn = self._norm(x, self.w[n["post_norm"]])
             if self.capture is not None:
                 self.capture.append((i, hn))
