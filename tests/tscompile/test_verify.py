@@ -1,0 +1,69 @@
+"""The verifier through the real CLI: a tiny build verifies, a tampered artifact fails, a goal out of reach exits 1."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tsc(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tscompile", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("verify") / "tiny"
+    r = tsc("build", "specs/tiny.yaml", "--out", str(out), "--target", "onnx", "--target", "arm64")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def copy_build(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_build_verifies_and_writes_reports(tiny_build):
+    r = tsc("verify", str(tiny_build))
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tiny_build / "verify.json").read_text())
+    assert res["ok"] and set(res["targets"]) == {"onnx", "arm64"}
+    for name, t in res["targets"].items():
+        assert t["outputs_ok"] and t["greedy_match"], name
+        assert t["rel_l2"] < 1e-4 and t["top1"] == 1.0, name
+    report = (tiny_build / "report.md").read_text()
+    assert "Verdict: **PASS**" in report and "| onnx | ok |" in report and "| arm64 | ok |" in report
+
+
+@pytest.mark.parametrize("target,rel", [("onnx", "model.onnx"), ("arm64", "weights.bin"),
+                                        ("arm64", "bin/tsrun")])
+def test_tampered_artifact_fails(tiny_build, tmp_path, target, rel):
+    build = copy_build(tiny_build, tmp_path / "b")
+    f = build / target / rel
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x5A
+    f.write_bytes(data)
+    r = tsc("verify", str(build), "--target", target)
+    assert r.returncode == 1
+    assert "integrity" in r.stderr and target in r.stderr
+    res = json.loads((build / "verify.json").read_text())
+    assert res["targets"][target]["tampered"] == [rel] and not res["ok"]
+
+
+def test_goal_out_of_reach_exits_1(tiny_build, tmp_path):
+    build = copy_build(tiny_build, tmp_path / "b")
+    spec = yaml.safe_load((build / "spec.resolved.yaml").read_text())
+    spec["verify"]["goals"]["max_rel_err"] = 1e-12     # fp32 backends land near 3e-7: out of reach
+    (build / "spec.resolved.yaml").write_text(yaml.safe_dump(spec))
+    r = tsc("verify", str(build), "--target", "onnx")
+    assert r.returncode == 1
+    missed = [line for line in r.stderr.splitlines() if line.strip().startswith("max_rel_err")]
+    assert missed and "onnx" in missed[0] and "1e-12" in missed[0]
