@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import tempfile
-from functools import lru_cache
+from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ def writes(policy: str) -> bool:
     return policy in ("on", "redo")
 
 
-@lru_cache(maxsize=None)
+@cache
 def tool_versions() -> dict[str, str]:
     """Versions that change numerics: part of every key. Read from metadata, so nothing heavy is imported."""
     out = {}

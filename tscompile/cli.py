@@ -247,7 +247,7 @@ def generate(path: str, target: str | None, prompt: str, max_new_tokens: int, te
     ir = load_model(path)
     if not ir.tokenizer_json:
         raise UserError(f"{path}: the model has no tokenizer.json")
-    from .verify import prompt_ids      # the verifier's encoding, so generate reproduces what it checks
+    from .verify import prompt_ids  # the verifier's encoding, so generate reproduces what it checks
     tok = Tokenizer.from_str(ir.tokenizer_json)
     ids = prompt_ids(tok, [prompt], ir.config.bos_token_id)[0]
     if target is None:

@@ -328,7 +328,7 @@ class _Build:
 def verify_dir(build_dir: Path, spec: Spec, targets: list[str]) -> dict:
     """Run the verifier on a build dir, first forgetting any earlier pass (verify.json is rewritten)."""
     (build_dir / ".verify.key").unlink(missing_ok=True)
-    from .verify import verify_build   # a missing verifier fails the build: never skip silently
+    from .verify import verify_build  # a missing verifier fails the build: never skip silently
     return verify_build(build_dir, spec, targets)
 
 

@@ -5,7 +5,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, field_validator, model_validator
 
@@ -36,7 +36,7 @@ class TinySource(BaseModel):
     vocab: int = Field(384, ge=260)          # 256 byte tokens + <unk>, <s>, </s> + at least one merge
     experts: int = Field(0, ge=0)
     top_k: PositiveInt = 2
-    sliding_window: Optional[PositiveInt] = None
+    sliding_window: PositiveInt | None = None
 
     @field_validator("heads")
     @classmethod
@@ -66,8 +66,8 @@ class TinySource(BaseModel):
 class SourceSpec(BaseModel):
     """Exactly one of `path` (HF dir, .gguf file, pypi:PACKAGE[==VERSION]) and `tiny`."""
     model_config = ConfigDict(extra="forbid")
-    path: Optional[str] = None
-    tiny: Optional[TinySource] = None
+    path: str | None = None
+    tiny: TinySource | None = None
 
     @field_validator("path")
     @classmethod

@@ -15,7 +15,7 @@ import json
 import os
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, PrivateAttr, SerializeAsAny,
@@ -77,15 +77,15 @@ class EvalData(Strict):
 
 
 class DataSpec(Strict):
-    train: Optional[TrainData] = None
-    calib: Optional[CalibData] = None
-    eval: Optional[EvalData] = None
+    train: TrainData | None = None
+    calib: CalibData | None = None
+    eval: EvalData | None = None
 
 
 class Goals(Strict):
-    min_top1: Optional[float] = Field(None, ge=0, le=1)      # greedy top-1 agreement with the reference
-    max_rel_err: Optional[PositiveFloat] = None              # relative L2 error of logits
-    max_ppl_ratio: Optional[PositiveFloat] = None            # perplexity of the built model / source model
+    min_top1: float | None = Field(None, ge=0, le=1)      # greedy top-1 agreement with the reference
+    max_rel_err: PositiveFloat | None = None              # relative L2 error of logits
+    max_ppl_ratio: PositiveFloat | None = None            # perplexity of the built model / source model
     min_speedup: dict[str, PositiveFloat] = {}               # target -> decode speed vs its dense build
 
 
@@ -127,12 +127,12 @@ class Spec(Strict):
     source: SourceSpec
     plugins: list[str] = []
     seed: int = 0
-    data: Optional[DataSpec] = None
+    data: DataSpec | None = None
     pipeline: list[Step] = []
     targets: dict[str, SerializeAsAny[PassConfig]] = {}
     verify: VerifySpec = VerifySpec()
 
-    _origin: Optional["SpecOrigin"] = PrivateAttr(None)
+    _origin: SpecOrigin | None = PrivateAttr(None)
 
     def error_at(self, loc: Loc, message: str) -> UserError:
         """A UserError pointing at a place in the spec file (for checks made after loading)."""

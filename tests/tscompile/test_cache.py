@@ -125,6 +125,7 @@ def test_an_edited_artifact_is_lowered_again(tmp_path):
 
 def test_a_passed_verification_is_reused_a_missed_one_is_not(tmp_path, monkeypatch):
     import json
+
     import tscompile.verify
     from tscompile.errors import GoalMissed
     calls, verdicts = [], ["pass", "pass", "miss", "pass"]

@@ -11,7 +11,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from tsc_test_plugin import tiny_spec
+from tsc_test_plugin import fake_distribution, tiny_spec
 
 from tscompile.cli import main
 
@@ -139,11 +139,8 @@ def test_usage_errors_exit_2_with_one_line(args, want, tmp_path, capsys):
 
 
 def test_broken_third_party_plugin_fails_listing_with_its_name(tmp_path):
-    info = tmp_path / "tsc_broken_cli-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tsc-broken-cli\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[tscompile.passes]\nbrokencli = tsc_broken_cli_mod:PASS\n")
-    (tmp_path / "tsc_broken_cli_mod.py").write_text("raise ImportError('needs libfoo')\n")
+    fake_distribution(tmp_path, "tscompile.passes", "brokencli = tsc_broken_cli_mod:PASS", "tsc_broken_cli_mod",
+                      "raise ImportError('needs libfoo')\n")
     r = tsc("passes", PYTHONPATH=f"{tmp_path}:{HERE}")
     assert r.returncode == 2 and "prune_neurons v1:" in r.stdout
     assert ("error: pass plug-in 'brokencli' (tsc_broken_cli_mod:PASS) failed to load: ImportError: needs libfoo\n"
@@ -164,7 +161,7 @@ def cli_build(tmp_path_factory):
 
 
 def test_second_identical_build_is_fully_cached_and_says_so(cli_build):
-    d, first, second = cli_build
+    _, first, second = cli_build
     assert first.returncode == 0, first.stderr
     assert "pass prune_neurons v1: running" in first.stderr
     assert second.returncode == 0, second.stderr
@@ -174,6 +171,7 @@ def test_second_identical_build_is_fully_cached_and_says_so(cli_build):
 
 def test_generate_with_the_reference_model(cli_build, capsys):
     from tokenizers import Tokenizer
+
     from tscompile.ir import ModelIR
     from tscompile.reference import ReferenceModel
     d = cli_build[0]

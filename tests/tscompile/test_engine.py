@@ -88,7 +88,7 @@ def built(tmp_path_factory):
 
 
 def test_build_applies_every_pass_in_order(built):
-    spec, plan, result, out = built
+    spec, _, result, out = built
     assert result.ran == ["source", "scale", "after_scale", "prune_neurons", "target ckpt"] and result.reused == []
     src = load_source(spec.source)
     model = ModelIR.load(out / "model")
@@ -104,7 +104,7 @@ def test_build_applies_every_pass_in_order(built):
 
 
 def test_passes_get_a_real_context(built):
-    spec, plan, result, out = built
+    _, plan, _, out = built
     ctx = ModelIR.load(out / "model").meta["scale_ctx"]
     scale_key = plan.steps[0].key
     assert ctx == {"device": "cpu", "work_dir": str(out / ".cache" / "work" / scale_key), "seed": 0,
@@ -113,7 +113,7 @@ def test_passes_get_a_real_context(built):
 
 
 def test_build_dir_layout_manifest_log_and_resolved_spec(built):
-    spec, plan, result, out = built
+    spec, plan, _, out = built
     assert {p.name for p in out.iterdir() if not p.name.startswith(".")} == {
         "model", "ckpt", "spec.resolved.yaml", "build.log"}
     manifest = json.loads((out / "ckpt" / "manifest.json").read_text())

@@ -3,6 +3,7 @@ the autoload switch, suggestions."""
 from __future__ import annotations
 
 import pytest
+from tsc_test_plugin import fake_distribution
 
 from tscompile import registry
 from tscompile.api import PassConfig, PassInfo
@@ -14,11 +15,8 @@ BUILTIN_PASSES = {"drelu", "relufy", "threshold", "magnitude", "profile", "predi
 @pytest.fixture
 def broken_dist(tmp_path, monkeypatch):
     """A third-party distribution on sys.path whose pass module raises at import."""
-    info = tmp_path / "tsc_broken_dist-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tsc-broken-dist\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[tscompile.passes]\nbroken = tsc_broken_mod:PASS\n")
-    (tmp_path / "tsc_broken_mod.py").write_text("raise RuntimeError('boom at import')\n")
+    fake_distribution(tmp_path, "tscompile.passes", "broken = tsc_broken_mod:PASS", "tsc_broken_mod",
+                      "raise RuntimeError('boom at import')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     return tmp_path
 
@@ -106,11 +104,8 @@ def test_plugin_import_failure_is_one_line():
 
 
 def test_entry_point_of_the_wrong_kind(tmp_path, monkeypatch):
-    info = tmp_path / "tsc_odd_dist-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tsc-odd-dist\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[tscompile.backends]\nodd = tsc_odd_mod:BACKEND\n")
-    (tmp_path / "tsc_odd_mod.py").write_text("BACKEND = 'not a BackendInfo'\n")
+    fake_distribution(tmp_path, "tscompile.backends", "odd = tsc_odd_mod:BACKEND", "tsc_odd_mod",
+                      "BACKEND = 'not a BackendInfo'\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delenv("TSCOMPILE_DISABLE_PLUGIN_AUTOLOAD", raising=False)
     with pytest.raises(UserError, match=r"^backend plug-in 'odd' \(tsc_odd_mod:BACKEND\) is a str, not a BackendInfo$"):

@@ -89,6 +89,17 @@ def load_ckpt(outdir: Path, dense: bool = False, **opts):
 BACKENDS = [BackendInfo("ckpt", "1", "checkpoint copy (test backend)", CkptConfig, lower_ckpt, load_ckpt)]
 
 
+def fake_distribution(root: Path, group: str, entry: str, module: str, source: str) -> None:
+    """An installed distribution in `root` (put it on sys.path): one entry point `entry = module:ATTR` in `group`,
+    and `module.py` with `source`."""
+    name = module.replace("_", "-")
+    info = root / f"{module}_dist-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}-dist\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[{group}]\n{entry}\n")
+    (root / f"{module}.py").write_text(source)
+
+
 def tiny_spec(name: str = "t", pipeline: str = "[]", targets: str = "{}", extra: str = "") -> str:
     """Spec text for a 1-layer tiny model with this plug-in loaded."""
     return (f"version: 1\nname: {name}\nplugins: [tsc_test_plugin]\n"
