@@ -149,8 +149,7 @@ def _field(reader, key: str, path: Path, default=KeyError):
         if default is KeyError:
             raise UserError(f"{path}: missing GGUF metadata key {key}")
         return default
-    value = f.contents()
-    return value
+    return f.contents()
 
 
 def _int_field(reader, key: str, path: Path, default=KeyError):
