@@ -284,18 +284,37 @@ def import_gguf(path: Path) -> ModelIR:
 
 
 def gguf_tokenizer_json(reader, path: Path) -> tuple[str | None, str | None]:
-    """(tokenizer.json text, None), or (None, why not) for tokenizers other than byte-level BPE."""
+    """(tokenizer.json text, None), or (None, why not) for a tokenizer this importer cannot rebuild.
+
+    "gpt2" models are byte-level BPE (merges stored); "llama" models are SentencePiece BPE (scores stored).
+    """
     model = _field(reader, "tokenizer.ggml.model", path, None)
     if model is None:
         return None, "the GGUF carries no tokenizer"
     pre = _field(reader, "tokenizer.ggml.pre", path, "default")
-    if model != "gpt2" or pre not in GPT2_PRE:
+    if not (model == "llama" or (model == "gpt2" and pre in GPT2_PRE)):
         note = f"tokenizer {model!r} (pre {pre!r}) is not supported; the IR has no tokenizer"
         print(f"warning: {path}: {note}", file=sys.stderr)
         return None, note
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import AddedToken, processors
     tokens = _field(reader, "tokenizer.ggml.tokens", path)
     types = _field(reader, "tokenizer.ggml.token_type", path, [1] * len(tokens))
+    tok = _byte_level_bpe(reader, path, tokens, pre) if model == "gpt2" else _sentencepiece_bpe(reader, path,
+                                                                                                 tokens, types)
+    # token types (llama.cpp): 3 control -> special; 4 user-defined -> added, not special
+    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                            for i, ty in enumerate(types) if ty == 3])
+    tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i, ty in enumerate(types) if ty == 4])
+    bos = _int_field(reader, "tokenizer.ggml.bos_token_id", path, None)
+    # llama.cpp's default: SentencePiece vocabularies add BOS, byte-level BPE ones do not
+    if _field(reader, "tokenizer.ggml.add_bos_token", path, model == "llama") and bos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B", special_tokens=[(tokens[bos], bos)])
+    return tok.to_str(), None
+
+
+def _byte_level_bpe(reader, path: Path, tokens: list[str], pre: str):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", path)]
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
     regex = GPT2_PRE[pre]
@@ -309,12 +328,25 @@ def gguf_tokenizer_json(reader, path: Path) -> tuple[str | None, str | None]:
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    # token types (llama.cpp): 3 control -> special; 4 user-defined -> added, not special
-    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
-                            for i, ty in enumerate(types) if ty == 3])
-    tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i, ty in enumerate(types) if ty == 4])
-    bos = _int_field(reader, "tokenizer.ggml.bos_token_id", path, None)
-    if _field(reader, "tokenizer.ggml.add_bos_token", path, False) and bos is not None:
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B", special_tokens=[(tokens[bos], bos)])
-    return tok.to_str(), None
+    return tok
+
+
+def _sentencepiece_bpe(reader, path: Path, tokens: list[str], types: list[int]):
+    """llama.cpp's SentencePiece tokenizer as BPE: spaces become "▁" (plus one in front), then the adjacent pair
+    whose joined piece has the highest score merges first; characters outside the vocabulary fall back to
+    <0xXX> byte tokens."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    scores = _field(reader, "tokenizer.ggml.scores", path)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    normal = {t for t, ty in zip(tokens, types) if ty == 1}
+    ranked = sorted(((-scores[vocab[p]], vocab[p], p[:k], p[k:]) for p in normal for k in range(1, len(p))
+                     if p[:k] in normal and p[k:] in normal))
+    unk = _int_field(reader, "tokenizer.ggml.unknown_token_id", path, 0)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for _, _, a, b in ranked], unk_token=tokens[unk],
+                               byte_fallback=True, fuse_unk=True))
+    prefix = _field(reader, "tokenizer.ggml.add_space_prefix", path, True)
+    tok.normalizer = normalizers.Sequence(([normalizers.Prepend("▁")] if prefix else [])
+                                          + [normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    return tok

@@ -36,7 +36,7 @@ def gguf_name(hf: str) -> str:
 
 def write_gguf(ir: ModelIR, path, arch: str | None = None, types: dict[str, Q] | None = None,
                pre: str = "gpt-2", extra_tensors: dict | None = None, skip_keys=(), extra_kv=None,
-               stacked_experts: bool = True) -> None:
+               stacked_experts: bool = True, sentencepiece=None) -> None:
     """Write `ir` as llama.cpp would: rope-permuted q/k (llama arch), stacked experts, GGUF names and
     metadata, the tokenizer as token list + merges. `types`: GGUF name -> quantization type (default F32)."""
     cfg = ir.config
@@ -57,16 +57,21 @@ def write_gguf(ir: ModelIR, path, arch: str | None = None, types: dict[str, Q] |
         w.add_expert_used_count(cfg.num_experts_per_tok)
     if cfg.sliding_window:
         w.add_sliding_window(cfg.sliding_window)
-    tok = json.loads(ir.tokenizer_json)
-    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
-    special = {a["id"] for a in tok["added_tokens"] if a["special"]}
     extra_kv = dict(extra_kv or {})
-    w.add_tokenizer_model(extra_kv.pop("tokenizer.ggml.model", "gpt2"))
-    w.add_tokenizer_pre(pre)
-    w.add_token_list([t for t, _ in vocab])
-    w.add_token_merges(merges)
-    w.add_token_types([3 if i in special else 1 for _, i in vocab])
+    if sentencepiece is not None:   # (pieces, scores, types) of a SentencePiece vocabulary
+        w.add_tokenizer_model("llama")
+        w.add_token_list(sentencepiece[0])
+        w.add_token_scores(sentencepiece[1])
+        w.add_token_types(sentencepiece[2])
+    else:
+        tok = json.loads(ir.tokenizer_json)
+        vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+        special = {a["id"] for a in tok["added_tokens"] if a["special"]}
+        w.add_tokenizer_model(extra_kv.pop("tokenizer.ggml.model", "gpt2"))
+        w.add_tokenizer_pre(pre)
+        w.add_token_list([t for t, _ in vocab])
+        w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+        w.add_token_types([3 if i in special else 1 for _, i in vocab])
     w.add_bos_token_id(cfg.bos_token_id)
     w.add_eos_token_id(cfg.eos_token_id)
     for key, value in extra_kv.items():
@@ -325,10 +330,10 @@ def test_gguf_add_bos_token(tmp_path):
 
 
 def test_gguf_other_tokenizer_is_skipped_with_a_note(tmp_path, capsys):
-    p = tmp_path / "spm.gguf"
-    write_gguf(make_tiny_ir("llama"), p, extra_kv={"tokenizer.ggml.model": "llama"})
+    p = tmp_path / "bert.gguf"
+    write_gguf(make_tiny_ir("llama"), p, extra_kv={"tokenizer.ggml.model": "bert"})
     ir = import_source(str(p))
-    assert ir.tokenizer_json is None and "'llama'" in ir.meta["tokenizer_note"]
+    assert ir.tokenizer_json is None and "'bert'" in ir.meta["tokenizer_note"]
     assert "warning:" in capsys.readouterr().err
 
 
@@ -375,3 +380,49 @@ def test_bf16_hf_dir_runs_in_fp32(tmp_path):
     assert got.weights["model.norm.weight"].dtype == torch.bfloat16
     ids = torch.tensor([[4, 50, 9]])
     assert torch.equal(ReferenceModel.from_ir(got)(ids), ReferenceModel.from_ir(ir)(ids))
+
+
+def spm_reference(text: str, pieces: list[str], scores: list[float], types: list[int]) -> list[int]:
+    """llama.cpp's SentencePiece tokenization, written out directly: "▁" for spaces and one in front, merge the
+    adjacent pair whose joined piece scores highest (leftmost on ties), bytes for pieces not in the vocab."""
+    ids = {p: i for i, p in enumerate(pieces)}
+    normal = {p for p, t in zip(pieces, types) if t == 1}
+    syms = list("▁" + text.replace(" ", "▁"))
+    while True:
+        best = None
+        for i in range(len(syms) - 1):
+            joined = syms[i] + syms[i + 1]
+            if joined in normal and (best is None or scores[ids[joined]] > best[0]):
+                best = (scores[ids[joined]], i)
+        if best is None:
+            break
+        i = best[1]
+        syms[i:i + 2] = [syms[i] + syms[i + 1]]
+    out = []
+    for s in syms:
+        out += [ids[s]] if s in normal else [ids[f"<0x{b:02X}>"] for b in s.encode()]
+    return out
+
+
+def test_gguf_sentencepiece_tokenizer_matches_llama_cpp_algorithm(tmp_path):
+    import random
+    rng = random.Random(0)
+    corpus = "the cat sat on the mat and then the hat fell off the flat rat that ate oats at three"
+    words = corpus.split()
+    subs = sorted({w[i:j] for w in ["▁" + w for w in words] for i in range(len(w)) for j in range(i + 2, len(w) + 1)})
+    chars = sorted(set("▁" + corpus.replace(" ", "")))
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + chars + rng.sample(subs, 60)
+    types = [2, 3, 3] + [6] * 256 + [1] * (len(pieces) - 259)
+    scores = [0.0] * 259 + [-1000.0 - k for k in range(len(chars))] + [-rng.random() * 100 for _ in range(60)]
+    ir = make_tiny_ir("llama", vocab=len(pieces))
+    write_gguf(ir, tmp_path / "spm.gguf", sentencepiece=(pieces, scores, types))
+    tok = Tokenizer.from_str(import_source(str(tmp_path / "spm.gguf")).tokenizer_json)
+    alphabet = list("theca smonrfl") + ["é", "日", "Z", "  "]
+    texts = ["the cat sat on the mat", "théâtre 日本 at  the  flat"] + [
+        "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30))) for _ in range(200)]
+    for text in texts:
+        ids = tok.encode(text).ids
+        assert ids[0] == 1                                       # BOS: llama.cpp's default for these vocabs
+        assert ids[1:] == spm_reference(text, pieces, scores, types), text
+        assert tok.decode(ids) == text
+    assert len(tok.encode("the cat").ids) < len("the cat")      # merges happen
