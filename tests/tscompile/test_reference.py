@@ -12,13 +12,13 @@ HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwe
               "mixtral": "MixtralForCausalLM"}
 
 
-def hf_logits(ir, ckpt_dir, ids, attention_mask=None):
+def hf_logits(ir, ckpt_dir, ids):
     transformers = pytest.importorskip("transformers")
     ir.save(ckpt_dir)
     cls = getattr(transformers, HF_CLASSES[ir.config.family])
     model = cls.from_pretrained(ckpt_dir, dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
-        return model(input_ids=ids, attention_mask=attention_mask).logits.float()
+        return model(input_ids=ids).logits.float()
 
 
 @pytest.mark.parametrize("family,kw", [
@@ -34,6 +34,24 @@ def test_logits_equal_transformers(tmp_path, family, kw):
     got = ReferenceModel.from_ir(ir)(ids)
     assert got.shape == want.shape
     assert (got - want).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+])
+def test_rope_scaling_equals_transformers(tmp_path, scaling):
+    ir = make_tiny_ir("llama", seed=9)
+    ir.config.rope_theta = 500000.0
+    ir.config.rope_scaling = scaling
+    ids = torch.arange(3, 43)[None] * 7 % ir.config.vocab_size
+    want = hf_logits(ir, tmp_path / "ckpt", ids)
+    got = ReferenceModel.from_ir(ir)(ids)
+    assert (got - want).abs().max().item() <= 1e-4
+    plain = make_tiny_ir("llama", seed=9)
+    plain.config.rope_theta = 500000.0
+    assert (ReferenceModel.from_ir(plain)(ids) - got).abs().max() > 1e-3   # the scaling matters here
 
 
 def test_sliding_window_changes_the_function():
