@@ -1,0 +1,511 @@
+"""predictors: a low-rank activation predictor per FFN (PowerInfer / Deja Vu), or exact gating where cheaper.
+
+For every FFN (each layer; each expert of an MoE layer) the pass streams calibration text through the
+reference model, collects (FFN input after the norm, active mask) pairs, and trains
+`logits = fc2(relu(fc1 x))` (fc1 [rank, hidden], fc2 [inter, rank]) with class-weighted BCE and AdamW,
+keeping the epoch that predicts most sparsity at the target recall on held-out sequences.
+The per-FFN logit threshold is set on held-out "val" sequences to reach `target_recall`; recall, precision and
+sparsity are then reported on separate held-out "test" sequences.
+
+`rank: auto` picks per FFN the smallest rank of a ladder (capped by a byte budget) whose predicted sparsity is
+within `max_sparsity_gap` of the true sparsity. `mode: auto` then compares bytes read per token
+(sparse-methods.md §7): exact gating reads the gate fully, up where act(gate) != 0, down where h != 0;
+predictor gating reads the predictor plus the predicted-active rows of all three matrices.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import Field
+
+from tscompile.api import Context, PassConfig, PassInfo
+from tscompile.errors import UserError
+from tscompile.ir import ModelIR, Predictor, ffn_names, predictor_names
+
+RELU_KINDS = ("relu", "drelu")   # act(gate) is exactly zero for gate <= 0: exact mode skips those up rows
+
+
+class PredictorsConfig(PassConfig):
+    rank: int | Literal["auto"] = "auto"
+    ranks: list[int] = Field(default=[16, 32, 64, 128, 256], min_length=1)   # the ladder `rank: auto` climbs
+    max_bytes_share: float = Field(0.08, gt=0, le=1)   # auto: predictor bytes / FFN bytes at most this
+    target_recall: float = Field(0.95, gt=0.5, le=1)
+    max_sparsity_gap: float = Field(0.05, ge=0, le=1)  # auto: predicted sparsity >= true sparsity - this
+    relu: bool = True                                  # False: fc2(fc1 x), Deja Vu's linear predictor
+    mode: Literal["auto", "predictor", "exact"] = "auto"
+    tokens: int | None = Field(None, gt=0)             # calibration tokens to use (default: all of data.calib)
+    held_out: float = Field(0.1, gt=0, lt=0.5)         # share of sequences for val, and again for test
+    epochs: int = Field(12, gt=0)
+    patience: int = Field(2, gt=0)                     # epochs without val improvement before stopping
+    batch_size: int = Field(256, gt=0)
+    lr: float = Field(2e-2, gt=0)                      # peak of a one-cycle schedule
+    weight_decay: float = Field(0.01, ge=0)
+    memory_gb: float = Field(2.0, gt=0)                # samples held at once; more FFNs -> extra forwards
+    eval_tokens: int = Field(4096, ge=0)               # held-out ppl, predictor vs exact gating (0 = skip)
+
+
+# ---- calibration samples -----------------------------------------------------------------------------------
+
+@dataclass
+class FFNSamples:
+    """FFN inputs x [N, hidden] (float16) and their active masks packed 8 neurons a byte [N, ceil(inter/8)]."""
+    x: object
+    bits: object
+    inter: int
+
+    @classmethod
+    def from_mask(cls, x, mask) -> FFNSamples:
+        return cls(x.half(), pack_bits(mask), mask.shape[-1])
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def mask(self, rows=slice(None)):
+        return unpack_bits(self.bits[rows], self.inter)
+
+    def to(self, device) -> FFNSamples:
+        return FFNSamples(self.x.to(device), self.bits.to(device), self.inter)
+
+
+def pack_bits(mask):
+    import torch
+    n, m = mask.shape
+    padded = torch.zeros(n, -(-m // 8) * 8, dtype=torch.uint8, device=mask.device)
+    padded[:, :m] = mask
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
+    return (padded.view(n, -1, 8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(bits, m: int):
+    import torch
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    return ((bits[..., None] >> shifts) & 1).bool().flatten(-2)[..., :m]
+
+
+class _StopForward(Exception):
+    """Raised from the last capture a calibration forward needs: later layers and the LM head are skipped."""
+
+
+class _Capture(list):
+    def __init__(self, last: bool):
+        super().__init__()
+        self.last = last
+
+    def append(self, item):
+        super().append(item)
+        if self.last:
+            raise _StopForward
+
+
+def collect_samples(model, ids, units: list[int], max_rows: int, batch_seqs: int = 8,
+                    desc: str = "calibration") -> dict[int, FFNSamples]:
+    """Run `ids` [n_seqs, T] through the reference model, capturing the FFNs `units` (ffn_units order)."""
+    import torch
+    from tqdm import tqdm
+    ffns = model.ffns()
+    last_layer = max(_layer_of(model, u) for u in units)
+    xs = {u: [] for u in units}
+    bits = {u: [] for u in units}
+    rows = dict.fromkeys(units, 0)
+    with torch.no_grad():
+        for start in tqdm(range(0, ids.shape[0], batch_seqs), desc=desc, unit="batch", leave=False):
+            if all(rows[u] >= max_rows for u in units):
+                break
+            caps = {}
+            for u in units:
+                caps[u] = ffns[u].capture = _Capture(last=False)
+            # stop after the last FFN module of the deepest captured layer (its experts run in order)
+            caps[max(u for u in units if _layer_of(model, u) == last_layer)].last = True
+            try:
+                model(ids[start:start + batch_seqs], gating="exact")
+            except _StopForward:
+                pass
+            finally:
+                for u in units:
+                    ffns[u].capture = None
+            for u in units:
+                for x, h in caps[u]:
+                    take = max_rows - rows[u]
+                    if take <= 0:
+                        break
+                    x, h = x.reshape(-1, x.shape[-1])[:take], h.reshape(-1, h.shape[-1])[:take]
+                    xs[u].append(x.half())
+                    bits[u].append(pack_bits(h != 0))
+                    rows[u] += x.shape[0]
+    H, I = model.cfg.hidden_size, model.cfg.intermediate_size
+    dev = ids.device
+    return {u: FFNSamples(torch.cat(xs[u]) if xs[u] else torch.zeros(0, H, dtype=torch.half, device=dev),
+                          torch.cat(bits[u]) if bits[u] else torch.zeros(0, -(-I // 8), dtype=torch.uint8,
+                                                                         device=dev), I)
+            for u in units}
+
+
+def _layer_of(model, unit: int) -> int:
+    if not hasattr(model, "_unit_layers"):
+        model._unit_layers = [i for i, layer in enumerate(model.model.layers)
+                              for _ in (layer.ffn().experts if hasattr(layer.ffn(), "experts") else [0])]
+    return model._unit_layers[unit]
+
+
+# ---- training and calibration ------------------------------------------------------------------------------
+
+@dataclass
+class TrainedPredictor:
+    fc1: object          # [rank, hidden] float32
+    fc2: object          # [inter, rank]
+    relu: bool
+    threshold: float     # logit threshold reaching the target recall on val
+    val_sparsity: float  # predicted sparsity on val at that threshold
+    epochs: int
+
+    @property
+    def rank(self) -> int:
+        return self.fc1.shape[0]
+
+    def logits(self, x):
+        z = x.float() @ self.fc1.T
+        return (z.relu() if self.relu else z) @ self.fc2.T
+
+
+def _chunks(n: int, size: int):
+    for s in range(0, n, size):
+        yield slice(s, min(n, s + size))
+
+
+def positive_logits(pred: TrainedPredictor, samples: FFNSamples, chunk: int = 4096):
+    """Logits of the truly active entries, and the total number of entries."""
+    import torch
+    out = [pred.logits(samples.x[sl]).masked_select(samples.mask(sl)) for sl in _chunks(len(samples), chunk)]
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def recall_threshold(pos_logits, target_recall: float) -> float:
+    """The largest threshold keeping at least `target_recall` of the active entries (logit >= threshold)."""
+    n = pos_logits.numel()
+    if n == 0:
+        return 0.0
+    miss = min(n - 1, math.floor((1.0 - target_recall) * n))   # active entries we may drop
+    return float(pos_logits.float().kthvalue(miss + 1).values)
+
+
+def predictor_metrics(pred: TrainedPredictor, samples: FFNSamples, threshold: float,
+                      chunk: int = 4096) -> dict[str, float]:
+    """recall, precision, predicted and true sparsity of `pred` gated at `threshold` on `samples`."""
+    tp = pp = ap = total = 0
+    for sl in _chunks(len(samples), chunk):
+        predicted = pred.logits(samples.x[sl]) >= threshold
+        active = samples.mask(sl)
+        tp += int((predicted & active).sum())
+        pp += int(predicted.sum())
+        ap += int(active.sum())
+        total += active.numel()
+    total = max(total, 1)
+    return {"recall": tp / ap if ap else 1.0, "precision": tp / pp if pp else 1.0,
+            "predicted_sparsity": 1 - pp / total, "true_sparsity": 1 - ap / total}
+
+
+def train_predictor(train: FFNSamples, val: FFNSamples, rank: int, cfg: PredictorsConfig, device: str,
+                    seed: int = 0) -> TrainedPredictor:
+    """Class-weighted BCE + AdamW; keeps the epoch predicting most sparsity at the target recall on `val`."""
+    import torch
+    import torch.nn.functional as F
+    H, I = train.x.shape[1], train.inter
+    gen = torch.Generator().manual_seed(seed)
+    # train on x / rms per channel (RMSNorm outputs have a few huge channels), folded into fc1 afterwards
+    sq = torch.zeros(H, device=device)
+    freq = torch.zeros(I, device=device)
+    for sl in _chunks(len(train), 8192):
+        sq += train.x[sl].float().pow(2).sum(0)
+        freq += train.mask(sl).sum(0)
+    scale = (sq / max(len(train), 1)).sqrt().clamp(min=1e-6)
+    freq /= max(len(train), 1)
+    # rare neurons weigh more (sqrt of the class ratio) so their ranking near the recall cut is learned too
+    pos_weight = ((1 - freq) / freq.clamp(min=1e-3)).clamp(1.0, 2500.0).sqrt()
+    fc1 = (torch.randn(rank, H, generator=gen) / H ** 0.5).to(device).requires_grad_()
+    fc2 = (torch.randn(I, rank, generator=gen) / rank ** 0.5 * 0.1).to(device).requires_grad_()
+    opt = torch.optim.AdamW([fc1, fc2], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * -(-len(train) // cfg.batch_size)
+    warm = max(1, steps // 10)   # linear warmup, then cosine decay to zero
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: min(1.0, (k + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, k / max(steps, 1)))))
+    best, stale, epochs = None, 0, 0
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(len(train), generator=gen).to(device)
+        for sl in _chunks(len(train), cfg.batch_size):
+            idx = order[sl]
+            x, y = train.x[idx].float() / scale, train.mask(idx).float()
+            z = x @ fc1.T
+            logits = (z.relu() if cfg.relu else z) @ fc2.T
+            loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        epochs = epoch + 1
+        with torch.no_grad():
+            cand = TrainedPredictor(fc1.detach() / scale, fc2.detach().clone(), cfg.relu, 0.0, 0.0, epochs)
+            cand.threshold = recall_threshold(positive_logits(cand, val), cfg.target_recall)
+            cand.val_sparsity = predictor_metrics(cand, val, cand.threshold)["predicted_sparsity"]
+        if best is None or cand.val_sparsity > best.val_sparsity + 1e-4:
+            best, stale = cand, 0
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    best.epochs = epochs
+    return best
+
+
+# ---- per-FFN decisions -------------------------------------------------------------------------------------
+
+def predictor_params(rank: int, hidden: int, inter: int) -> int:
+    return rank * (hidden + inter)
+
+
+def rank_ladder(cfg: PredictorsConfig, hidden: int, inter: int) -> list[int]:
+    """Ranks to try, ascending; `auto` keeps those within the byte budget (at least the smallest)."""
+    if cfg.rank != "auto":
+        return [cfg.rank]
+    budget = cfg.max_bytes_share * 3 * hidden * inter
+    ladder = sorted(set(cfg.ranks))
+    fit = [r for r in ladder if predictor_params(r, hidden, inter) <= budget]
+    return fit or ladder[:1]
+
+
+def fit_unit(train: FFNSamples, val: FFNSamples, cfg: PredictorsConfig, device: str,
+             seed: int) -> tuple[TrainedPredictor, list[int]]:
+    """The smallest ladder rank whose val predicted sparsity is within the gap of the true sparsity.
+
+    The largest affordable rank is trained first: if it misses the gap no smaller one will reach it, so it is
+    kept as the best there is (one training for an unpredictable FFN); otherwise a binary search goes down.
+    """
+    ladder = rank_ladder(cfg, train.x.shape[1], train.inter)
+    true_sparsity = 1 - float(val.mask().float().mean())
+    tried: dict[int, TrainedPredictor] = {}
+
+    def good(k: int) -> bool:
+        r = ladder[k]
+        if r not in tried:
+            tried[r] = train_predictor(train, val, r, cfg, device, seed)
+        return tried[r].val_sparsity >= true_sparsity - cfg.max_sparsity_gap
+
+    lo, hi = 0, len(ladder) - 1
+    if good(hi):
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if good(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+    return tried[ladder[hi]], sorted(tried)
+
+
+def gate_sparsity(ir: ModelIR, layer: int, expert: int | None, samples: FFNSamples) -> float:
+    """Fraction of neurons whose act(gate) is exactly zero (relu kinds), i.e. up rows exact mode skips."""
+    import torch
+    ann = ir.layers[layer] if expert is None else ir.layers[layer].experts[expert]
+    if ann.activation not in RELU_KINDS or len(samples) == 0:
+        return 0.0
+    wg = ir.weights[ffn_names(layer, expert)[0]].to(samples.x.device, torch.float32)
+    zero = sum(int(((samples.x[sl].float() @ wg.T) <= 0).sum()) for sl in _chunks(len(samples), 4096))
+    return zero / (len(samples) * samples.inter)
+
+
+def choose_mode(cfg_mode: str, exact_rows: float, predictor_rows: float | None) -> tuple[str, str]:
+    """(mode, why). Costs are bytes read per token in units of one [inter, hidden] matrix."""
+    if cfg_mode == "exact" or predictor_rows is None:
+        return "exact", "mode: exact requested" if cfg_mode == "exact" else "no predictor could be trained"
+    if cfg_mode == "predictor":
+        return "predictor", "mode: predictor requested"
+    if predictor_rows < exact_rows:
+        return "predictor", f"predictor reads {predictor_rows:.3f} vs exact {exact_rows:.3f} FFN matrices"
+    return "exact", f"exact reads {exact_rows:.3f} vs predictor {predictor_rows:.3f} FFN matrices"
+
+
+# ---- the pass ----------------------------------------------------------------------------------------------
+
+def split_sequences(ids, held_out: float):
+    """(train, val, test) sequence batches: val and test each get `held_out` of the sequences (at least one)."""
+    n = ids.shape[0]
+    k = max(1, round(n * held_out))
+    if n < 2 * k + 1:
+        raise UserError(f"data.calib: {n} calibration sequences are too few for predictors "
+                        f"(need {2 * k + 1}: train + val + test)")
+    return ids[:n - 2 * k], ids[n - 2 * k:n - k], ids[n - k:]
+
+
+def fit_predictors(ir: ModelIR, cfg: PredictorsConfig, calib_ids, device: str = "cpu", log=None,
+                   seed: int = 0) -> ModelIR:
+    """Train (or decide against) a predictor for every FFN of `ir` on calibration sequences [n, T]."""
+    import logging
+
+    import torch
+    from tqdm import tqdm
+
+    from tscompile.reference import ReferenceModel
+    log = log or logging.getLogger("tscompile")
+    t0 = time.time()
+    out = ir.clone()
+    for layer, expert, ann in out.ffn_units():   # start from the exact function: drop any old predictor
+        if ann.predictor is not None:
+            for n in predictor_names(layer, expert):
+                del out.weights[n]
+        ann.predictor, ann.mode = None, "exact"
+    units = list(out.ffn_units())
+    H, I = ir.config.hidden_size, ir.config.intermediate_size
+    ids = calib_ids.to(device)
+    if cfg.tokens is not None:
+        ids = ids[:max(3, -(-cfg.tokens // ids.shape[1]))]
+    train_ids, val_ids, test_ids = split_sequences(ids, cfg.held_out)
+    model = ReferenceModel.from_ir(out, torch.float32, device)
+    # MoE experts see about top_k/num_experts of the tokens: cap rows per FFN at the dense token count
+    rows = {"train": train_ids.numel(), "val": val_ids.numel(), "test": test_ids.numel()}
+    row_bytes = H * 2 + -(-I // 8)
+    per_unit = sum(rows.values()) * row_bytes
+    group = max(1, int(cfg.memory_gb * 1024**3 // per_unit))
+    log.info("predictors: %d FFNs, %d calibration tokens (%d train / %d val / %d test), %d FFNs per pass",
+             len(units), sum(rows.values()), rows["train"], rows["val"], rows["test"], group)
+    per_ffn = []
+    bar = tqdm(total=len(units), desc="predictors", unit="ffn")
+    for g0 in range(0, len(units), group):
+        idx = list(range(g0, min(len(units), g0 + group)))
+        data = {split: collect_samples(model, s, idx, rows[split], desc=f"calibration {split}")
+                for split, s in (("train", train_ids), ("val", val_ids), ("test", test_ids))}
+        for u in idx:
+            layer, expert, ann = units[u]
+            tr, va, te = data["train"].pop(u), data["val"].pop(u), data["test"].pop(u)
+            where = f"layer {layer}" + (f" expert {expert}" if expert is not None else "")
+            s_gate = gate_sparsity(out, layer, expert, va)
+            pred = None
+            if cfg.mode != "exact" and len(tr) >= 16 and len(va) >= 4 and len(te) >= 1:
+                pred, tried = fit_unit(tr, va, cfg, device, seed + u)
+            stats = predictor_metrics(pred, te, pred.threshold) if pred else {
+                "true_sparsity": 1 - float(te.mask().float().mean()) if len(te) else 0.0}
+            exact_rows = 1 + (1 - s_gate) + (1 - stats["true_sparsity"])
+            pred_rows = None
+            if pred is not None:
+                share = predictor_params(pred.rank, H, I) / (3 * H * I)
+                pred_rows = 3 * share + 3 * (1 - stats["predicted_sparsity"])
+                stats |= {"rank": pred.rank, "predictor_threshold": pred.threshold, "ranks_tried": tried,
+                          "epochs": pred.epochs, "predictor_bytes_share": share, "bytes_predictor": pred_rows / 3}
+            mode, why = choose_mode(cfg.mode, exact_rows, pred_rows)
+            stats |= {"gate_sparsity": s_gate, "bytes_exact": exact_rows / 3, "mode_reason": why,
+                      "samples": {"train": len(tr), "val": len(va), "test": len(te)}}
+            ann.mode = mode
+            ann.stats = {k: v for k, v in ann.stats.items() if k not in stats} | stats
+            if mode == "predictor":
+                f1, f2 = predictor_names(layer, expert)
+                out.weights[f1], out.weights[f2] = pred.fc1.cpu().contiguous(), pred.fc2.cpu().contiguous()
+                ann.predictor = Predictor(rank=pred.rank, threshold=pred.threshold, relu=pred.relu)
+            log.info("predictors: %s: %s (%s); true sparsity %.3f, predicted %.3f, recall %.3f%s",
+                     where, mode, why, stats["true_sparsity"], stats.get("predicted_sparsity", float("nan")),
+                     stats.get("recall", float("nan")),
+                     f", rank {pred.rank}" if pred is not None else "")
+            per_ffn.append(stats)
+            bar.update()
+        del data
+    bar.close()
+    chosen = [s for s, (_, _, a) in zip(per_ffn, units) if a.mode == "predictor"]
+    out.meta["predictors"] = {
+        "seconds": round(time.time() - t0, 1), "device": device, "target_recall": cfg.target_recall,
+        "calibration_tokens": sum(rows.values()), "ffns": len(units), "predictor_ffns": len(chosen),
+        "mean_true_sparsity": _mean(s["true_sparsity"] for s in per_ffn),
+        "mean_predicted_sparsity": _mean(s["predicted_sparsity"] for s in chosen),
+        "mean_recall": _mean(s["recall"] for s in chosen),
+        "predictor_bytes_share": _mean(s["predictor_bytes_share"] for s in chosen),
+    }
+    return out
+
+
+def _mean(xs) -> float | None:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
+
+
+def gated_perplexity(ir: ModelIR, ids, device: str, batch_seqs: int = 4) -> dict[str, float]:
+    """Perplexity on `ids` [n, T] with predictor gating on every token (what sparse decode computes) vs exact."""
+    import torch
+    import torch.nn.functional as F
+
+    from tscompile.reference import ReferenceModel
+    model = ReferenceModel.from_ir(ir, torch.float32, device)
+    ppl = {}
+    with torch.no_grad():
+        for gating in ("exact", "predictor"):
+            nll, n = 0.0, 0
+            for s in range(0, ids.shape[0], batch_seqs):
+                batch = ids[s:s + batch_seqs].to(device)
+                logits = model(batch, gating=gating)[:, :-1]
+                nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                             reduction="sum"))
+                n += batch[:, 1:].numel()
+            ppl[gating] = math.exp(nll / max(n, 1))
+    return {"ppl_exact": ppl["exact"], "ppl_predictor": ppl["predictor"],
+            "ppl_ratio": ppl["predictor"] / ppl["exact"], "tokens": int(ids.numel())}
+
+
+def held_out_texts(ir: ModelIR, spec_data, calib_ids, cfg: PredictorsConfig) -> dict[str, object]:
+    """name -> token ids [n, T] to compare gatings on: the spec's eval texts, else the test calibration sequences."""
+    import torch
+
+    from tscompile.evaluate import text_token_ids
+    if getattr(spec_data, "eval", None) is None:
+        n_test = max(1, round(calib_ids.shape[0] * cfg.held_out))
+        return {"calib_test": calib_ids[-n_test:][:max(1, -(-cfg.eval_tokens // calib_ids.shape[1]))]}
+    ev = spec_data.eval
+    out = {}
+    for name, path in ev.texts.items():
+        ids = text_token_ids(ir, path, min(ev.tokens, cfg.eval_tokens))
+        seq = min(ev.seq_len, len(ids))
+        out[name] = torch.tensor(ids[:len(ids) // seq * seq]).view(-1, seq)
+    return out
+
+
+def apply_predictors(ir: ModelIR, cfg: PredictorsConfig, ctx: Context) -> ModelIR:
+    from tscompile.passes.profile import calib_spec
+
+    from tscompile.data import calibration_batch
+    ids = calibration_batch(ir, calib_spec(ctx, "predictors"), ctx.device, ctx.seed)
+    out = fit_predictors(ir, cfg, ids, ctx.device, ctx.log, ctx.seed)
+    if cfg.eval_tokens and any(a.mode == "predictor" for _, _, a in out.ffn_units()):
+        ppl = {name: gated_perplexity(out, t, ctx.device)
+               for name, t in held_out_texts(ir, ctx.spec.data, ids, cfg).items()}
+        out.meta["predictors"]["held_out_perplexity"] = ppl
+        for name, p in ppl.items():
+            ctx.log.info("predictors: %s perplexity %.3f with predictor gating vs %.3f exact (ratio %.4f)",
+                         name, p["ppl_predictor"], p["ppl_exact"], p["ppl_ratio"])
+    return out
+
+
+def plot_predictors(ir: ModelIR, out_png) -> None:
+    """Per FFN: recall and predicted sparsity of its predictor, true sparsity for comparison; exact FFNs marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    units = list(ir.ffn_units())
+    xs = range(len(units))
+    nan = float("nan")
+    st = [a.stats for _, _, a in units]
+    fig, ax = plt.subplots(figsize=(8, 3.4), dpi=110)
+    ax.plot(xs, [s.get("true_sparsity", nan) for s in st], ls="--", color="k", label="true sparsity")
+    ax.plot(xs, [s.get("predicted_sparsity", nan) if a.mode == "predictor" else nan
+                 for s, (_, _, a) in zip(st, units)], marker="s", ms=3, label="predicted sparsity")
+    ax.plot(xs, [s.get("recall", nan) if a.mode == "predictor" else nan for s, (_, _, a) in zip(st, units)],
+            marker="o", ms=3, label="recall")
+    exact = [k for k, (_, _, a) in enumerate(units) if a.mode != "predictor"]
+    if exact:
+        ax.scatter(exact, [0.02] * len(exact), marker="x", color="r", label="exact gating")
+    ax.set(xlabel="FFN (layer, expert)" if ir.config.is_moe else "layer", ylim=(0, 1.02),
+           title="Predictors: held-out recall vs predicted sparsity")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+
+
+PASS = PassInfo(name="predictors", version="1",
+                doc="low-rank activation predictor per FFN (or exact gating where cheaper)",
+                config=PredictorsConfig, run=apply_predictors, needs_data=True, gpu="optional")

@@ -1,0 +1,200 @@
+"""predictors pass: training on a known low-rank rule, threshold calibration, tiny models, gating semantics."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tscompile.passes.predictors import (
+    FFNSamples,
+    PredictorsConfig,
+    choose_mode,
+    fit_predictors,
+    gated_perplexity,
+    pack_bits,
+    predictor_metrics,
+    rank_ladder,
+    recall_threshold,
+    train_predictor,
+    unpack_bits,
+)
+
+from tscompile.ir import ModelIR, predictor_names
+from tscompile.reference import ReferenceModel
+from tscompile.tiny import make_tiny_ir
+
+
+def low_rank_rule(n: int, seed: int, hidden=64, inter=256, rank=8, flip=0.0):
+    """x ~ N(0, 1); neuron j active iff relu(x A^T) B^T > 0 (optionally with a share `flip` of labels flipped)."""
+    g = torch.Generator().manual_seed(1234)          # the rule is the same for every split
+    a = torch.randn(rank, hidden, generator=g)
+    b = torch.randn(inter, rank, generator=g) - 0.6   # mostly negative: about 85% of neurons inactive
+    gs = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, hidden, generator=gs)
+    mask = (x @ a.T).relu() @ b.T > 0
+    if flip:
+        mask ^= torch.rand(mask.shape, generator=gs) < flip
+    return FFNSamples.from_mask(x, mask)
+
+
+def test_pack_bits_round_trip():
+    m = torch.rand(37, 21) < 0.3
+    bits = pack_bits(m)
+    assert bits.shape == (37, 3) and bits.dtype == torch.uint8
+    assert torch.equal(unpack_bits(bits, 21), m)
+    assert torch.equal(FFNSamples.from_mask(torch.zeros(37, 4), m).mask(slice(5, 9)), m[5:9])
+
+
+def test_training_learns_a_known_low_rank_rule():
+    train, val, test = low_rank_rule(10000, 1), low_rank_rule(2000, 2), low_rank_rule(2000, 3)
+    cfg = PredictorsConfig(target_recall=0.995, epochs=8, lr=0.05)
+    pred = train_predictor(train, val, 16, cfg, "cpu")
+    m = predictor_metrics(pred, test, pred.threshold)
+    assert m["recall"] >= 0.99, m
+    assert 0.8 < m["true_sparsity"] < 0.9
+    # at 99% recall the predictor still skips nearly all the inactive neurons
+    assert m["predicted_sparsity"] >= m["true_sparsity"] - 0.03, m
+    assert m["precision"] >= 0.9, m
+
+
+def test_threshold_calibration_hits_target_recall_on_held_out():
+    train, val, test = low_rank_rule(8000, 4, flip=0.05), low_rank_rule(4000, 5, flip=0.05), \
+        low_rank_rule(4000, 6, flip=0.05)
+    for target in (0.9, 0.97):
+        cfg = PredictorsConfig(target_recall=target, epochs=3)
+        pred = train_predictor(train, val, 8, cfg, "cpu")
+        assert abs(predictor_metrics(pred, val, pred.threshold)["recall"] - target) < 1e-3
+        assert abs(predictor_metrics(pred, test, pred.threshold)["recall"] - target) <= 0.005
+
+
+def test_recall_threshold_is_exact_on_its_own_sample():
+    logits = torch.randn(10_000)
+    for target in (0.5, 0.9, 0.95, 0.999):
+        t = recall_threshold(logits, target)
+        assert (logits >= t).float().mean().item() == pytest.approx(target, abs=2e-4)
+    assert recall_threshold(logits, 1.0) == float(logits.min())
+
+
+def test_rank_ladder_respects_the_byte_budget():
+    cfg = PredictorsConfig()
+    assert rank_ladder(cfg, 576, 1536) == [16, 32, 64]          # SmolLM2: rank <= 100 fits 8%
+    assert rank_ladder(cfg, 4096, 14336) == [16, 32, 64, 128, 256]
+    assert rank_ladder(PredictorsConfig(rank=48), 576, 1536) == [48]
+    assert rank_ladder(PredictorsConfig(max_bytes_share=0.001), 576, 1536) == [16]
+
+
+def test_choose_mode_by_bytes():
+    assert choose_mode("auto", 2.5, 1.2)[0] == "predictor"
+    assert choose_mode("auto", 1.2, 2.5)[0] == "exact"
+    assert choose_mode("predictor", 1.2, 2.5)[0] == "predictor"
+    assert choose_mode("exact", 2.5, 1.2)[0] == "exact"
+    assert choose_mode("auto", 2.5, None)[0] == "exact"
+
+
+@pytest.fixture(scope="module")
+def tiny_relu():
+    ir = make_tiny_ir("llama", "drelu", seed=3, layers=2, hidden=64, intermediate=192)
+    ids = torch.randint(3, ir.config.vocab_size, (24, 64), generator=torch.Generator().manual_seed(0))
+    return ir, ids
+
+
+@pytest.fixture(scope="module")
+def tiny_fitted(tiny_relu):
+    ir, ids = tiny_relu
+    cfg = PredictorsConfig(rank="auto", ranks=[8, 16, 32], max_bytes_share=0.5, mode="predictor", epochs=6)
+    return fit_predictors(ir, cfg, ids)
+
+
+def test_fit_predictors_on_a_tiny_model(tiny_relu, tiny_fitted):
+    ir, _ = tiny_relu
+    out = tiny_fitted
+    H, I = ir.config.hidden_size, ir.config.intermediate_size
+    for layer, expert, ann in out.ffn_units():
+        assert ann.mode == "predictor" and ann.predictor is not None
+        f1, f2 = predictor_names(layer, expert)
+        assert out.weights[f1].shape == (ann.predictor.rank, H)
+        assert out.weights[f2].shape == (I, ann.predictor.rank)
+        st = ann.stats
+        assert ann.predictor.rank in (8, 16, 32) and st["rank"] == ann.predictor.rank
+        assert st["predictor_threshold"] == ann.predictor.threshold
+        assert abs(st["recall"] - 0.95) < 0.05
+        assert 0 <= st["predicted_sparsity"] <= st["true_sparsity"] + 0.05
+        assert st["predictor_bytes_share"] == pytest.approx(ann.predictor.rank * (H + I) / (3 * H * I))
+        assert st["bytes_exact"] > 0 and st["bytes_predictor"] > 0 and st["mode_reason"]
+    for _, _, ann in ir.ffn_units():   # the input IR is untouched
+        assert ann.predictor is None
+    meta = out.meta["predictors"]
+    assert meta["ffns"] == meta["predictor_ffns"] == 2 and meta["calibration_tokens"] == 24 * 64
+
+
+def test_reference_predictor_gating_matches_direct_computation(tiny_fitted):
+    out = tiny_fitted
+    model = ReferenceModel.from_ir(out)
+    ffn = model.ffns()[1]
+    ann = out.layers[1]
+    g, u, d = (out.weights[f"model.layers.1.mlp.{n}_proj.weight"] for n in ("gate", "up", "down"))
+    f1, f2 = (out.weights[n] for n in predictor_names(1))
+    x = torch.randn(1, 1, out.config.hidden_size, generator=torch.Generator().manual_seed(7))
+    h = (x @ g.T).relu() * (x @ u.T).relu()
+    h = h * (h.abs() > ann.threshold)
+    keep = ((x @ f1.T).relu() @ f2.T) >= ann.predictor.threshold
+    assert 0 < keep.sum() < keep.numel()
+    want = (h * keep) @ d.T
+    with torch.no_grad():
+        got = ffn(x)                          # a single token: predictor gating applies
+        dense = ffn(x, gating="exact")
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(dense, want, atol=1e-5)
+
+
+def test_save_load_round_trip(tiny_fitted, tmp_path):
+    out = tiny_fitted
+    out.save(tmp_path / "m")
+    back = ModelIR.load(tmp_path / "m")
+    for (layer, expert, a), (_, _, b) in zip(out.ffn_units(), back.ffn_units()):
+        assert b.mode == "predictor" and b.predictor == a.predictor
+        assert b.stats["recall"] == pytest.approx(a.stats["recall"])
+        for n in predictor_names(layer, expert):
+            assert torch.equal(back.weights[n], out.weights[n])
+    assert back.meta["predictors"] == out.meta["predictors"]
+    ids = torch.randint(3, out.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for gating in ("exact", "predictor"):
+            assert torch.equal(ReferenceModel.from_ir(back)(ids, gating=gating),
+                               ReferenceModel.from_ir(out)(ids, gating=gating))
+
+
+def test_gated_perplexity(tiny_fitted, tiny_relu):
+    _, ids = tiny_relu
+    p = gated_perplexity(tiny_fitted, ids[-4:], "cpu")
+    assert p["tokens"] == 4 * 64 and math.isfinite(p["ppl_exact"]) and p["ppl_predictor"] > 0
+    assert p["ppl_ratio"] == pytest.approx(p["ppl_predictor"] / p["ppl_exact"])
+    assert p["ppl_ratio"] != 1.0                  # gating every token changes the function
+
+
+def test_exact_mode_trains_nothing_and_moe_experts_get_their_own(tiny_relu):
+    ir = make_tiny_ir("mixtral", "relu", seed=2, layers=2, hidden=32, intermediate=64, experts=4, top_k=2)
+    ids = torch.randint(3, ir.config.vocab_size, (12, 32), generator=torch.Generator().manual_seed(0))
+    exact = fit_predictors(ir, PredictorsConfig(mode="exact"), ids)
+    assert all(a.mode == "exact" and a.predictor is None for _, _, a in exact.ffn_units())
+    assert not any(".predictor." in n for n in exact.weights)
+    assert all(a.stats["mode_reason"] == "mode: exact requested" for _, _, a in exact.ffn_units())
+    cfg = PredictorsConfig(rank=8, mode="predictor", epochs=3)
+    moe = fit_predictors(ir, cfg, ids)
+    units = list(moe.ffn_units())
+    assert len(units) == 8 and all(e is not None for _, e, _ in units)
+    trained = [(l, e) for l, e, a in units if a.mode == "predictor"]
+    assert trained, "no expert got enough routed tokens to train"
+    for l, e in trained:
+        assert moe.weights[predictor_names(l, e)[0]].shape == (8, 32)
+    # samples per expert follow the router: together the experts of a layer see top_k x the tokens
+    n_train = sum(a.stats["samples"]["train"] for l, _, a in units if l == 0)
+    assert n_train == 2 * (12 - 2) * 32
+
+
+def test_old_predictors_are_replaced(tiny_fitted, tiny_relu):
+    _, ids = tiny_relu
+    again = fit_predictors(tiny_fitted, PredictorsConfig(rank=8, mode="predictor", epochs=2), ids)
+    for layer, expert, ann in again.ffn_units():
+        assert ann.predictor.rank == 8
+        assert again.weights[predictor_names(layer, expert)[0]].shape[0] == 8
