@@ -426,3 +426,36 @@ def test_gguf_sentencepiece_tokenizer_matches_llama_cpp_algorithm(tmp_path):
         assert ids[1:] == spm_reference(text, pieces, scores, types), text
         assert tok.decode(ids) == text
     assert len(tok.encode("the cat").ids) < len("the cat")      # merges happen
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    from tscompile.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(list(args))
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def test_cli_import_inspect_eval_generate(tmp_path, capsys):
+    ir = make_tiny_ir("mistral", seed=3, sliding_window=16)
+    write_gguf(ir, tmp_path / "m.gguf", types={"blk.0.ffn_up.weight": Q.Q8_0})
+    code, out, _ = run_cli(capsys, "import", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "ckpt"))
+    assert code == 0 and "mistral" in out
+    code, out, _ = run_cli(capsys, "inspect", str(tmp_path / "ckpt"), "--json")
+    d = json.loads(out)
+    assert code == 0 and d["family"] == "mistral" and d["config"]["sliding_window"] == 16
+    assert d["params"]["total"] == sum(t.numel() for t in ir.weights.values())
+    code, out, _ = run_cli(capsys, "inspect", str(tmp_path / "ckpt"))
+    assert code == 0 and "sliding window 16" in out
+    (tmp_path / "t.txt").write_text("The quick brown fox jumps over the lazy dog. " * 10)
+    code, out, _ = run_cli(capsys, "eval", str(tmp_path / "ckpt"), "--text", str(tmp_path / "t.txt"),
+                           "--seq-len", "32", "--json")
+    r = json.loads(out)
+    assert code == 0 and r["perplexity"] > 1 and r["tokens"] > 32 and r["layer_sparsity"] == [0.0, 0.0]
+    code, out, _ = run_cli(capsys, "generate", str(tmp_path / "ckpt"), "--prompt", "The quick",
+                           "--max-new-tokens", "4")
+    assert code == 0 and out.startswith("The quick")
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\0" * 20)
+    code, _, err = run_cli(capsys, "import", str(tmp_path / "bad.gguf"), "--out", str(tmp_path / "x"))
+    assert code == 2 and err.startswith("error: ") and str(tmp_path / "bad.gguf") in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
