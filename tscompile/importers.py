@@ -44,8 +44,8 @@ _LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-GPT2_PRE = {"smollm": "digits+gpt2", "gpt-2": "gpt2", "default": "gpt2", "llama-bpe": _LLAMA3_REGEX,
-            "llama3": _LLAMA3_REGEX, "qwen2": _QWEN2_REGEX}
+# (llama.cpp's "default" is a different sequence of regexes: not rebuilt, the import says so)
+GPT2_PRE = {"smollm": "digits+gpt2", "gpt-2": "gpt2", "llama-bpe": _LLAMA3_REGEX, "qwen2": _QWEN2_REGEX}
 
 
 def cache_root() -> Path:
@@ -316,7 +316,9 @@ def gguf_tokenizer_json(reader, path: Path) -> tuple[str | None, str | None]:
 def _byte_level_bpe(reader, path: Path, tokens: list[str], pre: str):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", path)]
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    # llama.cpp (like HF's tokenizer.json) takes a whole pre-token found in the vocab as is for llama 3
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                               ignore_merges=pre == "llama-bpe"))
     regex = GPT2_PRE[pre]
     if regex in ("gpt2", "digits+gpt2"):
         byte_level = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]

@@ -306,7 +306,7 @@ def test_smollm2_greedy_is_sane(smollm2_ir):
     assert "Paris" in out
 
 
-@pytest.mark.parametrize("pre", ["smollm", "gpt-2", "default", "llama-bpe", "qwen2"])
+@pytest.mark.parametrize("pre", ["smollm", "gpt-2", "llama-bpe", "qwen2"])
 def test_gguf_byte_level_pre_tokenizers_round_trip(tmp_path, pre):
     write_gguf(make_tiny_ir("llama"), tmp_path / "t.gguf", pre=pre)
     tok = Tokenizer.from_str(import_source(str(tmp_path / "t.gguf")).tokenizer_json)
@@ -329,11 +329,12 @@ def test_gguf_add_bos_token(tmp_path):
     assert ids[0] == 1 and tok.decode(ids) == "hi"
 
 
-def test_gguf_other_tokenizer_is_skipped_with_a_note(tmp_path, capsys):
-    p = tmp_path / "bert.gguf"
-    write_gguf(make_tiny_ir("llama"), p, extra_kv={"tokenizer.ggml.model": "bert"})
+@pytest.mark.parametrize("kv,note", [({"tokenizer.ggml.model": "bert"}, "'bert'"), ({}, "pre 'default'")])
+def test_gguf_other_tokenizer_is_skipped_with_a_note(tmp_path, capsys, kv, note):
+    p = tmp_path / "other.gguf"
+    write_gguf(make_tiny_ir("llama"), p, pre="default", extra_kv=kv)
     ir = import_source(str(p))
-    assert ir.tokenizer_json is None and "'bert'" in ir.meta["tokenizer_note"]
+    assert ir.tokenizer_json is None and note in ir.meta["tokenizer_note"]
     assert "warning:" in capsys.readouterr().err
 
 
