@@ -365,8 +365,9 @@ def parse_spec(text: str, file: str = "spec", spec_dir: str | None = None) -> Sp
     if spec is not None:
         for target in spec.verify.goals.min_speedup:
             if target not in spec.targets:
+                hint = registry.suggest(target, list(spec.targets))
                 other_errors.append((("verify", "goals", "min_speedup", target),
-                               f"{target!r} is not a target of this spec{registry.suggest(target, list(spec.targets))}"))
+                                     f"{target!r} is not a target of this spec{hint}"))
     errors += [(loc, message, origin.line(loc)) for loc, message in other_errors]
     if errors:
         loc, message, line = min(errors, key=lambda e: e[2])
