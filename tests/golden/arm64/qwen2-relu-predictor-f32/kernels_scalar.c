@@ -56,10 +56,15 @@ void half_from_float(uint16_t *out, const float *x, int n) {
 // ----------------------------------------------------------------------------
 // float32 weights
 
+// Eight independent partial sums: the compiler may keep them in one vector register (no reassociation).
 static float dot_f32(const float *w, const float *x, int n) {
-    float acc = 0.0f;
-    for (int i = 0; i < n; i++) acc += w[i] * x[i];
-    return acc;
+    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) acc[k] += w[i + k] * x[i + k];
+    float sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; i < n; i++) sum += w[i] * x[i];
+    return sum;
 }
 
 static void matvec_f32(float *out, const void *w, const float *x, const uint16_t *xh,
