@@ -6,8 +6,8 @@ Counts are exact and repeatable, so floors may be asserted; timings never are.
 from __future__ import annotations
 
 import pytest
-
 from arm64_cases import needs
+
 from tscompile.errors import UserError
 
 pytestmark = [needs("qemu-aarch64"), needs("aarch64-linux-gnu-gcc"), needs("apt-get")]

@@ -3,9 +3,8 @@ two teacher-forced steps equal the stepwise reference. About 1 s per token under
 from __future__ import annotations
 
 import pytest
-from tokenizers import Tokenizer
-
 from arm64_cases import needs, rel_l2, stepwise_reference
+from tokenizers import Tokenizer
 from tscompile.backends.arm64 import BACKEND
 
 pytestmark = [needs("qemu-aarch64"), needs("aarch64-linux-gnu-gcc")]
