@@ -148,3 +148,15 @@ def test_cmake_cross_build_runs_under_the_emulator(built, tmp_path):
                          text=True)
     assert res.returncode == 0, res.stdout[-2000:]
     assert "1 tests passed" in res.stdout or "100% tests passed" in res.stdout
+
+
+def test_runner_contract_extras(built):
+    b = built("qwen2-swiglu-dense-f32")
+    assert BACKEND.available() is None
+    runner = BACKEND.load(b.outdir)
+    assert runner.prefill == "stepwise"
+    assert runner.decode_tokens_per_second(PROMPT[:2], 4) > 0          # host build timing, never qemu's
+    assert runner.logits(PROMPT, []).shape == (1, b.ir.config.vocab_size)
+    assert runner.generate(PROMPT, 0) == []
+    with pytest.raises(UserError, match="not found"):
+        BACKEND.load(b.outdir / "missing")

@@ -22,7 +22,7 @@ GOLDEN = Path(__file__).parents[2] / "golden" / "arm64"
 UPDATE = os.environ.get("TSCOMPILE_UPDATE_GOLDENS") == "1"
 
 
-def golden_irs() -> dict[str, tuple[ModelIR, str]]:
+def model_irs() -> dict[str, tuple[ModelIR, str]]:
     """Shapes only (the sources do not depend on weight values)."""
     qwen = tiny_config("qwen2", layers=2)
     qwen_layers = [LayerSparsity(activation="relu", threshold=0.01, mode="predictor",
@@ -30,29 +30,34 @@ def golden_irs() -> dict[str, tuple[ModelIR, str]]:
                    LayerSparsity(activation="drelu", mode="exact")]
     mistral = tiny_config("mistral", layers=2, sliding_window=64)
     mistral_layers = [LayerSparsity(activation="swiglu"), LayerSparsity(activation="geglu", threshold=0.05)]
+    # the golden: every template branch but tied embeddings (bias + sliding window + every mode and activation)
+    golden = tiny_config("mistral", layers=4, sliding_window=64)
+    golden.attention_bias = True
+    golden_layers = [qwen_layers[0], qwen_layers[1], mistral_layers[0],
+                     LayerSparsity(activation="geglu", threshold=0.05, mode="predictor",
+                                   predictor=Predictor(rank=8, threshold=0.5, relu=False))]
     return {"qwen2-relu-predictor-f32": (ModelIR(qwen, Weights(), None, qwen_layers, {"source": "tiny:qwen2"}),
                                          "float32"),
             "mistral-swiglu-geglu-f16": (ModelIR(mistral, Weights(), None, mistral_layers,
-                                                 {"source": "tiny:mistral"}), "float16")}
+                                                 {"source": "tiny:mistral"}), "float16"),
+            "golden": (ModelIR(golden, Weights(), None, golden_layers, {"source": "tiny:golden"}), "float16")}
 
 
 def generated(name: str) -> dict[str, str]:
-    ir, dtype = golden_irs()[name]
+    ir, dtype = model_irs()[name]
     return {**render_sources(ir, dtype), **render_build_files(None)}
 
 
-@pytest.mark.parametrize("name", list(golden_irs()))
-def test_generated_sources_match_goldens(name):
-    files = generated(name)
-    d = GOLDEN / name
+def test_generated_sources_match_goldens():
+    files = generated("golden")
     if UPDATE:
-        shutil.rmtree(d, ignore_errors=True)
-        d.mkdir(parents=True)
+        shutil.rmtree(GOLDEN, ignore_errors=True)
+        GOLDEN.mkdir(parents=True)
         for fname, text in files.items():
-            (d / fname).write_text(text)
-    assert sorted(p.name for p in d.iterdir()) == sorted(files), "file set changed (TSCOMPILE_UPDATE_GOLDENS=1)"
+            (GOLDEN / fname).write_text(text)
+    assert sorted(p.name for p in GOLDEN.iterdir()) == sorted(files), "file set changed (TSCOMPILE_UPDATE_GOLDENS=1)"
     for fname, text in files.items():
-        assert text == (d / fname).read_text(), f"{name}/{fname} differs from its golden (TSCOMPILE_UPDATE_GOLDENS=1)"
+        assert text == (GOLDEN / fname).read_text(), f"{fname} differs from its golden (TSCOMPILE_UPDATE_GOLDENS=1)"
 
 
 def test_sources_follow_the_model():
@@ -65,7 +70,7 @@ def test_sources_follow_the_model():
     assert "#define WEIGHT_DTYPE  1" in m["model.h"] and "#define SLIDING_WINDOW 64" in m["model.h"]
 
 
-@pytest.mark.parametrize("name", list(golden_irs()))
+@pytest.mark.parametrize("name", list(model_irs()))
 def test_sources_read_like_hand_written_code(name):
     for fname, text in generated(name).items():
         assert "{{" not in text and "{%" not in text and "\n\n\n\n" not in text, fname

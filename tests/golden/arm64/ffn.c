@@ -15,10 +15,14 @@
 // Sparsity of each layer (must match the header of weights.bin)
 
 const LayerSpec LAYER_SPECS[N_LAYERS] = {
-    // layer 0: swiglu, dense, threshold 0
+    // layer 0: relu, predictor, threshold 0.01, predictor rank 12 >= -0.25
+    { ACT_RELU, MODE_PREDICTOR, 12, 1, 0.00999999978f, -0.25f },
+    // layer 1: drelu, exact, threshold 0
+    { ACT_DRELU, MODE_EXACT, 0, 0, 0.0f, 0.0f },
+    // layer 2: swiglu, dense, threshold 0
     { ACT_SWIGLU, MODE_DENSE, 0, 0, 0.0f, 0.0f },
-    // layer 1: geglu, dense, threshold 0.05
-    { ACT_GEGLU, MODE_DENSE, 0, 0, 0.0500000007f, 0.0f },
+    // layer 3: geglu, predictor, threshold 0.05, predictor rank 8 (linear) >= 0.5
+    { ACT_GEGLU, MODE_PREDICTOR, 8, 0, 0.0500000007f, 0.5f },
 };
 
 // ----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-// The decoder: one token at a time through embedding, 2 layers of attention + FFN, and the head.
+// The decoder: one token at a time through embedding, 4 layers of attention + FFN, and the head.
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -151,6 +151,8 @@ static void attention(Model *m, int l, int pos) {
     matvec(m, m->k, s->q, L->wq, s->xb, Q_DIM, DIM);
     matvec(m, m->k, k, L->wk, s->xb, KV_DIM, DIM);
     matvec(m, m->k, v, L->wv, s->xb, KV_DIM, DIM);
+    for (int i = 0; i < Q_DIM; i++) s->q[i] += L->bq[i];
+    for (int i = 0; i < KV_DIM; i++) { k[i] += L->bk[i]; v[i] += L->bv[i]; }
     rope(s->q, N_HEADS, pos, m->w->rope_inv_freq);
     rope(k, N_KV_HEADS, pos, m->w->rope_inv_freq);
     int first = pos - SLIDING_WINDOW + 1 > 0 ? pos - SLIDING_WINDOW + 1 : 0;   // sliding window

@@ -143,6 +143,7 @@ static int expected_tensors(Weights *w, Expected *e) {
 #undef LAYER_TENSOR
     }
     expect(e, &n, "final_norm", 0, 1, DIM, (const void **)&w->final_norm);
+    expect(e, &n, "lm_head", WEIGHT_DTYPE, VOCAB_SIZE, DIM, &w->lm_head);
     expect(e, &n, "rope_inv_freq", 0, 1, HEAD_DIM / 2, (const void **)&w->rope_inv_freq);
     return n;
 }
@@ -186,7 +187,7 @@ static int check_header(const uint8_t *base, size_t size, int n_exp,
     static const char *dim_names[12] = {"vocab", "dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads",
                                         "head_dim", "sliding_window", "attn_bias", "tied", "bos", "eos"};
     const int32_t compiled[12] = {VOCAB_SIZE, DIM, HIDDEN_DIM, N_LAYERS, N_HEADS, N_KV_HEADS, HEAD_DIM,
-                                  SLIDING_WINDOW, 1, 1, BOS_ID, EOS_ID};
+                                  SLIDING_WINDOW, 1, 0, BOS_ID, EOS_ID};
     if (read_u32(base + 20) != WEIGHT_DTYPE) {
         snprintf(err, err_len, "%s: weight dtype %u, this build was compiled for %d", path,
                  read_u32(base + 20), WEIGHT_DTYPE);
@@ -289,7 +290,6 @@ int weights_open(Weights *w, const char *path, char *err, size_t err_len) {
     for (int i = 0; i < n_exp; i++)
         if (check_tensor(base, size, header_size, table + (size_t)i * TENSOR_ENTRY_BYTES, &exp[i], path, err, err_len))
             goto fail;
-    w->lm_head = w->embed;
     return 0;
 fail:
     weights_close(w);
