@@ -229,3 +229,15 @@ def _describe(model_dir):
     from tscompile.inspect import describe
     from tscompile.ir import ModelIR
     return describe(ModelIR.load(model_dir))
+
+
+def test_target_not_in_the_spec_is_built_with_defaults_and_recorded(tmp_path, capsys):
+    (tmp_path / "s.yaml").write_text(tiny_spec(pipeline="[scale: {factor: 2}]"))
+    rc, out, err = run_main(capsys, "build", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "b"), "--target", "ckpt",
+                            "--no-verify")
+    assert rc == 0, err
+    from tscompile.spec import load_spec
+    resolved = load_spec(tmp_path / "b" / "spec.resolved.yaml")
+    assert resolved.targets["ckpt"].model_dump() == {"dtype": "float32", "pause": 0.0}
+    assert resolved.plugins == ["tsc_test_plugin"]
+    assert (tmp_path / "b" / "ckpt" / "manifest.json").is_file()
