@@ -460,3 +460,12 @@ def test_cli_import_inspect_eval_generate(tmp_path, capsys):
     code, _, err = run_cli(capsys, "import", str(tmp_path / "bad.gguf"), "--out", str(tmp_path / "x"))
     assert code == 2 and err.startswith("error: ") and str(tmp_path / "bad.gguf") in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+def test_smollm2_sharded_round_trip_is_bit_identical(smollm2_ir, tmp_path):
+    smollm2_ir.save(tmp_path / "sharded", shard_bytes=128 * 1024**2)
+    assert len(list((tmp_path / "sharded").glob("model-*-of-00005.safetensors"))) == 5
+    back = ModelIR.load(tmp_path / "sharded")
+    assert back.config_json() == smollm2_ir.config_json() and back.tokenizer_json == smollm2_ir.tokenizer_json
+    assert sorted(back.weights) == sorted(smollm2_ir.weights)
+    assert all(torch.equal(back.weights[n], smollm2_ir.weights[n]) for n in smollm2_ir.weights)
