@@ -332,7 +332,7 @@ int main(int argc, char **argv) {
     }
     double t2 = now_seconds();
     if (dump && fclose(dump) != 0) die(1, "%s: write failed", o.dump_logits);
-    fprintf(stderr, "tsrun: prompt %d tokens in %.3f s, decode %d tokens in %.3f s (%.2f tok/s), "
+    fprintf(stderr, "tsrun: prompt %d tokens in %.6f s, decode %d tokens in %.6f s (%.2f tok/s), "
             "FFN neurons computed %.1f%%, kernels %s\n", n_prompt, t1 - t0, decoded, t2 - t1,
             decoded > 0 && t2 > t1 ? decoded / (t2 - t1) : 0.0,
             s.total_neurons ? 100.0 * s.active_neurons / s.total_neurons : 0.0, k->name);
