@@ -68,11 +68,11 @@ def aarch64_job(cc: list[str], src: Path, out: Path, extra_sources: tuple[Path, 
     """
     c_files = [str(src / n) for n in SOURCES if n.endswith(".c") and n != FP16_ARITH_FILE and n not in skip]
     fp16_obj = out.with_name(out.name + "-fp16.o")
-    static = [] if android_ndk() else ["-static"]
+    static, libs = ([], ["-lm"]) if android_ndk() else (["-static"], LIBS)   # bionic has pthreads in libc
     return Job(f"aarch64 build of {out.name}", [
         cc + COMMON_FLAGS + ["-march=armv8.2-a+fp16", "-c", str(src / FP16_ARITH_FILE), "-o", str(fp16_obj)],
         cc + COMMON_FLAGS + ["-march=armv8-a", "-I", str(src)] + static + c_files + [str(p) for p in extra_sources] +
-        [str(fp16_obj), "-o", str(out)] + LIBS,
+        [str(fp16_obj), "-o", str(out)] + libs,
         ["rm", "-f", str(fp16_obj)],
     ])
 

@@ -22,7 +22,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 #if defined(__aarch64__)
-#include <arm_acle.h>
 #include <sys/auxv.h>
 #include <asm/hwcap.h>
 #endif
@@ -81,15 +80,25 @@ static uint32_t crc32_tables(uint32_t crc, const uint8_t *p, size_t n) {
 }
 
 #if defined(__aarch64__)
-__attribute__((target("+crc")))
+// CRC32X / CRC32B (ARMv8.0 optional, ARMv8.1 mandatory): used only when HWCAP_CRC32 says they exist.
+static inline uint32_t crc32_step8(uint32_t crc, uint64_t v) {
+    __asm__(".arch_extension crc\n\tcrc32x %w0, %w0, %x1" : "+r"(crc) : "r"(v));
+    return crc;
+}
+
+static inline uint32_t crc32_step1(uint32_t crc, uint32_t byte) {
+    __asm__(".arch_extension crc\n\tcrc32b %w0, %w0, %w1" : "+r"(crc) : "r"(byte));
+    return crc;
+}
+
 static uint32_t crc32_armv8(uint32_t crc, const uint8_t *p, size_t n) {
     crc = ~crc;
     for (; n >= 8; p += 8, n -= 8) {
         uint64_t v;
         memcpy(&v, p, 8);
-        crc = __crc32d(crc, v);
+        crc = crc32_step8(crc, v);
     }
-    while (n--) crc = __crc32b(crc, *p++);
+    while (n--) crc = crc32_step1(crc, *p++);
     return ~crc;
 }
 #endif
