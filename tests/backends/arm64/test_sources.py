@@ -109,3 +109,19 @@ def test_unsupported_models_are_user_errors():
     moe = make_tiny_ir("mixtral", "swiglu", experts=2, layers=1)
     with pytest.raises(UserError, match="mixture-of-experts"):
         render_sources(moe, "float32")
+
+
+@needs("clang")
+@pytest.mark.skipif(not Path("/usr/aarch64-linux-gnu/include").is_dir(), reason="no aarch64 glibc headers")
+def test_all_sources_compile_with_clang_warnings_as_errors(tmp_path):
+    """gcc builds the binaries; clang (the Android NDK's compiler) must accept the same sources."""
+    files = generated("golden")
+    for fname, text in files.items():
+        (tmp_path / fname).write_text(text)
+    for fname in (f for f in files if f.endswith(".c")):
+        arch = ["-march=armv8.2-a+fp16"] if fname == "kernels_neon_fp16.c" else ["-march=armv8-a"]
+        res = subprocess.run(["clang", "--target=aarch64-linux-gnu", "-isystem", "/usr/aarch64-linux-gnu/include",
+                              "-std=c11", "-O1", "-D_GNU_SOURCE", "-Wall", "-Wextra", "-Werror", *arch, "-c",
+                              str(tmp_path / fname), "-o", str(tmp_path / (fname + ".o"))],
+                             check=False, capture_output=True, text=True)
+        assert res.returncode == 0, f"{fname}: {res.stderr[-1500:]}"
