@@ -334,18 +334,58 @@ def _load_plugins(raw: Any, errors: list) -> None:
                 errors.append((("plugins", i), str(e)))
 
 
+class _SpecLoader(yaml.SafeLoader):
+    """SafeLoader refusing what would hang or crash the checks below: nesting deeper than PyYAML's recursive
+    composer can take, an alias inside its own anchor (a cycle), and aliases expanding to a huge tree."""
+    max_depth, max_nodes = 64, 100_000
+    _depth = _nodes = 0
+    _open: frozenset = frozenset()      # anchors whose node is being composed
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if self._depth >= self.max_depth:
+            self._refuse(f"nested deeper than {self.max_depth} levels", event)
+        anchor = getattr(event, "anchor", None)
+        if isinstance(event, yaml.AliasEvent) and anchor in self._open:
+            self._refuse(f"alias *{anchor} refers to itself", event)
+        opened = self._open
+        self._open, self._depth = opened | {anchor}, self._depth + 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._open, self._depth = opened, self._depth - 1
+        self._nodes += _tree_size(node) if isinstance(event, yaml.AliasEvent) else 1
+        if self._nodes > self.max_nodes:
+            self._refuse(f"the spec expands to more than {self.max_nodes} YAML nodes", event)
+        return node
+
+    def _refuse(self, problem: str, event) -> None:
+        raise yaml.composer.ComposerError(None, None, problem, event.start_mark)
+
+
+def _tree_size(node: yaml.Node, memo: dict | None = None) -> int:
+    """Nodes in the tree an alias stands for (shared subtrees counted each time they appear)."""
+    memo = {} if memo is None else memo
+    if id(node) not in memo:
+        kids = [n for kv in node.value for n in kv] if isinstance(node, yaml.MappingNode) else \
+            node.value if isinstance(node, yaml.SequenceNode) else []
+        memo[id(node)] = 1 + sum(_tree_size(k, memo) for k in kids)
+    return memo[id(node)]
+
+
 def parse_spec(text: str, file: str = "spec", spec_dir: str | None = None) -> Spec:
     """Validate spec text; any problem raises UserError `file:line: yaml.path: message`."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        root = yaml.compose(text, Loader=_SpecLoader)
+        data = yaml.load(text, Loader=_SpecLoader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else 1
         problem = " ".join(str(e.problem or e.context or "").split())
         raise UserError(f"{file}:{line}: YAML syntax error: {problem}") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"{file}: YAML error: {' '.join(str(e).split())}") from None
+    except yaml.reader.ReaderError as e:     # a control character: it carries a position, not a line
+        line = text.count("\n", 0, e.position) + 1
+        raise UserError(f"{file}:{line}: YAML syntax error: unacceptable character #x{e.character:04x}") from None
     origin = SpecOrigin(file, root)
     if data is None:
         raise origin.error((), "the spec is empty")
