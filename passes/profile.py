@@ -17,7 +17,7 @@ from tscompile.api import Context, PassConfig, PassInfo
 from tscompile.errors import UserError
 from tscompile.ir import ModelIR, ffn_prefix
 
-CHUNK_TOKENS = 2048      # tokens per forward: bounds the memory of one capture of every FFN's h
+CAPTURE_BYTES = 1 << 30  # h of every FFN for one forward chunk is held at once: about this much at most
 
 
 class ProfileConfig(PassConfig):
@@ -26,6 +26,13 @@ class ProfileConfig(PassConfig):
 
 def frequency_name(layer: int, expert: int | None) -> str:
     return f"{ffn_prefix(layer, expert)}.activation_frequency"
+
+
+class _OnlyH(list):
+    """An FFN's `capture` that keeps h and drops the input x (half the memory)."""
+
+    def append(self, item):
+        super().append(item[1])
 
 
 def ffn_activations(ir: ModelIR, batch, device: str = "cpu", raw: bool = False) -> Iterator[list]:
@@ -41,18 +48,20 @@ def ffn_activations(ir: ModelIR, batch, device: str = "cpu", raw: bool = False) 
         ir = ir.clone()
         for _, _, ann in ir.ffn_units():
             ann.threshold, ann.mode = 0.0, "dense"
+    cfg = ir.config
     model = ReferenceModel.from_ir(ir, device=device)
     ffns = model.ffns()
-    per_chunk = max(1, CHUNK_TOKENS // batch.shape[1])
+    token_bytes = 4 * cfg.intermediate_size * cfg.num_layers * max(1, cfg.num_experts_per_tok)
+    per_chunk = max(1, CAPTURE_BYTES // (token_bytes * batch.shape[1]))
     try:
         with torch.no_grad():
             for lo in tqdm(range(0, batch.shape[0], per_chunk), desc="calibration forward", unit="chunk",
                            file=sys.stderr, leave=False):
                 for f in ffns:
-                    f.capture = []
+                    f.capture = _OnlyH()
                 model(batch[lo:lo + per_chunk].to(device), gating="exact")
-                yield [torch.cat([h.reshape(-1, h.shape[-1]) for _, h in f.capture]) if f.capture
-                       else torch.zeros(0, ir.config.intermediate_size) for f in ffns]
+                yield [torch.cat([h.reshape(-1, h.shape[-1]) for h in f.capture]) if f.capture
+                       else torch.zeros(0, cfg.intermediate_size) for f in ffns]
     finally:
         for f in ffns:
             f.capture = None
