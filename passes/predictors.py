@@ -40,10 +40,11 @@ class PredictorsConfig(PassConfig):
     held_out: float = Field(0.1, gt=0, lt=0.5)         # share of sequences for val, and again for test
     epochs: int = Field(12, gt=0)
     patience: int = Field(2, gt=0)                     # epochs without val improvement before stopping
-    batch_size: int = Field(256, gt=0)
+    batch_size: int | None = Field(None, gt=0)         # default: 256 on CPU, 2048 on CUDA
     lr: float = Field(2e-2, gt=0)                      # peak of a one-cycle schedule
     weight_decay: float = Field(0.01, ge=0)
-    memory_gb: float = Field(2.0, gt=0)                # samples held at once; more FFNs -> extra forwards
+    memory_gb: float | None = Field(None, gt=0)        # samples held at once (default: 2 on CPU, half the
+                                                       # free GPU memory); more FFNs -> extra forwards
     eval_tokens: int = Field(4096, ge=0)               # held-out ppl, predictor vs exact gating (0 = skip)
 
 
@@ -208,8 +209,12 @@ def predictor_metrics(pred: TrainedPredictor, samples: FFNSamples, threshold: fl
 
 
 def train_predictor(train: FFNSamples, val: FFNSamples, rank: int, cfg: PredictorsConfig, device: str,
-                    seed: int = 0) -> TrainedPredictor:
-    """Class-weighted BCE + AdamW; keeps the epoch predicting most sparsity at the target recall on `val`."""
+                    seed: int = 0, useful_sparsity: float = 0.0) -> TrainedPredictor:
+    """Class-weighted BCE + AdamW; keeps the epoch predicting most sparsity at the target recall on `val`.
+
+    Stops early once even the last epoch's gain, repeated for every remaining epoch, would not lift the val
+    predicted sparsity to `useful_sparsity` (below it the predictor cannot pay for itself).
+    """
     import torch
     import torch.nn.functional as F
     H, I = train.x.shape[1], train.inter
@@ -227,14 +232,15 @@ def train_predictor(train: FFNSamples, val: FFNSamples, rank: int, cfg: Predicto
     fc1 = (torch.randn(rank, H, generator=gen) / H ** 0.5).to(device).requires_grad_()
     fc2 = (torch.randn(I, rank, generator=gen) / rank ** 0.5 * 0.1).to(device).requires_grad_()
     opt = torch.optim.AdamW([fc1, fc2], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * -(-len(train) // cfg.batch_size)
+    batch = cfg.batch_size or (2048 if str(device).startswith("cuda") else 256)
+    steps = cfg.epochs * -(-len(train) // batch)
     warm = max(1, steps // 10)   # linear warmup, then cosine decay to zero
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda k: min(1.0, (k + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, k / max(steps, 1)))))
     best, stale, epochs = None, 0, 0
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(train), generator=gen).to(device)
-        for sl in _chunks(len(train), cfg.batch_size):
+        for sl in _chunks(len(train), batch):
             idx = order[sl]
             x, y = train.x[idx].float() / scale, train.mask(idx).float()
             z = x @ fc1.T
@@ -249,47 +255,53 @@ def train_predictor(train: FFNSamples, val: FFNSamples, rank: int, cfg: Predicto
             cand = TrainedPredictor(fc1.detach() / scale, fc2.detach().clone(), cfg.relu, 0.0, 0.0, epochs)
             cand.threshold = recall_threshold(positive_logits(cand, val), cfg.target_recall)
             cand.val_sparsity = predictor_metrics(cand, val, cand.threshold)["predicted_sparsity"]
-        if best is None or cand.val_sparsity > best.val_sparsity + 1e-4:
+        gain = cand.val_sparsity - (best.val_sparsity if best else 0.0)
+        if best is None or gain > 1e-4:
             best, stale = cand, 0
         else:
             stale += 1
             if stale >= cfg.patience:
                 break
+        if epochs >= 2 and best.val_sparsity + max(gain, 0.0) * (cfg.epochs - epochs) < useful_sparsity:
+            break
     best.epochs = epochs
     return best
 
 
 # ---- per-FFN decisions -------------------------------------------------------------------------------------
 
-def predictor_params(rank: int, hidden: int, inter: int) -> int:
-    return rank * (hidden + inter)
+def predictor_share(rank: int, hidden: int, inter: int) -> float:
+    """Predictor bytes as a share of the FFN's bytes (same dtype): rank (hidden + inter) / (3 hidden inter)."""
+    return rank * (hidden + inter) / (3 * hidden * inter)
 
 
 def rank_ladder(cfg: PredictorsConfig, hidden: int, inter: int) -> list[int]:
     """Ranks to try, ascending; `auto` keeps those within the byte budget (at least the smallest)."""
     if cfg.rank != "auto":
         return [cfg.rank]
-    budget = cfg.max_bytes_share * 3 * hidden * inter
     ladder = sorted(set(cfg.ranks))
-    fit = [r for r in ladder if predictor_params(r, hidden, inter) <= budget]
+    fit = [r for r in ladder if predictor_share(r, hidden, inter) <= cfg.max_bytes_share]
     return fit or ladder[:1]
 
 
-def fit_unit(train: FFNSamples, val: FFNSamples, cfg: PredictorsConfig, device: str,
-             seed: int) -> tuple[TrainedPredictor, list[int]]:
+def fit_unit(train: FFNSamples, val: FFNSamples, cfg: PredictorsConfig, device: str, seed: int,
+             exact_rows: float | None = None) -> tuple[TrainedPredictor, list[int]]:
     """The smallest ladder rank whose val predicted sparsity is within the gap of the true sparsity.
 
     The largest affordable rank is trained first: if it misses the gap no smaller one will reach it, so it is
     kept as the best there is (one training for an unpredictable FFN); otherwise a binary search goes down.
+    With `exact_rows` (mode auto) a training stops early when it cannot beat the exact path's bytes.
     """
-    ladder = rank_ladder(cfg, train.x.shape[1], train.inter)
+    H, I = train.x.shape[1], train.inter
+    ladder = rank_ladder(cfg, H, I)
     true_sparsity = 1 - float(val.mask().float().mean())
     tried: dict[int, TrainedPredictor] = {}
 
     def good(k: int) -> bool:
         r = ladder[k]
         if r not in tried:
-            tried[r] = train_predictor(train, val, r, cfg, device, seed)
+            useful = 0.0 if exact_rows is None else 1 - (exact_rows - 3 * predictor_share(r, H, I)) / 3
+            tried[r] = train_predictor(train, val, r, cfg, device, seed, useful)
         return tried[r].val_sparsity >= true_sparsity - cfg.max_sparsity_gap
 
     lo, hi = 0, len(ladder) - 1
@@ -314,18 +326,34 @@ def gate_sparsity(ir: ModelIR, layer: int, expert: int | None, samples: FFNSampl
     return zero / (len(samples) * samples.inter)
 
 
-def choose_mode(cfg_mode: str, exact_rows: float, predictor_rows: float | None) -> tuple[str, str]:
-    """(mode, why). Costs are bytes read per token in units of one [inter, hidden] matrix."""
+def choose_mode(cfg_mode: str, exact_rows: float, predictor_rows: float | None, gap: float | None = None,
+                max_gap: float = 1.0) -> tuple[str, str]:
+    """(mode, why). Costs are bytes read per token in units of one [inter, hidden] matrix; `gap` is true minus
+    predicted sparsity. Auto takes the predictor only if it reads fewer bytes and is accurate enough (a
+    predictor far below the true sparsity mispredicts many neurons, and gating all of them costs quality)."""
     if cfg_mode == "exact" or predictor_rows is None:
         return "exact", "mode: exact requested" if cfg_mode == "exact" else "no predictor could be trained"
     if cfg_mode == "predictor":
         return "predictor", "mode: predictor requested"
-    if predictor_rows < exact_rows:
-        return "predictor", f"predictor reads {predictor_rows:.3f} vs exact {exact_rows:.3f} FFN matrices"
-    return "exact", f"exact reads {exact_rows:.3f} vs predictor {predictor_rows:.3f} FFN matrices"
+    if predictor_rows >= exact_rows:
+        return "exact", f"exact reads {exact_rows:.3f} vs predictor {predictor_rows:.3f} FFN matrices"
+    if gap is not None and gap > max_gap:
+        return "exact", (f"predictor reads {predictor_rows:.3f} vs exact {exact_rows:.3f} FFN matrices but "
+                         f"predicts {gap:.3f} less sparsity than true (max_sparsity_gap {max_gap})")
+    return "predictor", f"predictor reads {predictor_rows:.3f} vs exact {exact_rows:.3f} FFN matrices"
 
 
 # ---- the pass ----------------------------------------------------------------------------------------------
+
+def sample_memory(cfg: PredictorsConfig, device: str) -> float:
+    """Bytes of calibration samples to hold at once."""
+    import torch
+    if cfg.memory_gb is not None:
+        return cfg.memory_gb * 1024**3
+    if str(device).startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0] / 2
+    return 2 * 1024**3
+
 
 def split_sequences(ids, held_out: float):
     """(train, val, test) sequence batches: val and test each get `held_out` of the sequences (at least one)."""
@@ -356,6 +384,7 @@ def fit_predictors(ir: ModelIR, cfg: PredictorsConfig, calib_ids, device: str = 
         ann.predictor, ann.mode = None, "exact"
     units = list(out.ffn_units())
     H, I = ir.config.hidden_size, ir.config.intermediate_size
+    cuda = str(device).startswith("cuda")
     ids = calib_ids.to(device)
     if cfg.tokens is not None:
         ids = ids[:max(3, -(-cfg.tokens // ids.shape[1]))]
@@ -363,16 +392,16 @@ def fit_predictors(ir: ModelIR, cfg: PredictorsConfig, calib_ids, device: str = 
     model = ReferenceModel.from_ir(out, torch.float32, device)
     # MoE experts see about top_k/num_experts of the tokens: cap rows per FFN at the dense token count
     rows = {"train": train_ids.numel(), "val": val_ids.numel(), "test": test_ids.numel()}
-    row_bytes = H * 2 + -(-I // 8)
-    per_unit = sum(rows.values()) * row_bytes
-    group = max(1, int(cfg.memory_gb * 1024**3 // per_unit))
+    per_unit = sum(rows.values()) * (H * 2 + -(-I // 8))   # bytes of one FFN's samples
+    group = max(1, int(sample_memory(cfg, device) // per_unit))
+    batch_seqs = max(1, (32768 if cuda else 4096) // ids.shape[1])   # sequences per calibration forward
     log.info("predictors: %d FFNs, %d calibration tokens (%d train / %d val / %d test), %d FFNs per pass",
              len(units), sum(rows.values()), rows["train"], rows["val"], rows["test"], group)
     per_ffn = []
     bar = tqdm(total=len(units), desc="predictors", unit="ffn")
     for g0 in range(0, len(units), group):
         idx = list(range(g0, min(len(units), g0 + group)))
-        data = {split: collect_samples(model, s, idx, rows[split], desc=f"calibration {split}")
+        data = {split: collect_samples(model, s, idx, rows[split], batch_seqs, f"calibration {split}")
                 for split, s in (("train", train_ids), ("val", val_ids), ("test", test_ids))}
         for u in idx:
             layer, expert, ann = units[u]
@@ -381,17 +410,20 @@ def fit_predictors(ir: ModelIR, cfg: PredictorsConfig, calib_ids, device: str = 
             s_gate = gate_sparsity(out, layer, expert, va)
             pred = None
             if cfg.mode != "exact" and len(tr) >= 16 and len(va) >= 4 and len(te) >= 1:
-                pred, tried = fit_unit(tr, va, cfg, device, seed + u)
+                val_exact_rows = 2 - s_gate + float(va.mask().float().mean())
+                pred, tried = fit_unit(tr, va, cfg, device, seed + u,
+                                       val_exact_rows if cfg.mode == "auto" else None)
             stats = predictor_metrics(pred, te, pred.threshold) if pred else {
                 "true_sparsity": 1 - float(te.mask().float().mean()) if len(te) else 0.0}
             exact_rows = 1 + (1 - s_gate) + (1 - stats["true_sparsity"])
             pred_rows = None
             if pred is not None:
-                share = predictor_params(pred.rank, H, I) / (3 * H * I)
+                share = predictor_share(pred.rank, H, I)
                 pred_rows = 3 * share + 3 * (1 - stats["predicted_sparsity"])
                 stats |= {"rank": pred.rank, "predictor_threshold": pred.threshold, "ranks_tried": tried,
                           "epochs": pred.epochs, "predictor_bytes_share": share, "bytes_predictor": pred_rows / 3}
-            mode, why = choose_mode(cfg.mode, exact_rows, pred_rows)
+            gap = stats["true_sparsity"] - stats["predicted_sparsity"] if pred is not None else None
+            mode, why = choose_mode(cfg.mode, exact_rows, pred_rows, gap, cfg.max_sparsity_gap)
             stats |= {"gate_sparsity": s_gate, "bytes_exact": exact_rows / 3, "mode_reason": why,
                       "samples": {"train": len(tr), "val": len(va), "test": len(te)}}
             ann.mode = mode
