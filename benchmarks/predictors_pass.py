@@ -30,15 +30,16 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     import torch
+    from tscompile.passes.predictors import PASS, PredictorsConfig, fit_predictors
 
     from tscompile.api import Context
-    from tscompile.passes.predictors import PASS, PredictorsConfig, fit_predictors
     cfg = PredictorsConfig(**json.loads(args.config))
     t0 = time.time()
     if args.model == "smollm2":
-        from tscompile.importers import import_source
         from tscompile.passes.magnitude import PASS as MAGNITUDE
         from tscompile.passes.magnitude import MagnitudeConfig
+
+        from tscompile.importers import import_source
         from tscompile.spec import load_spec
         spec = load_spec(Path(__file__).parent.parent / "specs" / "smollm2-cpu.yaml")
         tmp = Path(tempfile.mkdtemp())

@@ -241,8 +241,9 @@ def test_smollm2_magnitude_half_sparse_predictors(smollm2_ir):
     predictor would read more bytes. Measured (2026-11-21, full model, benchmarks/results/
     predictors_smollm2_cpu.json): SwiGLU magnitude sparsity is not low-rank predictable (rank 64 predicts
     ~15% sparsity at 95% recall vs 50% true), so every layer keeps exact gating."""
-    from tscompile.data import calibration_batch
     from tscompile.passes.threshold import calibrate_thresholds, set_thresholds
+
+    from tscompile.data import calibration_batch
     from tscompile.spec import CalibData
     ir = first_layers(smollm2_ir, 4)
     calib = CalibData(mixture=[{"path": "corpus:prose"}, {"path": "corpus:code"}], tokens=8192, seq_len=512)
