@@ -52,7 +52,7 @@ def _available() -> str | None:
 
 BACKEND = BackendInfo(
     name="onnx",
-    version="1",
+    version="2",
     doc="ONNX Runtime decoder with SparseFFN (function body + native kernels)",
     config=OnnxConfig,
     lower=_lower,

@@ -229,19 +229,11 @@ def build_decoder(ir: ModelIR, weights: WeightStore, sparse: bool, fp16: bool = 
         x = b.op("Add", [x, _ffn(b, ir, i, h, sh, sparse, fp16, functions)], f"{path}/residual_mlp")
     normw = b.weight("model.norm.weight", _np(ir.weights["model.norm.weight"]))
     x = _rms_norm(b, x, normw, cfg.rms_norm_eps, "/model/norm")
-    if cfg.tie_word_embeddings:
-        # one copy of the embedding serves the Gather and the head: Gemm with transB on a 2-D view
-        y = b.op("Gemm", [b.op("Flatten", [x], "/lm_head", axis=-1), embed], "/lm_head", transB=1)
-        shape = b.op(
-            "Concat",
-            [b.op("Shape", ["input_ids"], "/lm_head"), b.const([cfg.vocab_size])],
-            "/lm_head",
-            axis=0,
-        )
-        b.op("Reshape", [y, shape], "/lm_head", out_names=["logits"])
-    else:
-        head = b.weight("lm_head.MatMul.weight", _np(ir.weights["lm_head.weight"], True))
-        b.op("MatMul", [x, head], "/lm_head", out_names=["logits"])
+    # tied embeddings get a transposed copy: MatMul on [H, V] streams rows at batch 1 without prepacking
+    # (the sparse model runs unpacked, see runner.py); Gemm with transB on the embedding ran at half the speed
+    head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    head = b.weight("lm_head.MatMul.weight", _np(ir.weights[head_name], True))
+    b.op("MatMul", [x, head], "/lm_head", out_names=["logits"])
 
     kv = ["batch_size", cfg.num_kv_heads, "past_sequence_length", cfg.head_dim]
     kv_out = ["batch_size", cfg.num_kv_heads, "total_sequence_length", cfg.head_dim]

@@ -261,3 +261,19 @@ def test_bad_input_is_a_user_error(tmp_path):
         )
     with pytest.raises(UserError, match="not found"):
         BACKEND.load(tmp_path / "nothing")
+
+
+def test_large_models_keep_weights_in_external_data(tmp_path, monkeypatch):
+    from onnx_tiny import sparsify
+
+    from tscompile.backends.onnx import BACKEND, OnnxConfig, lower
+    from tscompile.tiny import make_tiny_ir
+
+    monkeypatch.setattr(lower, "EXTERNAL_BYTES", 0)          # as if the model were over 1.5 GB
+    ir = sparsify(make_tiny_ir("qwen2", "drelu", seed=6), "predictor")
+    manifest = BACKEND.lower(ir, OnnxConfig(native=False), tmp_path, None)
+    assert manifest["external_data"]
+    for d in (tmp_path, tmp_path / "dense"):
+        assert (d / "model.onnx").stat().st_size < 100_000 < (d / "model.onnx.data").stat().st_size
+    runner = BACKEND.load(tmp_path)
+    assert rel_l2(runner.logits(PROMPT, FORCED[:4]), reference_logits(ir, PROMPT, FORCED[:4])) <= 1e-4
