@@ -32,19 +32,35 @@ def add_random_predictors(ir: ModelIR, rank: int, seed: int, relu=(True, False))
         ir.weights[fc2] = torch.randn(I, rank, generator=g) / rank ** 0.5
 
 
+def odd_shaped_ir(activation: str, seed: int) -> ModelIR:
+    """hidden 60, FFN 50, 4 heads of 18 (q is wider than hidden): no size a multiple of the vector width."""
+    import torch
+
+    from tscompile.checkpoint import expected_shapes
+    from tscompile.ir import ArchConfig, LayerSparsity, Weights
+    from tscompile.tiny import tiny_tokenizer_json
+    cfg = ArchConfig(family="llama", vocab_size=384, hidden_size=60, intermediate_size=50, num_layers=2,
+                     num_heads=4, num_kv_heads=2, head_dim=18)
+    layers = [LayerSparsity(activation=activation) for _ in range(cfg.num_layers)]
+    g = torch.Generator().manual_seed(seed)
+    weights = {n: 1 + 0.1 * torch.randn(s, generator=g) if n.endswith("norm.weight") else
+               torch.randn(s, generator=g) / s[-1] ** 0.5 for n, s in sorted(expected_shapes(cfg, layers).items())}
+    return ModelIR(cfg, Weights(tensors=weights), tiny_tokenizer_json(), layers, {"source": "odd-shapes"})
+
+
 def make_variant(name: str) -> tuple[ModelIR, str]:
     """(ir, dtype) of the named test model."""
     if name == "mistral-relu-drelu-predictor-f32":      # sliding window 4 < prompt, two predictor kinds
-        ir = make_tiny_ir("mistral", "relu", seed=1, sliding_window=4)
+        ir = make_tiny_ir("mistral", "relu", seed=1, sliding_window=4, intermediate=50)   # 50, 13: kernel tails
         ir.layers[1].activation = "drelu"
-        add_random_predictors(ir, rank=16, seed=3)
+        add_random_predictors(ir, rank=13, seed=3)
         for ann in ir.layers:
             ann.threshold = 0.05
         return ir, "float32"
     if name == "qwen2-swiglu-dense-f32":                # qkv bias, tied embeddings, 3 layers
         return make_tiny_ir("qwen2", "swiglu", seed=2, layers=3), "float32"
-    if name == "llama-geglu-relu-exact-f16":            # fp16 weights, exact mode, odd predictor-free mix
-        ir = make_tiny_ir("llama", "geglu", seed=4)
+    if name == "llama-geglu-relu-exact-f16":            # fp16 weights, exact mode, odd shapes (kernel tails)
+        ir = odd_shaped_ir("geglu", seed=4)
         ir.layers[1].activation = "relu"
         for ann in ir.layers:
             ann.mode = "exact"

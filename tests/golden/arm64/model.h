@@ -32,6 +32,10 @@
 // Active-neuron lists are padded to a multiple of this (the sparse kernels' row unroll).
 #define ROW_UNROLL    4
 
+// The longest input of a matrix product: DIM (most), Q_DIM (o_proj) or HIDDEN_DIM (predictor fc2).
+#define MAX_OF(a, b)  ((a) > (b) ? (a) : (b))
+#define MAX_INPUT     MAX_OF(MAX_OF(DIM, Q_DIM), HIDDEN_DIM)
+
 // ----------------------------------------------------------------------------
 // Per-layer FFN sparsity
 
@@ -101,12 +105,13 @@ typedef struct {
     float x[DIM];             // residual stream
     float xb[DIM];            // normalized input of attention / FFN
     float xb2[DIM];           // output of attention / FFN before the residual add
-    uint16_t xh[DIM > HIDDEN_DIM ? DIM : HIDDEN_DIM]; // fp16 copy of a matvec input (fp16 kernels)
+    uint16_t xh[MAX_INPUT];   // fp16 copy of a matvec input (fp16-arithmetic kernels)
     float q[Q_DIM];           // query of the current token
     float att_out[Q_DIM];     // attention output, heads concatenated
-    float gate[HIDDEN_DIM];   // gate projection (per neuron, or per active slot)
-    float up[HIDDEN_DIM];     // up projection (per neuron, or per active slot)
-    float h[HIDDEN_DIM];      // activated FFN intermediate (per neuron, or per active slot)
+    // per neuron, or per active slot: slot lists are padded up to ROW_UNROLL - 1 entries past HIDDEN_DIM
+    float gate[HIDDEN_DIM + ROW_UNROLL];  // gate projection
+    float up[HIDDEN_DIM + ROW_UNROLL];    // up projection
+    float h[HIDDEN_DIM + ROW_UNROLL];     // activated gate act(g) per slot (exact and predictor modes)
     float score[HIDDEN_DIM];  // predictor scores
     float z[HIDDEN_DIM];      // predictor hidden state [rank] (rank <= HIDDEN_DIM)
     int32_t active[HIDDEN_DIM + ROW_UNROLL]; // indices of the neurons computed, padded to ROW_UNROLL
