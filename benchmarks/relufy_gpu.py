@@ -155,12 +155,19 @@ def bench(args) -> None:
     cfg = relufy_config(spec)
     shape = dict(layers=30, hidden=576, intermediate=1536, heads=9, kv_heads=3, vocab=49152)
     dev = args.device
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1:           # under torchrun: one GPU per process, FSDP2 inside train()
+        torch.distributed.init_process_group("nccl" if dev == "cuda" else "gloo")
+        if dev == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            dev = f"cuda:{os.environ['LOCAL_RANK']}"
     if dev == "cpu":        # a flow check of this command: 2 small layers
         shape.update(layers=2, vocab=384)
         cfg = cfg.model_copy(update={"batch_tokens": 2048, "micro_batch": 1})
     rng = np.random.default_rng(0)
     windows = rng.integers(0, shape["vocab"], size=(2048, 1025)).astype(np.uint16)
-    results = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__}
+    results = {"device": torch.cuda.get_device_name() if dev != "cpu" else "cpu", "torch": torch.__version__,
+               "gpus": world, "batch_tokens": cfg.batch_tokens}
     for compile_ in (False, True):
         c = cfg.model_copy(update={"compile": compile_, "stages": [cfg.stages[1].model_copy(
             update={"steps": args.steps})], "eval_every": 10**6, "checkpoint_every": 10**6})
@@ -168,8 +175,9 @@ def bench(args) -> None:
         model = ReferenceModel.from_ir(ir, torch.float32, dev)
         teacher = ReferenceModel.from_ir(make_tiny_ir("llama", "swiglu", seed=1, **shape),
                                          torch.bfloat16 if dev == "cuda" else torch.float32, dev).requires_grad_(False)
-        work = Path(f"/tmp/bench-{compile_}")
-        shutil.rmtree(work, ignore_errors=True)
+        work = Path(f"/tmp/bench-{world}-{compile_}")
+        if rank == 0:
+            shutil.rmtree(work, ignore_errors=True)
         t0 = time.time()
         res = train(model, c, TokenWindows(windows, 0), {}, work, dev, teacher, peak_flops=H100_BF16_PEAK,
                     progress=False)
@@ -177,13 +185,15 @@ def bench(args) -> None:
         tps = float(np.median([h["tokens_per_s"] for h in hist]))
         results["compile" if compile_ else "eager"] = {
             "tokens_per_s": tps, "mfu": float(np.median([h["mfu"] for h in hist])), "wall_s": time.time() - t0,
-            "max_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if dev == "cuda" else None, "steps": args.steps}
-        print(json.dumps(results), flush=True)
+            "max_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if dev != "cpu" else None, "steps": args.steps}
+        if rank == 0:
+            print(json.dumps(results), flush=True)
         del model, teacher
-        if dev == "cuda":
+        if dev != "cpu":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-    (out_dir() / "bench.json").write_text(json.dumps(results, indent=1))
+    if rank == 0:
+        (out_dir() / f"bench-{world}gpu.json").write_text(json.dumps(results, indent=1))
 
 
 def run(args) -> None:
@@ -241,6 +251,34 @@ def summarize(results: dict, out: Path) -> None:
     print("\n".join(lines))
 
 
+def plot(args) -> None:
+    """train_log.jsonl -> a PNG: training loss terms, λ, batch sparsity, held-out ppl and sparsity per step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    log = [json.loads(ln) for ln in Path(args.log).read_text().splitlines()]
+    step = [r["step"] for r in log]
+    fig, ax = plt.subplots(2, 2, figsize=(11, 7))
+    ax[0, 0].plot(step, [r["ce"] for r in log], lw=0.6, label="CE")
+    ax[0, 0].plot(step, [r["kl"] for r in log], lw=0.6, label="KL(teacher||student)")
+    ax[0, 0].set_ylim(0, 4)
+    ax[0, 1].semilogy(step, [r["lambda"] for r in log], label="λ (schedule × controller)")
+    ax[1, 0].plot(step, [r["sparsity"] for r in log], lw=0.6, label="training batch")
+    evals = [r for r in log if "heldout" in r]
+    for text in evals[0]["heldout"]:
+        es = [r["step"] for r in evals]
+        ax[1, 0].plot(es, [r["heldout"][text]["sparsity"] for r in evals], "o-", label=f"held-out {text}")
+        ax[1, 1].plot(es, [r["heldout"][text]["ppl"] for r in evals], "o-", label=text)
+    ax[1, 0].set_ylim(0.75, 1.0)
+    ax[1, 1].set_ylabel("held-out perplexity")
+    for a, title in zip(ax.flat, ("loss terms", "L1 factor", "FFN sparsity", "held-out perplexity")):
+        a.set_title(title)
+        a.set_xlabel("step")
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.png, dpi=90)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -257,8 +295,11 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--smoke", action="store_true", help="CPU flow check: batch of one window, no compile")
     p.add_argument("--eval-windows", type=int, default=None, help="evaluate on the first N held-out windows only")
+    p = sub.add_parser("plot")
+    p.add_argument("log")
+    p.add_argument("png")
     args = ap.parse_args()
-    {"prep": prep, "stash": stash, "bench": bench, "run": run}[args.cmd](args)
+    {"prep": prep, "stash": stash, "bench": bench, "run": run, "plot": plot}[args.cmd](args)
 
 
 if __name__ == "__main__":

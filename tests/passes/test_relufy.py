@@ -155,11 +155,18 @@ def _weights(path):
     return load_file(str(path))
 
 
-def test_kill_and_resume_is_bit_identical(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    p = _run(a, {})
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    """One uninterrupted single-process run of CONFIG (the reference for resume and FSDP)."""
+    work = tmp_path_factory.mktemp("single") / "run"
+    p = _run(work, {})
     out = p.communicate()[0]
     assert p.returncode == 0, out
+    return work
+
+
+def test_kill_and_resume_is_bit_identical(tmp_path, single_run):
+    a, b = single_run, tmp_path / "b"
     p = _run(b, {"RELUFY_FORWARD_SLEEP": "0.05"})
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -184,11 +191,8 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     assert [strip(x) for x in la] == [strip(x) for x in lb]
 
 
-def test_gloo_fsdp_two_processes_match_one(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    p = _run(one, {})
-    out = p.communicate()[0]
-    assert p.returncode == 0, out
+def test_gloo_fsdp_two_processes_match_one(tmp_path, single_run):
+    one, two = single_run, tmp_path / "two"
     p = _run(two, {}, torchrun=True)
     out = p.communicate()[0]
     assert p.returncode == 0, out
