@@ -111,6 +111,9 @@ def test_text_in_text_out_and_sampling(built):
     assert a == runner.generate_text(prompt, 8, temperature=0.9, top_p=0.8, seed=7)   # seeded
     samples = {runner.generate_text(prompt, 8, temperature=1.5, seed=s) for s in range(4)}
     assert len(samples) > 1
+    asan = BACKEND.load(b.outdir, where="host-asan")
+    for temperature, top_p in ((0.7, 1.0), (1.0, 0.5), (2.0, 1e-6)):
+        asan.generate_text(prompt, 12, temperature=temperature, top_p=top_p, seed=3)
 
 
 def test_manifest_describes_the_artifact(built):

@@ -109,7 +109,7 @@ static Options parse_options(int argc, char **argv) {
         else if (!strcmp(a, "--threads")) o.threads = (int)parse_long(a, VALUE(), 1, 256);
         else if (!strcmp(a, "--seed")) o.seed = (unsigned long long)parse_long(a, VALUE(), 0, 0x7fffffffL);
         else if (!strcmp(a, "--temperature")) o.temperature = parse_float(a, VALUE(), 0.0f, 100.0f);
-        else if (!strcmp(a, "--top-p")) o.top_p = parse_float(a, VALUE(), 0.0f, 1.0f);
+        else if (!strcmp(a, "--top-p")) o.top_p = parse_float(a, VALUE(), 1e-6f, 1.0f);
         else if (!strcmp(a, "--dump-logits")) o.dump_logits = VALUE();
         else if (!strcmp(a, "--tokenizer")) o.tokenizer = VALUE();
         else if (!strcmp(a, "--dense")) o.force_mode = MODE_DENSE;
@@ -187,7 +187,8 @@ static int sample(float *logits, float temperature, float top_p, ProbIndex *scra
     if (top_p < 1.0f) {
         qsort(scratch, VOCAB_SIZE, sizeof(ProbIndex), by_prob_desc);
         float cum = 0.0f;
-        for (n = 0; n < VOCAB_SIZE && cum < top_p * sum; n++) cum += scratch[n].p;
+        n = 0;
+        do cum += scratch[n++].p; while (n < VOCAB_SIZE && cum < top_p * sum);   // at least the top token
         sum = cum;
     }
     float r = random_f32() * sum, cum = 0.0f;
