@@ -146,8 +146,24 @@ def causal_attention(model) -> None:
 
 
 def ffn_outputs(model) -> list[torch.Tensor]:
-    """The intermediate h of every FFN from the last forward (needs `start_capture`)."""
+    """The intermediate h of every FFN that ran in the last forward (needs `start_capture`; an MoE expert no
+    token was routed to has none)."""
     return [f.capture[-1][1] for f in model.ffns() if f.capture]
+
+
+def zero_counts(model, device) -> torch.Tensor:
+    """[n_ffn, 2] float64 on `device`: (exact zeros in h, elements of h) per FFN in the last forward.
+    Stays on the device: no host sync between micro-batches."""
+    rows = []
+    for f in model.ffns():
+        h = f.capture[-1][1] if f.capture else None
+        rows.append(torch.zeros(2, dtype=torch.float64, device=device) if h is None else torch.stack(
+            [(h == 0).sum().double(), torch.tensor(float(h.numel()), dtype=torch.float64, device=device)]))
+    return torch.stack(rows)
+
+
+def per_ffn_sparsity(counts: torch.Tensor) -> list[float]:
+    return (counts[:, 0] / counts[:, 1].clamp(min=1)).tolist()
 
 
 def start_capture(model) -> None:
@@ -193,9 +209,7 @@ def evaluate(model, windows: np.ndarray, micro_batch: int, device, autocast) -> 
     mine = windows[rank:n:world]
     nll = torch.zeros((), dtype=torch.float64, device=device)
     tokens = torch.zeros((), dtype=torch.float64, device=device)
-    nffn = len(model.ffns())
-    zeros = torch.zeros(nffn, dtype=torch.float64, device=device)
-    acts = torch.zeros((), dtype=torch.float64, device=device)
+    counts = torch.zeros(len(model.ffns()), 2, dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
     start_capture(model)
@@ -208,15 +222,13 @@ def evaluate(model, windows: np.ndarray, micro_batch: int, device, autocast) -> 
         nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1),
                                reduction="sum").double()
         tokens += batch[:, 1:].numel()
-        hs = ffn_outputs(model)
-        zeros += torch.stack([(h == 0).sum().double() for h in hs])
-        acts += hs[0].numel()
+        counts += zero_counts(model, device)
     stop_capture(model)
     model.train(was_training)
     if world > 1:
-        for t in (nll, tokens, zeros, acts):
+        for t in (nll, tokens, counts):
             dist.all_reduce(t)
-    per_layer = (zeros / acts.clamp(min=1)).tolist()
+    per_layer = per_ffn_sparsity(counts)
     return {"ppl": math.exp(float(nll / tokens.clamp(min=1))), "tokens": int(tokens),
             "sparsity": sum(per_layer) / len(per_layer), "per_layer_sparsity": per_layer}
 
@@ -269,9 +281,8 @@ def save_checkpoint(work_dir: Path, model, opt, state: dict, keep: int = 1) -> N
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     _write_atomic(work_dir / LATEST, json.dumps({"checkpoint": name, "step": state["step"]}))
-    for old in work_dir.glob("checkpoint-*"):
-        if old.name < name and len(sorted(work_dir.glob("checkpoint-*"))) > keep:
-            shutil.rmtree(old, ignore_errors=True)
+    for old in sorted(work_dir.glob("checkpoint-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(work_dir: Path, model, opt) -> dict | None:
@@ -325,7 +336,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-def shard_model(model, device: str) -> None:
+def shard_model(model) -> None:
     """FSDP2: one unit per decoder layer, then the root (embeddings, final norm, tied head)."""
     from torch.distributed.fsdp import fully_shard
     for layer in model.model.layers:
@@ -368,7 +379,7 @@ def train(model, cfg, train_data: TokenWindows, heldout: dict[str, np.ndarray], 
         for layer in model.model.layers:
             layer.compile()
     if world > 1:
-        shard_model(model, device)
+        shard_model(model)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -405,9 +416,8 @@ def train(model, cfg, train_data: TokenWindows, heldout: dict[str, np.ndarray], 
         for g in opt.param_groups:
             g["lr"] = lr
         batch = train_data.take(pos + rank * per_rank, per_rank).to(device)
-        sums = torch.zeros(5, dtype=torch.float64, device=device)      # loss, ce, kl, l1, zero fraction
-        nffn = len(model.ffns())
-        layer_zeros = torch.zeros(nffn, dtype=torch.float64, device=device)
+        sums = torch.zeros(4, dtype=torch.float64, device=device)      # loss, ce, kl, l1
+        counts = torch.zeros(len(model.ffns()), 2, dtype=torch.float64, device=device)
         n_micro = per_rank // micro
         for m in range(n_micro):
             x = batch[m * micro:(m + 1) * micro]
@@ -428,19 +438,19 @@ def train(model, cfg, train_data: TokenWindows, heldout: dict[str, np.ndarray], 
                 loss = lm + lam * l1
             (loss / n_micro).backward()
             with torch.no_grad():
-                zs = torch.stack([(h == 0).float().mean() for h in hs]).double()
-                layer_zeros += zs / n_micro
-                sums += torch.stack([loss.detach(), ce.detach(), kl.detach(), l1.detach(), zs.mean()]).double() / n_micro
+                counts += zero_counts(model, device)
+                sums += torch.stack([loss.detach(), ce.detach(), kl.detach(), l1.detach()]).double() / n_micro
             del logits, t_logits, hs, loss
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if world > 1:
             dist.all_reduce(sums)
-            dist.all_reduce(layer_zeros)
+            dist.all_reduce(counts)
             sums /= world
-            layer_zeros /= world
-        loss_v, ce_v, kl_v, l1_v, sp_v = sums.tolist()
+        loss_v, ce_v, kl_v, l1_v = sums.tolist()
+        per_layer = per_ffn_sparsity(counts)
+        sp_v = sum(per_layer) / len(per_layer)
         if controlled:
             # integral control in log space: λ grows while the batch is denser than the target, shrinks when sparser
             log_k = max(-8.0, min(8.0, log_k + cfg.l1_control.gain * (cfg.l1_control.target - sp_v)))
@@ -456,7 +466,7 @@ def train(model, cfg, train_data: TokenWindows, heldout: dict[str, np.ndarray], 
         if peak_flops:
             last["mfu"] = last["tokens_per_s"] * fpt / (peak_flops * world)
         if step % cfg.log_layers_every == 0 or step == total_steps:
-            last["per_layer_sparsity"] = layer_zeros.tolist()
+            last["per_layer_sparsity"] = per_layer
         want_eval = bool(heldout) and (step % cfg.eval_every == 0 or step == total_steps)
         out_of_time = max_seconds is not None and time.time() - t_start > max_seconds
         if want_eval:
