@@ -17,7 +17,11 @@ def resolve_local_path(text: str, info: ValidationInfo) -> str:
     p = Path(text).expanduser()
     base = (info.context or {}).get("spec_dir")
     for cand in [p] if p.is_absolute() else [Path.cwd() / p] + ([Path(base) / p] if base else []):
-        if cand.exists():
+        try:
+            found = cand.exists()
+        except OSError as e:        # a name longer than the filesystem allows, say
+            raise ValueError(f"not a usable path ({e.strerror}): {text}") from None
+        if found:
             return str(cand.resolve())
     raise ValueError(f"file not found: {text}")
 

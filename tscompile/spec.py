@@ -103,7 +103,10 @@ class VerifySpec(Strict):
     @classmethod
     def _prompts_file(cls, v, info: ValidationInfo):
         if isinstance(v, str):     # a text file, one prompt per line
-            lines = Path(resolve_local_path(v, info)).read_text().splitlines()
+            path = Path(resolve_local_path(v, info))
+            if not path.is_file():          # a directory, or a device such as /dev/zero that never ends
+                raise ValueError(f"not a regular file: {v}")
+            lines = path.read_text().splitlines()
             v = [line for line in lines if line.strip()]
             if not v:
                 raise ValueError("the prompts file has no non-empty line")
@@ -167,7 +170,8 @@ class SpecOrigin:
         line = node.start_mark.line + 1
         for part in loc:
             if isinstance(node, yaml.MappingNode):
-                hit = next(((k, v) for k, v in node.value if k.value == str(part)), None)
+                # the last of duplicate keys: the one PyYAML keeps
+                hit = next(((k, v) for k, v in reversed(node.value) if k.value == str(part)), None)
                 if hit is None:
                     break
                 line, node = hit[0].start_mark.line + 1, hit[1]
@@ -182,7 +186,12 @@ class SpecOrigin:
         return f"{self.file}:{self.line(loc)}: {format_loc(loc)}"
 
     def error(self, loc: Loc, message: str) -> UserError:
-        return UserError(f"{self.where(loc)}: {message}")
+        return UserError(printable(f"{self.where(loc)}: {message}"))
+
+
+def printable(text: str) -> str:
+    """Line breaks and control characters (from keys or values in the spec) escaped: a message stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _duplicate_keys(node: yaml.Node, loc: Loc = ()) -> list[tuple[Loc, str, int]]:
@@ -376,8 +385,12 @@ def _tree_size(node: yaml.Node, memo: dict | None = None) -> int:
 def parse_spec(text: str, file: str = "spec", spec_dir: str | None = None) -> Spec:
     """Validate spec text; any problem raises UserError `file:line: yaml.path: message`."""
     try:
-        root = yaml.compose(text, Loader=_SpecLoader)
-        data = yaml.load(text, Loader=_SpecLoader)
+        loader = _SpecLoader(text)
+        try:    # one parse: the node tree (for lines) and the data built from it
+            root = loader.get_single_node()
+            data = None if root is None else loader.construct_document(root)
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else 1
@@ -412,7 +425,7 @@ def parse_spec(text: str, file: str = "spec", spec_dir: str | None = None) -> Sp
     if errors:
         loc, message, line = min(errors, key=lambda e: e[2])
         more = f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-        raise UserError(f"{file}:{line}: {format_loc(loc)}: {message}{more}")
+        raise UserError(printable(f"{file}:{line}: {format_loc(loc)}: {message}{more}"))
     spec._origin = origin
     return spec
 

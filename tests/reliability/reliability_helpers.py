@@ -1,0 +1,44 @@
+"""Helpers shared by the reliability tests (the hypothesis profiles `ci` / `long` are registered in tests/conftest.py)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from hypothesis import settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def fuzz_settings() -> settings:
+    """The active profile when it is `ci` or `long`; otherwise (a plain `pytest`) the bounded `ci` one."""
+    name = settings.get_current_profile_name()
+    return settings.get_profile(name if name in ("ci", "long") else "ci")
+
+
+def console_script() -> str:
+    beside = Path(sys.executable).parent / "tscompile"       # the venv's own, before anything else on PATH
+    script = str(beside) if beside.is_file() else shutil.which("tscompile")
+    assert script, "the tscompile console script is not installed (pip install -e .)"
+    return script
+
+
+def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 300,
+            preexec_fn=None) -> subprocess.CompletedProcess:
+    """`tscompile ARGS` through the installed console script, as a user runs it."""
+    return subprocess.run([console_script(), *args], cwd=cwd,
+                          env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}, capture_output=True,
+                          text=True, timeout=timeout, preexec_fn=preexec_fn)
+
+
+def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit 2, nothing on stdout, exactly one stderr line `error: ...` holding every needle; returns it."""
+    lines = res.stderr.splitlines()
+    assert res.returncode == 2, f"exit {res.returncode}: {res.stderr[-2000:]}"
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
