@@ -14,8 +14,8 @@ from tscompile.errors import UserError
 from tscompile.ir import ArchConfig, LayerSparsity, ModelIR, Predictor, Weights
 
 from . import qemu_plugin
-from .build import COMMON_FLAGS, LIBS, Job, aarch64_job, cross_compiler, host_compiler, run_jobs
-from .sources import NEON_FILES, SOURCES, render_sources
+from .build import aarch64_job, cross_compiler, host_compiler, host_job, run_jobs
+from .sources import render_sources
 
 FFN_BENCH_SOURCE = Path(__file__).parent / "tools" / "ffn_bench.c"
 NOISE = re.compile(r"^(\?|.*printf.*|.*mpn_.*|hack_digit|__memcpy.*|_IO_.*|.*_fp_.*)$")  # float printing
@@ -42,11 +42,8 @@ def build_ffn_bench(outdir: Path, hidden: int = 576, inter: int = 1536, rank: in
     if cc is None or hcc is None:
         raise UserError("ffn bench: needs aarch64-linux-gnu-gcc and a host gcc")
     built = {"aarch64": outdir / "ffn_bench", "host": outdir / "ffn_bench-host"}
-    host_files = [str(src / n) for n in SOURCES if n.endswith(".c") and n not in NEON_FILES and n != "main.c"]
     run_jobs([aarch64_job(cc, src, built["aarch64"], (FFN_BENCH_SOURCE,), skip=("main.c",)),
-              Job("host build of ffn_bench", [
-                  hcc + COMMON_FLAGS + ["-I", str(src)] + host_files + [str(FFN_BENCH_SOURCE), "-o",
-                                                                        str(built["host"])] + LIBS])])
+              host_job(hcc, src, built["host"], extra_sources=(FFN_BENCH_SOURCE,), skip=("main.c",))])
     return built
 
 

@@ -63,12 +63,13 @@ def aarch64_job(cc: list[str], src: Path, out: Path, extra_sources: tuple[Path, 
                 skip: tuple[str, ...] = ()) -> Job:
     """Compiles kernels_neon_fp16.c with +fp16, everything else for plain ARMv8-A, and links.
 
-    Linux builds are static: they run on any aarch64 Linux (and under qemu without a sysroot), and
-    the qemu plugin sees libc's symbols.
+    Cross builds with Debian's gcc are static: they run on any aarch64 Linux (and under qemu without a
+    sysroot), and the qemu plugin sees libc's symbols.
     """
     c_files = [str(src / n) for n in SOURCES if n.endswith(".c") and n != FP16_ARITH_FILE and n not in skip]
     fp16_obj = out.with_name(out.name + "-fp16.o")
-    static, libs = ([], ["-lm"]) if android_ndk() else (["-static"], LIBS)   # bionic has pthreads in libc
+    libs = ["-lm"] if android_ndk() else LIBS                                # bionic has pthreads in libc
+    static = ["-static"] if Path(cc[0]).name == CROSS_GCC else []             # the cross sysroot has libc.a
     return Job(f"aarch64 build of {out.name}", [
         cc + COMMON_FLAGS + ["-march=armv8.2-a+fp16", "-c", str(src / FP16_ARITH_FILE), "-o", str(fp16_obj)],
         cc + COMMON_FLAGS + ["-march=armv8-a", "-I", str(src)] + static + c_files + [str(p) for p in extra_sources] +
@@ -77,10 +78,13 @@ def aarch64_job(cc: list[str], src: Path, out: Path, extra_sources: tuple[Path, 
     ])
 
 
-def _host_job(cc: list[str], src: Path, out: Path, sanitize: bool) -> Job:
-    c_files = [str(src / n) for n in SOURCES if n.endswith(".c") and n not in NEON_FILES]
-    flags = COMMON_FLAGS + (SANITIZE_FLAGS if sanitize else [])
-    return Job(f"host build of {out.name}", [cc + flags + c_files + ["-o", str(out)] + LIBS])
+def host_job(cc: list[str], src: Path, out: Path, sanitize: bool = False, extra_sources: tuple[Path, ...] = (),
+             skip: tuple[str, ...] = ()) -> Job:
+    """The portable build (scalar kernels) for the machine we run on."""
+    c_files = [str(src / n) for n in SOURCES if n.endswith(".c") and n not in NEON_FILES and n not in skip]
+    flags = COMMON_FLAGS + ["-I", str(src)] + (SANITIZE_FLAGS if sanitize else [])
+    return Job(f"host build of {out.name}",
+               [cc + flags + c_files + [str(p) for p in extra_sources] + ["-o", str(out)] + LIBS])
 
 
 def run_jobs(jobs: list[Job]) -> None:
@@ -113,10 +117,10 @@ def build_binaries(outdir: Path, *, aarch64: bool = True, host: bool = True, san
         built["tsrun"] = {"compiler": _version(cc), "flags": "-O2 -march=armv8-a -static (+fp16 for kernels_neon_fp16.c)"}
     hcc = host_compiler() if host or sanitize else None
     if hcc and host and not is_arm64_host():
-        jobs.append(_host_job(hcc, src, bin_dir / "tsrun-host", False))
+        jobs.append(host_job(hcc, src, bin_dir / "tsrun-host"))
         built["tsrun-host"] = {"compiler": _version(hcc), "flags": "-O2 (scalar kernels)"}
     if hcc and sanitize:
-        jobs.append(_host_job(hcc, src, bin_dir / "tsrun-host-asan", True))
+        jobs.append(host_job(hcc, src, bin_dir / "tsrun-host-asan", sanitize=True))
         built["tsrun-host-asan"] = {"compiler": _version(hcc), "flags": "-O2 -fsanitize=address,undefined"}
     run_jobs(jobs)
     return built
