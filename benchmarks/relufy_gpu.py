@@ -54,9 +54,10 @@ def relufy_config(spec):
 
 def prep(args) -> None:
     """Token windows (train + held-out, exactly the files the pass would write) and GGUF halves -> c1/, c2/."""
-    from tscompile.importers import cache_root, import_source
     from tscompile.passes.relufy import _load_or_make, _windows, window_files
+
     from tscompile.data import tokenizer_of
+    from tscompile.importers import cache_root, import_source
     from tscompile.spec import load_spec
     spec = load_spec(SPEC)
     cfg = relufy_config(spec)
@@ -132,6 +133,7 @@ def assemble():
 def _eval_all(ir, heldout: dict, device: str, micro: int = 8, limit: int | None = None) -> dict:
     """Held-out ppl and FFN sparsity (bf16 autocast, causal flash attention) of `ir` on each text."""
     import torch
+
     from tscompile.reference import ReferenceModel
     from tscompile.trainer import causal_attention, evaluate
     model = ReferenceModel.from_ir(ir, torch.float32, device)
@@ -147,6 +149,7 @@ def _eval_all(ir, heldout: dict, device: str, micro: int = 8, limit: int | None 
 def bench(args) -> None:
     """Training-step throughput on a random SmolLM2-shaped dReLU model, eager vs torch.compile."""
     import torch
+
     from tscompile.reference import ReferenceModel
     from tscompile.spec import load_spec
     from tscompile.tiny import make_tiny_ir
@@ -198,10 +201,11 @@ def bench(args) -> None:
 
 def run(args) -> None:
     import torch
-    from tscompile.errors import UserError
     from tscompile.passes.drelu import DReLUConfig, apply_drelu
     from tscompile.passes.relufy import apply_relufy, training_data
     from tscompile.passes.threshold import ThresholdConfig, apply_threshold
+
+    from tscompile.errors import UserError
     from tscompile.spec import load_spec
     t_start = time.time()
     spec = load_spec(SPEC)

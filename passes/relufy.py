@@ -111,6 +111,7 @@ def _distributed_device(ctx: Context) -> str:
 def _windows(tokenizer, sources, seq_len: int, seed: int, split: str, held_out: float, limit: int):
     """Up to `limit` windows [n, seq_len+1] of a mixture's split, as a uint16/uint32 array."""
     import numpy as np
+
     from tscompile.data import token_stream
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 65536 else np.uint32
     rows = []
@@ -181,6 +182,7 @@ def training_data(ir: ModelIR, cfg: RelufyConfig, ctx: Context):
 
 def apply_relufy(ir: ModelIR, cfg: RelufyConfig, ctx: Context) -> ModelIR:
     import torch
+
     from tscompile.reference import ReferenceModel
     from tscompile.trainer import full_state_dict, train
     _check_activations(ir)

@@ -104,7 +104,7 @@ class TokenWindows:
         self._perm: tuple[int, np.ndarray] | None = None
 
     @classmethod
-    def from_flat(cls, tokens: np.ndarray, seq_len: int, seed: int) -> "TokenWindows":
+    def from_flat(cls, tokens: np.ndarray, seq_len: int, seed: int) -> TokenWindows:
         n = len(tokens) // (seq_len + 1)
         return cls(tokens[:n * (seq_len + 1)].reshape(n, seq_len + 1), seed)
 
@@ -126,6 +126,7 @@ def causal_attention(model) -> None:
     attention on CUDA). Training windows are full causal sequences (no padding, no cache), where this is the
     same function as the reference's explicit float32 softmax, which stores T×T scores per head and layer."""
     import types
+
     from tscompile.reference import apply_rope
     if model.cfg.sliding_window:     # a window shorter than the sequence needs the reference's explicit mask
         return
@@ -402,7 +403,7 @@ def train(model, cfg, train_data: TokenWindows, heldout: dict[str, np.ndarray], 
     if teacher is not None:
         causal_attention(teacher)
     start_capture(model)
-    fpt = flops_per_token(model.cfg, seq_len, teacher is not None)
+    fpt = flops_per_token(model.cfg, seq_len, teacher is not None and cfg.distill > 0)
     t_start, tokens_run, last, history = time.time(), 0, {}, []
     bar = tqdm(total=total_steps, initial=step, desc="relufy", disable=not progress or rank != 0, leave=False)
     stop_early = False
@@ -486,6 +487,9 @@ def train(model, cfg, train_data: TokenWindows, heldout: dict[str, np.ndarray], 
             stop_early = True
             break
     bar.close()
+    if not last and heldout:            # resumed at the end (a run killed after its last checkpoint)
+        last = {"step": step, "heldout": {name: evaluate(model, w, micro, device, autocast)
+                                          for name, w in heldout.items()}}
     stop_capture(model)
     elapsed = time.time() - t_start
     tps = tokens_run / elapsed if elapsed > 0 else 0.0

@@ -11,9 +11,9 @@ import time
 import numpy as np
 import pytest
 import torch
+from tscompile.passes.relufy import L1Ramp, RelufyConfig, Stage, apply_relufy
 
 from tscompile.errors import UserError
-from tscompile.passes.relufy import L1Ramp, RelufyConfig, Stage, apply_relufy
 from tscompile.tiny import make_tiny_ir
 from tscompile.trainer import TokenWindows, l1_at, lr_at, stage_bounds
 
@@ -209,6 +209,7 @@ def test_gloo_fsdp_two_processes_match_one(tmp_path, single_run):
 
 def test_example_specs_validate(tmp_path):
     from pathlib import Path
+
     from tscompile.spec import parse_spec
     specs = Path(__file__).resolve().parents[2] / "specs"
     smol = parse_spec((specs / "smollm2.yaml").read_text(), "smollm2.yaml")
