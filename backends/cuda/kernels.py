@@ -59,7 +59,8 @@ def ffn_launch(hidden: int, batch: int) -> dict:
     vpt = max(math.ceil(vecs / 1024), 2 if batch == 1 and vecs >= 256 else 1)
     threads = min(1024, 32 * math.ceil(math.ceil(vecs / vpt) / 32))
     stages = max(2, min(16, RING_BYTES // (2 * vpt * threads * 16)))
-    return {"batch": batch, "vpt": vpt, "threads": threads, "chunk": max(16, 64 // batch), "stages": stages}
+    chunk = min(threads, max(16, 64 // batch))   # one id per thread when a chunk starts
+    return {"batch": batch, "vpt": vpt, "threads": threads, "chunk": chunk, "stages": stages}
 
 
 def render_source(shape: KernelShape) -> str:

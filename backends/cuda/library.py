@@ -21,9 +21,14 @@ class KernelLibrary:
         self.lib.tsc_sparse_ffn.argtypes = [_I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _F, _P, _P, _P, _P, _P]
         self.lib.tsc_predict.argtypes = [_I, _P, _P, _P, _I, _I, _F, _P, _P, _P, _P, _P]
         self.lib.tsc_error_string.restype = ctypes.c_char_p
+        self.lib.tsc_set_dependent_launch.argtypes = [_I]
         self.hidden = self.lib.tsc_hidden_size()
         self.inter = self.lib.tsc_intermediate_size()
         self.max_batch = self.lib.tsc_max_batch()
+
+    def set_dependent_launch(self, on: bool) -> None:
+        """Programmatic dependent launch on sm_90+ (on by default); off gives plain launches, for comparison."""
+        self.lib.tsc_set_dependent_launch(int(on))
 
     def _check(self, err: int, what: str) -> None:
         if err:

@@ -64,8 +64,8 @@ class GPUDecoder:
         self.v = torch.zeros(shape, dtype=self.dtype, device=self.dev)
         pos = torch.arange(capacity, dtype=torch.float64, device=self.dev)
         ang = pos[:, None] * self.inv_freq.double()[None]
-        ang = torch.cat([ang, ang], dim=-1)
-        self.cos, self.sin = ang.cos().float(), ang.sin().float()   # [capacity, head_dim], HF rotate-half layout
+        self.cos = torch.cat([ang, ang], dim=-1).cos().float()          # [capacity, head_dim], HF rotate-half layout
+        self.sin = torch.cat([-ang, ang], dim=-1).sin().float()         # signed: rope's [-x2, x1] = roll(x) * sign
         self.capacity = capacity
 
     def _norm(self, x, w):
@@ -74,14 +74,14 @@ class GPUDecoder:
         return F.rms_norm(x, (x.shape[-1],), w, self.cfg.rms_norm_eps)
 
     def _rope(self, x, cos, sin):
-        """HF rotate-half rope, x * cos + [-x2, x1] * sin, in float32 (cos and sin are: type promotion)."""
-        half = x.shape[-1] // 2
-        return torch.addcmul(x * cos, torch.cat([-x[..., half:], x[..., :half]], dim=-1), sin).to(x.dtype)
+        """HF rotate-half rope, x * cos + [-x2, x1] * sin, computed in float32 (cos and sin are float32), rounded once
+        into the model dtype. sin carries the sign, so [-x2, x1] * sin is roll(x) * sin: three kernels."""
+        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin, out=torch.empty_like(x))
 
     def _attention(self, i: int, x, pos, cos, sin, mask):
         """x [T, H] at positions pos [T]; writes k, v into the cache, attends over it (float32 softmax); returns the
         heads' outputs [T, heads * head_dim] (o_proj is applied with the residual add).
-        mask [rep * T, capacity]: which cached positions each query row may see."""
+        mask [rep * T, capacity]: 0 where a query row may see a cached position, -inf where not."""
         c, n = self.cfg, layer_weight_names(i)
         T, hd, nh, nkv = x.shape[0], c.head_dim, c.num_heads, c.num_kv_heads
         qkv = F.linear(x, self.w[n["qkv"]], self.w.get(n["qkv_bias"]))
@@ -125,7 +125,8 @@ class GPUDecoder:
         mask = kpos[None, :] <= pos[:, None]                                   # causal (positions = order)
         if c.sliding_window:
             mask &= (pos[:, None] - kpos[None, :]) < c.sliding_window
-        mask = mask.repeat(c.num_heads // c.num_kv_heads, 1)                 # rows: (head in group, token)
+        rows = mask.repeat(c.num_heads // c.num_kv_heads, 1)                 # rows: (head in group, token)
+        mask = torch.zeros(rows.shape, dtype=self.dtype, device=self.dev).masked_fill_(~rows, float("-inf"))
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]             # [T, 1, head_dim]
         x = self.w["embed"][tokens]
         sparse = self.lib is not None and tokens.shape[0] == 1

@@ -68,6 +68,20 @@ __device__ __forceinline__ void atomic_add4(float* acc, float a, float b, float 
 #endif
 }
 
+// Programmatic dependent launch (sm_90): a kernel may be launched before the one ahead of it in the stream has
+// finished; it waits here until that one's writes are visible, and lets the next one launch early. Before sm_90
+// the launches are not marked and both are no-ops.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_next_kernel() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 template <int ACT>
 __device__ __forceinline__ float activate(float g, float u) {
     if (ACT == ACT_SWIGLU) return g / (1.f + __expf(-g)) * u;
@@ -91,8 +105,8 @@ __device__ __forceinline__ void load_columns(const weight_t* __restrict__ x, flo
 
 // ---- sparse FFN -----------------------------------------------------------------------------------------------
 //
-// A persistent grid, one block per multiprocessor: block i takes the slice [n*i/G, n*(i+1)/G) of the n active
-// neurons. Each thread owns the same VPT 16-byte column vectors of every row, so x and the partial y stay in
+// A persistent grid, one block per multiprocessor: block i takes list positions i, i+G, i+2G, ... < n of the n
+// active neurons (its first chunk of ids is loaded together with n: one memory round trip instead of two). Each thread owns the same VPT 16-byte column vectors of every row, so x and the partial y stay in
 // registers and no thread ever reads another thread's weights. Weight rows stream through a shared-memory ring
 // with cp.async, STAGES steps in flight; a step copies two rows:
 //   steps [0, cn)         (Wg[j], Wu[j])          -> per-warp partial dots -> shared part[]
@@ -131,13 +145,16 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_ffn(
     __shared__ bool is_last;
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    allow_next_kernel();
+    wait_for_previous_kernel();
     const int n = *active_count;
-    const int lo = (int)((long long)n * blockIdx.x / gridDim.x);
-    const int hi = (int)((long long)n * (blockIdx.x + 1) / gridDim.x);
+    const int p0 = blockIdx.x + threadIdx.x * gridDim.x;          // the list has room for INTER ids: no fault
+    const int first_id = threadIdx.x < CHUNK && p0 < INTER ? active[p0] : 0;
+    const int mine = n > (int)blockIdx.x ? (n - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
 
-    for (int c0 = lo; c0 < hi; c0 += CHUNK) {
-        const int cn = min(CHUNK, hi - c0);
-        for (int t = threadIdx.x; t < cn; t += THREADS) ids[t] = active[c0 + t];
+    for (int c0 = 0; c0 < mine; c0 += CHUNK) {
+        const int cn = min(CHUNK, mine - c0);
+        if (threadIdx.x < cn) ids[threadIdx.x] = c0 == 0 ? first_id : active[blockIdx.x + (c0 + threadIdx.x) * gridDim.x];
         __syncthreads();
         const int steps = cn + (cn + 1) / 2;
 
@@ -281,6 +298,8 @@ __global__ void __launch_bounds__(THREADS) predict_hidden(
     constexpr int WARPS = THREADS / 32;
     __shared__ float part[WARPS][RPB][B];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    allow_next_kernel();
+    wait_for_previous_kernel();
     if (blockIdx.x == 0 && threadIdx.x == 0) *active_count = 0;
 
     float xr[B][VPT][8];
@@ -329,6 +348,8 @@ __global__ void __launch_bounds__(256) predict_active(
 {
     const int lane = threadIdx.x % 32;
     const int j0 = (blockIdx.x * 8 + threadIdx.x / 32) * NPW;   // 8 warps a block
+    allow_next_kernel();
+    wait_for_previous_kernel();
     if (j0 >= INTER) return;
     const int rvec = rank / 8;
 
@@ -379,7 +400,36 @@ __global__ void __launch_bounds__(256) predict_active(
 // ---- C entry points (loaded with ctypes) ------------------------------------------------------------------------
 // Every function returns a cudaError_t (0 = launched); launches go to `stream`, so they can be graph-captured.
 
+// Launch with programmatic dependent launch where the GPU has it (sm_90+) and it is switched on.
+static int dependent_launch = -1;   // -1: not decided yet
+
+template <typename... Params, typename... Args>
+static cudaError_t launch(void (*kernel)(Params...), int grid, int threads, int smem, cudaStream_t stream,
+                          Args... args) {
+    if (dependent_launch < 0) {
+        int device = 0, major = 0;
+        cudaGetDevice(&device);
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+        dependent_launch = major >= 9;
+    }
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(grid);
+    cfg.blockDim = dim3(threads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = &attr;
+    cfg.numAttrs = dependent_launch ? 1 : 0;
+    cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, args...);
+    return err != cudaSuccess ? err : cudaGetLastError();
+}
+
 extern "C" {
+
+// 1: launch with programmatic dependent launch on sm_90+ (the default), 0: plain launches (for comparisons).
+void tsc_set_dependent_launch(int on) { dependent_launch = on ? -1 : 0; }
 
 int tsc_hidden_size(void) { return HIDDEN; }
 int tsc_intermediate_size(void) { return INTER; }
@@ -399,7 +449,7 @@ int tsc_sparse_ffn(int batch, int activation, int grid, const void* x, const voi
     weight_t* yw = (weight_t*)y;
     if (batch == 1 && activation == 3) {
         // ring: 16 stages x 2 rows x 128 bytes
-        auto kernel = sparse_ffn<1, 1, 32, 64, 16, 3>;
+        auto kernel = sparse_ffn<1, 1, 32, 32, 16, 3>;
         const int ring_bytes = 16 * 2 * 1 * 32 * 16;
         static bool ring_allowed = false;   // shared memory above 48 KB must be asked for once per kernel
         if (!ring_allowed) {
@@ -407,9 +457,8 @@ int tsc_sparse_ffn(int batch, int activation, int grid, const void* x, const voi
             if (err != cudaSuccess) return (int)err;
             ring_allowed = true;
         }
-        kernel<<<grid, 32, ring_bytes, stream>>>(xw, wg, wu, wd, active, active_count, token_mask,
-                                                              threshold, acc, blocks_done, res, yw);
-        return (int)cudaGetLastError();
+        return (int)launch(kernel, grid, 32, ring_bytes, stream, xw, wg, wu, wd, active, active_count,
+                           token_mask, threshold, acc, blocks_done, res, yw);
     }
     if (batch == 2 && activation == 3) {
         // ring: 16 stages x 2 rows x 128 bytes
@@ -421,9 +470,8 @@ int tsc_sparse_ffn(int batch, int activation, int grid, const void* x, const voi
             if (err != cudaSuccess) return (int)err;
             ring_allowed = true;
         }
-        kernel<<<grid, 32, ring_bytes, stream>>>(xw, wg, wu, wd, active, active_count, token_mask,
-                                                              threshold, acc, blocks_done, res, yw);
-        return (int)cudaGetLastError();
+        return (int)launch(kernel, grid, 32, ring_bytes, stream, xw, wg, wu, wd, active, active_count,
+                           token_mask, threshold, acc, blocks_done, res, yw);
     }
     if (batch == 4 && activation == 3) {
         // ring: 16 stages x 2 rows x 128 bytes
@@ -435,9 +483,8 @@ int tsc_sparse_ffn(int batch, int activation, int grid, const void* x, const voi
             if (err != cudaSuccess) return (int)err;
             ring_allowed = true;
         }
-        kernel<<<grid, 32, ring_bytes, stream>>>(xw, wg, wu, wd, active, active_count, token_mask,
-                                                              threshold, acc, blocks_done, res, yw);
-        return (int)cudaGetLastError();
+        return (int)launch(kernel, grid, 32, ring_bytes, stream, xw, wg, wu, wd, active, active_count,
+                           token_mask, threshold, acc, blocks_done, res, yw);
     }
     if (batch == 8 && activation == 3) {
         // ring: 16 stages x 2 rows x 128 bytes
@@ -449,9 +496,8 @@ int tsc_sparse_ffn(int batch, int activation, int grid, const void* x, const voi
             if (err != cudaSuccess) return (int)err;
             ring_allowed = true;
         }
-        kernel<<<grid, 32, ring_bytes, stream>>>(xw, wg, wu, wd, active, active_count, token_mask,
-                                                              threshold, acc, blocks_done, res, yw);
-        return (int)cudaGetLastError();
+        return (int)launch(kernel, grid, 32, ring_bytes, stream, xw, wg, wu, wd, active, active_count,
+                           token_mask, threshold, acc, blocks_done, res, yw);
     }
     return (int)cudaErrorInvalidValue;
 }
@@ -465,40 +511,40 @@ int tsc_predict(int batch, const void* x, const void* fc1, const void* fc2, int 
     const weight_t* w2 = (const weight_t*)fc2;
     if (rank % 8 != 0 || rank > 8) return (int)cudaErrorInvalidValue;
     if (batch == 1) {
-        predict_hidden<1, 1, 32, 2>
-            <<<(rank + 1) / 2, 32, 0, stream>>>(xw, w1, rank, relu, z, active_count);
-        cudaError_t err = cudaGetLastError();
+        cudaError_t err = launch(predict_hidden<1, 1, 32, 2>,
+                                 (rank + 1) / 2, 32, 0, stream,
+                                 xw, w1, rank, relu, z, active_count);
         if (err != cudaSuccess) return (int)err;
-        predict_active<1, 1, 8>
-            <<<(INTER + 63) / 64, 256, 0, stream>>>(z, w2, rank, predictor_threshold, active, active_count, token_mask);
-        return (int)cudaGetLastError();
+        return (int)launch(predict_active<1, 1, 8>,
+                           (INTER + 63) / 64, 256, 0, stream,
+                           z, w2, rank, predictor_threshold, active, active_count, token_mask);
     }
     if (batch == 2) {
-        predict_hidden<2, 1, 32, 2>
-            <<<(rank + 1) / 2, 32, 0, stream>>>(xw, w1, rank, relu, z, active_count);
-        cudaError_t err = cudaGetLastError();
+        cudaError_t err = launch(predict_hidden<2, 1, 32, 2>,
+                                 (rank + 1) / 2, 32, 0, stream,
+                                 xw, w1, rank, relu, z, active_count);
         if (err != cudaSuccess) return (int)err;
-        predict_active<2, 1, 8>
-            <<<(INTER + 63) / 64, 256, 0, stream>>>(z, w2, rank, predictor_threshold, active, active_count, token_mask);
-        return (int)cudaGetLastError();
+        return (int)launch(predict_active<2, 1, 8>,
+                           (INTER + 63) / 64, 256, 0, stream,
+                           z, w2, rank, predictor_threshold, active, active_count, token_mask);
     }
     if (batch == 4) {
-        predict_hidden<4, 1, 32, 1>
-            <<<(rank + 0) / 1, 32, 0, stream>>>(xw, w1, rank, relu, z, active_count);
-        cudaError_t err = cudaGetLastError();
+        cudaError_t err = launch(predict_hidden<4, 1, 32, 1>,
+                                 (rank + 0) / 1, 32, 0, stream,
+                                 xw, w1, rank, relu, z, active_count);
         if (err != cudaSuccess) return (int)err;
-        predict_active<4, 1, 8>
-            <<<(INTER + 63) / 64, 256, 0, stream>>>(z, w2, rank, predictor_threshold, active, active_count, token_mask);
-        return (int)cudaGetLastError();
+        return (int)launch(predict_active<4, 1, 8>,
+                           (INTER + 63) / 64, 256, 0, stream,
+                           z, w2, rank, predictor_threshold, active, active_count, token_mask);
     }
     if (batch == 8) {
-        predict_hidden<8, 1, 32, 1>
-            <<<(rank + 0) / 1, 32, 0, stream>>>(xw, w1, rank, relu, z, active_count);
-        cudaError_t err = cudaGetLastError();
+        cudaError_t err = launch(predict_hidden<8, 1, 32, 1>,
+                                 (rank + 0) / 1, 32, 0, stream,
+                                 xw, w1, rank, relu, z, active_count);
         if (err != cudaSuccess) return (int)err;
-        predict_active<8, 1, 8>
-            <<<(INTER + 63) / 64, 256, 0, stream>>>(z, w2, rank, predictor_threshold, active, active_count, token_mask);
-        return (int)cudaGetLastError();
+        return (int)launch(predict_active<8, 1, 8>,
+                           (INTER + 63) / 64, 256, 0, stream,
+                           z, w2, rank, predictor_threshold, active, active_count, token_mask);
     }
     return (int)cudaErrorInvalidValue;
 }
