@@ -502,7 +502,9 @@ def apply_predictors(ir: ModelIR, cfg: PredictorsConfig, ctx: Context) -> ModelI
     from tscompile.data import calibration_batch
     ids = calibration_batch(ir, calib_spec(ctx, "predictors"), ctx.device, ctx.seed)
     out = fit_predictors(ir, cfg, ids, ctx.device, ctx.log, ctx.seed)
-    if cfg.eval_tokens and any(a.mode == "predictor" for _, _, a in out.ffn_units()):
+    if not any(a.mode == "predictor" for _, _, a in out.ffn_units()):
+        out.meta["predictors"]["held_out_perplexity"] = "no FFN uses predictor gating: same function as exact"
+    elif cfg.eval_tokens:
         ppl = {name: gated_perplexity(out, t, ctx.device)
                for name, t in held_out_texts(ir, ctx.spec.data, ids, cfg).items()}
         out.meta["predictors"]["held_out_perplexity"] = ppl

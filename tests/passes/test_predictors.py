@@ -22,6 +22,7 @@ from tscompile.passes.predictors import (
     unpack_bits,
 )
 
+from tscompile.errors import UserError
 from tscompile.ir import ModelIR, predictor_names
 from tscompile.reference import ReferenceModel
 from tscompile.tiny import make_tiny_ir
@@ -261,3 +262,30 @@ def test_smollm2_magnitude_half_sparse_predictors(smollm2_ir):
         assert ann.mode == ("predictor" if st["bytes_predictor"] < st["bytes_exact"] and gap <= 0.05 else "exact")
         # exact gating on SwiGLU: gate and up read fully, down only for the active half
         assert st["gate_sparsity"] == 0 and st["bytes_exact"] == pytest.approx((3 - st["true_sparsity"]) / 3)
+
+
+def test_pass_reads_calibration_and_eval_text(tmp_path):
+    import logging
+    from types import SimpleNamespace
+
+    from tscompile.passes.predictors import PASS
+
+    from tscompile.api import Context
+    from tscompile.spec import CalibData, DataSpec, EvalData
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. def relu(x): return max(0, x)\n" * 60)
+    data = DataSpec(calib=CalibData(mixture=[{"path": str(text)}], tokens=1024, seq_len=64),
+                    eval=EvalData(texts={"t": str(text)}, tokens=256, seq_len=64))
+    ctx = Context(spec=SimpleNamespace(data=data), build_dir=tmp_path, work_dir=tmp_path,
+                  log=logging.getLogger("test"))
+    ir = make_tiny_ir("llama", "drelu", seed=3, layers=2, hidden=64, intermediate=192)
+    out = PASS.run(ir, PredictorsConfig(rank=8, mode="predictor", epochs=2, held_out=0.2), ctx)
+    meta = out.meta["predictors"]
+    assert meta["calibration_tokens"] == 1024 and meta["predictor_ffns"] == 2
+    ppl = meta["held_out_perplexity"]["t"]
+    assert ppl["tokens"] == 256 and ppl["ppl_exact"] > 1 and ppl["ppl_predictor"] > 1
+    exact = PASS.run(ir, PredictorsConfig(mode="exact"), ctx)
+    assert "no FFN uses predictor gating" in exact.meta["predictors"]["held_out_perplexity"]
+    with pytest.raises(UserError, match="data.calib"):
+        PASS.run(ir, PredictorsConfig(), Context(spec=SimpleNamespace(data=DataSpec()), build_dir=tmp_path,
+                                                 work_dir=tmp_path))
