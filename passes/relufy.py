@@ -192,6 +192,8 @@ def apply_relufy(ir: ModelIR, cfg: RelufyConfig, ctx: Context) -> ModelIR:
     device = _distributed_device(ctx)
     torch.manual_seed(ctx.seed)
     model = ReferenceModel.from_ir(ir, torch.float32, device)
+    for p in model.parameters():    # on CPU from_ir may alias the IR's in-memory tensors (and the teacher's)
+        p.data = p.data.clone()
     teacher = None
     if cfg.distill > 0:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32

@@ -222,3 +222,34 @@ def test_example_specs_validate(tmp_path):
     cfg = next(s.config for s in mistral.pipeline if s.name == "relufy")
     assert cfg.activation_checkpointing and l1_at(cfg.stages, 10**9) == pytest.approx(5e-4)
     assert set(mistral.targets) == {"onnx", "cuda", "arm64"}
+
+
+def test_pass_on_spec_data_writes_weights_and_stats(tmp_path, monkeypatch):
+    """The pass end to end: spec data.train (a local text file) -> token windows -> training -> new IR."""
+    from tscompile.api import Context
+    from tscompile.spec import parse_spec
+    monkeypatch.setenv("TSCOMPILE_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    words = ["sparse", "model", "neuron", "fires", "the", "a", "quick", "fox", "def", "return", "relu", "(x)"]
+    docs = [" ".join(words[i] for i in rng.integers(0, len(words), 400)) for _ in range(60)]
+    (tmp_path / "text.txt").write_text("\x1e".join(docs))
+    spec = parse_spec(textwrap.dedent(f"""
+        version: 1
+        name: t
+        source: {{tiny: {{activation: drelu}}}}
+        data: {{train: {{mixture: [{{path: {tmp_path / 'text.txt'}}}], seq_len: 32, held_out: 0.1}}}}
+        pipeline: [{{drelu: {{}}}}]
+    """), "t.yaml")
+    cfg = RelufyConfig.model_validate(dict(CONFIG, eval_tokens=128))
+    ir = make_tiny_ir("mistral", "drelu", seed=0)
+    teacher = make_tiny_ir("mistral", "swiglu", seed=0)
+    ctx = Context(spec=spec, build_dir=tmp_path, work_dir=tmp_path / "work", source_ir=teacher, seed=0)
+    out = apply_relufy(ir, cfg.model_copy(update={"distill": 0.5}), ctx)
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(out.weights[name], ir.weights[name]) and out.weights[name].dtype == torch.float32
+    assert torch.equal(ir.weights[name], make_tiny_ir("mistral", "drelu", seed=0).weights[name])   # input kept
+    meta = out.meta["relufy"]
+    assert meta["steps"] == 14 and set(meta["heldout"]) == {str(tmp_path / "text.txt")}
+    assert all(0 < layer.stats["sparsity"] < 1 for layer in out.layers)
+    log = [json.loads(ln) for ln in (tmp_path / "work" / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["kl"] > 0 and len(log) == 14
