@@ -253,3 +253,17 @@ def test_pass_on_spec_data_writes_weights_and_stats(tmp_path, monkeypatch):
     assert all(0 < layer.stats["sparsity"] < 1 for layer in out.layers)
     log = [json.loads(ln) for ln in (tmp_path / "work" / "train_log.jsonl").read_text().splitlines()]
     assert log[0]["kl"] > 0 and len(log) == 14
+
+
+def test_activation_checkpointing_gives_the_same_steps(tmp_path):
+    from tscompile.reference import ReferenceModel
+    from tscompile.trainer import train
+    runs = []
+    for ckpt in (False, True):
+        cfg = RelufyConfig.model_validate(dict(CONFIG, stages=[{"name": "s", "steps": 3, "l1": 1e-2}],
+                                               activation_checkpointing=ckpt))
+        model = ReferenceModel.from_ir(make_tiny_ir("mistral", "drelu", seed=0))
+        res = train(model, cfg, TokenWindows(markov_windows(64, 32), seed=1), {}, tmp_path / str(ckpt),
+                    progress=False)
+        runs.append([r[k] for r in res.history for k in ("loss", "l1", "sparsity")])
+    assert len(runs[0]) == 9 and runs[1] == pytest.approx(runs[0], rel=1e-5)
