@@ -355,14 +355,22 @@ def sample_memory(cfg: PredictorsConfig, device: str) -> float:
     return 2 * 1024**3
 
 
-def split_sequences(ids, held_out: float):
-    """(train, val, test) sequence batches: val and test each get `held_out` of the sequences (at least one)."""
+def used_sequences(ids, cfg: PredictorsConfig):
+    """The calibration sequences the pass uses: the first `cfg.tokens` worth, or all."""
+    return ids if cfg.tokens is None else ids[:max(3, -(-cfg.tokens // ids.shape[1]))]
+
+
+def split_sequences(ids, held_out: float, seed: int = 0):
+    """(train, val, test) sequence batches: val and test each get `held_out` of the sequences (at least one),
+    drawn at random so a mixture's sources land in every split alike."""
+    import torch
     n = ids.shape[0]
     k = max(1, round(n * held_out))
     if n < 2 * k + 1:
         raise UserError(f"data.calib: {n} calibration sequences are too few for predictors "
                         f"(need {2 * k + 1}: train + val + test)")
-    return ids[:n - 2 * k], ids[n - 2 * k:n - k], ids[n - k:]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(ids.device)
+    return ids[perm[:n - 2 * k]], ids[perm[n - 2 * k:n - k]], ids[perm[n - k:]]
 
 
 def fit_predictors(ir: ModelIR, cfg: PredictorsConfig, calib_ids, device: str = "cpu", log=None,
@@ -385,10 +393,8 @@ def fit_predictors(ir: ModelIR, cfg: PredictorsConfig, calib_ids, device: str = 
     units = list(out.ffn_units())
     H, I = ir.config.hidden_size, ir.config.intermediate_size
     cuda = str(device).startswith("cuda")
-    ids = calib_ids.to(device)
-    if cfg.tokens is not None:
-        ids = ids[:max(3, -(-cfg.tokens // ids.shape[1]))]
-    train_ids, val_ids, test_ids = split_sequences(ids, cfg.held_out)
+    ids = used_sequences(calib_ids, cfg).to(device)
+    train_ids, val_ids, test_ids = split_sequences(ids, cfg.held_out, seed)
     model = ReferenceModel.from_ir(out, torch.float32, device)
     # MoE experts see about top_k/num_experts of the tokens: cap rows per FFN at the dense token count
     rows = {"train": train_ids.numel(), "val": val_ids.numel(), "test": test_ids.numel()}
@@ -479,14 +485,14 @@ def gated_perplexity(ir: ModelIR, ids, device: str, batch_seqs: int = 4) -> dict
             "ppl_ratio": ppl["predictor"] / ppl["exact"], "tokens": int(ids.numel())}
 
 
-def held_out_texts(ir: ModelIR, spec_data, calib_ids, cfg: PredictorsConfig) -> dict[str, object]:
+def held_out_texts(ir: ModelIR, spec_data, calib_ids, cfg: PredictorsConfig, seed: int) -> dict[str, object]:
     """name -> token ids [n, T] to compare gatings on: the spec's eval texts, else the test calibration sequences."""
     import torch
 
     from tscompile.evaluate import text_token_ids
     if getattr(spec_data, "eval", None) is None:
-        n_test = max(1, round(calib_ids.shape[0] * cfg.held_out))
-        return {"calib_test": calib_ids[-n_test:][:max(1, -(-cfg.eval_tokens // calib_ids.shape[1]))]}
+        test = split_sequences(used_sequences(calib_ids, cfg), cfg.held_out, seed)[2]
+        return {"calib_test": test[:max(1, -(-cfg.eval_tokens // calib_ids.shape[1]))]}
     ev = spec_data.eval
     out = {}
     for name, path in ev.texts.items():
@@ -506,7 +512,7 @@ def apply_predictors(ir: ModelIR, cfg: PredictorsConfig, ctx: Context) -> ModelI
         out.meta["predictors"]["held_out_perplexity"] = "no FFN uses predictor gating: same function as exact"
     elif cfg.eval_tokens:
         ppl = {name: gated_perplexity(out, t, ctx.device)
-               for name, t in held_out_texts(ir, ctx.spec.data, ids, cfg).items()}
+               for name, t in held_out_texts(ir, ctx.spec.data, ids, cfg, ctx.seed).items()}
         out.meta["predictors"]["held_out_perplexity"] = ppl
         for name, p in ppl.items():
             ctx.log.info("predictors: %s perplexity %.3f with predictor gating vs %.3f exact (ratio %.4f)",
