@@ -21,7 +21,7 @@ QEMU = "qemu-aarch64"
 QEMU_SYSROOT = "/usr/aarch64-linux-gnu"
 COMMON_FLAGS = ["-std=c11", "-O2", "-D_GNU_SOURCE", "-Wall", "-Wextra", "-Werror"]
 LIBS = ["-lm", "-lpthread"]
-SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+SANITIZERS = {"asan": "address,undefined", "tsan": "thread"}   # binary suffix -> -fsanitize=
 
 
 def is_arm64_host() -> bool:
@@ -78,11 +78,13 @@ def aarch64_job(cc: list[str], src: Path, out: Path, extra_sources: tuple[Path, 
     ])
 
 
-def host_job(cc: list[str], src: Path, out: Path, sanitize: bool = False, extra_sources: tuple[Path, ...] = (),
-             skip: tuple[str, ...] = ()) -> Job:
-    """The portable build (scalar kernels) for the machine we run on."""
+def host_job(cc: list[str], src: Path, out: Path, sanitizer: str | None = None,
+             extra_sources: tuple[Path, ...] = (), skip: tuple[str, ...] = ()) -> Job:
+    """The portable build (scalar kernels) for the machine we run on; sanitizer: a SANITIZERS key."""
     c_files = [str(src / n) for n in SOURCES if n.endswith(".c") and n not in NEON_FILES and n not in skip]
-    flags = COMMON_FLAGS + ["-I", str(src)] + (SANITIZE_FLAGS if sanitize else [])
+    flags = COMMON_FLAGS + ["-I", str(src)]
+    if sanitizer:
+        flags += [f"-fsanitize={SANITIZERS[sanitizer]}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
     return Job(f"host build of {out.name}",
                [cc + flags + c_files + [str(p) for p in extra_sources] + ["-o", str(out)] + LIBS])
 
@@ -106,8 +108,9 @@ def run_jobs(jobs: list[Job]) -> None:
         raise UserError("; ".join(errors))
 
 
-def build_binaries(outdir: Path, *, aarch64: bool = True, host: bool = True, sanitize: bool = False) -> dict:
-    """Compiles outdir/src into outdir/bin: tsrun (aarch64), tsrun-host, tsrun-host-asan (sanitize)."""
+def build_binaries(outdir: Path, *, aarch64: bool = True, host: bool = True,
+                   sanitizers: tuple[str, ...] = ()) -> dict:
+    """Compiles outdir/src into outdir/bin: tsrun (aarch64), tsrun-host, tsrun-host-asan / -tsan (sanitizers)."""
     src, bin_dir = outdir / "src", outdir / "bin"
     bin_dir.mkdir(exist_ok=True)
     jobs, built = [], {}
@@ -115,13 +118,13 @@ def build_binaries(outdir: Path, *, aarch64: bool = True, host: bool = True, san
     if cc:
         jobs.append(aarch64_job(cc, src, bin_dir / "tsrun"))
         built["tsrun"] = {"compiler": _version(cc), "flags": "-O2 -march=armv8-a -static (+fp16 for kernels_neon_fp16.c)"}
-    hcc = host_compiler() if host or sanitize else None
+    hcc = host_compiler() if host or sanitizers else None
     if hcc and host and not is_arm64_host():
         jobs.append(host_job(hcc, src, bin_dir / "tsrun-host"))
         built["tsrun-host"] = {"compiler": _version(hcc), "flags": "-O2 (scalar kernels)"}
-    if hcc and sanitize:
-        jobs.append(host_job(hcc, src, bin_dir / "tsrun-host-asan", sanitize=True))
-        built["tsrun-host-asan"] = {"compiler": _version(hcc), "flags": "-O2 -fsanitize=address,undefined"}
+    for name in sanitizers if hcc else ():
+        jobs.append(host_job(hcc, src, bin_dir / f"tsrun-host-{name}", sanitizer=name))
+        built[f"tsrun-host-{name}"] = {"compiler": _version(hcc), "flags": f"-O2 -fsanitize={SANITIZERS[name]}"}
     run_jobs(jobs)
     return built
 

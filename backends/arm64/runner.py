@@ -17,7 +17,7 @@ from tscompile.errors import UserError
 
 from .build import is_arm64_host, qemu_command
 
-WHERE = ("auto", "qemu", "host", "host-asan")
+WHERE = ("auto", "qemu", "host", "host-asan", "host-tsan")
 
 
 class Arm64Runner:

@@ -93,6 +93,12 @@ def test_threads_split_rows_without_changing_results(built, variant):
     one = BACKEND.load(b.outdir, where="qemu", threads=1).logits(PROMPT, FORCED)
     three = BACKEND.load(b.outdir, where="qemu", threads=3).logits(PROMPT, FORCED)
     np.testing.assert_array_equal(one, three)     # rows and columns split; each sum keeps its order
+    probe = subprocess.run([str(b.outdir / "bin" / "tsrun-host-tsan"), "--print-isa", str(b.outdir / "weights.bin")],
+                           check=False, capture_output=True, text=True)
+    if "unexpected memory mapping" in probe.stderr:      # TSan vs. this kernel's ASLR settings, not our code
+        pytest.skip("ThreadSanitizer cannot run on this kernel")
+    tsan = BACKEND.load(b.outdir, where="host-tsan", threads=4).logits(PROMPT, FORCED)   # no data races
+    np.testing.assert_allclose(tsan, one, rtol=0, atol=1e-4)
 
 
 def test_text_in_text_out_and_sampling(built):
