@@ -57,6 +57,24 @@ def _read_json(path: Path) -> dict:
         raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
+def read_tokenizer(path: Path, vocab_size: int) -> str | None:
+    """tokenizer.json's text (None when there is none), checked now: every later user parses it unguarded."""
+    if not path.exists():
+        return None
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read the tokenizer ({type(e).__name__}: {e})") from None
+    from tokenizers import Tokenizer
+    try:
+        n = Tokenizer.from_str(text).get_vocab_size(with_added_tokens=True)
+    except Exception as e:     # tokenizers raises a bare Exception for any parse error
+        raise UserError(f"{path}: not a valid tokenizer ({' '.join(str(e).split())})") from None
+    if n > vocab_size:
+        raise UserError(f"{path}: the tokenizer has {n} tokens, more than the model's vocab_size {vocab_size}")
+    return text
+
+
 def read_safetensors_header(path: Path) -> dict:
     """Parse and sanity-check a safetensors header without loading tensors (no huge allocation on bad input)."""
     try:
@@ -73,6 +91,8 @@ def read_safetensors_header(path: Path) -> dict:
         raise UserError(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{path}: corrupt safetensors header") from None
+    except OSError as e:      # a directory where the file should be, say
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
     if not isinstance(header, dict):
         raise UserError(f"{path}: corrupt safetensors header")
     data_len = size - 8 - n
@@ -98,13 +118,14 @@ def _weight_files(root: Path) -> dict[str, Path]:
     """name -> file, from a single model.safetensors, an index, or every *.safetensors in the dir."""
     index = root / INDEX
     if index.exists():
-        wm = _read_json(index).get("weight_map")
+        index_json = _read_json(index)
+        wm = index_json.get("weight_map") if isinstance(index_json, dict) else None
         if not isinstance(wm, dict):
             raise UserError(f"{index}: no weight_map")
         files = {}
         for name, fname in wm.items():
             p = root / str(fname)
-            if Path(fname).name != fname:
+            if not isinstance(fname, str) or Path(fname).name != fname:
                 raise UserError(f"{index}: tensor {name}: shard name {fname!r} is not a plain file name")
             if not p.exists():
                 raise UserError(f"{index}: tensor {name}: shard {fname} is missing")
@@ -165,9 +186,8 @@ def load_checkpoint(root: Path, check_values: bool = True) -> ModelIR:
                   for i, d in enumerate(layers_json)]
     else:
         layers = []
-    tok = root / "tokenizer.json"
-    ir = ModelIR(cfg, Weights(_weight_files(root)), tok.read_text() if tok.exists() else None, layers,
-                 ts.get("meta", {}))
+    ir = ModelIR(cfg, Weights(_weight_files(root)), read_tokenizer(root / "tokenizer.json", cfg.vocab_size),
+                 layers, ts.get("meta", {}))
     validate_weights(ir, root, check_values)
     return ir
 

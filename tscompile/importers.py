@@ -149,7 +149,10 @@ def _field(reader, key: str, path: Path, default=KeyError):
         if default is KeyError:
             raise UserError(f"{path}: missing GGUF metadata key {key}")
         return default
-    return f.contents()
+    try:
+        return f.contents()
+    except (UnicodeDecodeError, ValueError, IndexError) as e:    # bytes the reader cannot decode
+        raise UserError(f"{path}: GGUF metadata {key} is corrupt ({type(e).__name__})") from None
 
 
 def _int_field(reader, key: str, path: Path, default=KeyError):

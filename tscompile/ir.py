@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ ACTIVATIONS = ("swiglu", "geglu", "relu", "drelu")   # FATReLU = relu/drelu with
 MODES = ("dense", "exact", "predictor")              # how a backend picks the neurons to compute
 FORMAT_VERSION = 1
 SHARD_BYTES = 2 * 1024**3
+MAX_LAYERS = 10_000                                 # a sanity bound (the largest models have ~100-200)
 
 
 @dataclass
@@ -127,6 +129,16 @@ class ArchConfig:
         if self.is_moe and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise UserError(f"{where}: num_experts_per_tok must be in 1..{self.num_experts}, "
                             f"got {self.num_experts_per_tok}")
+        if self.num_layers > MAX_LAYERS:     # per-layer tables are built before any tensor is read
+            raise UserError(f"{where}: num_hidden_layers {self.num_layers} is implausible (at most {MAX_LAYERS})")
+        for key, value in (("rms_norm_eps", self.rms_norm_eps), ("rope_theta", self.rope_theta)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise UserError(f"{where}: {key} must be a positive finite number, got {value}")
+        for key in ("bos_token_id", "eos_token_id"):
+            ids = getattr(self, key)
+            for i in ids if isinstance(ids, list) else [ids]:
+                if i is not None and not (isinstance(i, int) and 0 <= i < self.vocab_size):
+                    raise UserError(f"{where}: {key} {i} is outside the vocabulary (size {self.vocab_size})")
         kind = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type"))
         if kind not in (None, "default", "linear", "llama3"):
             raise UserError(f"{where}: rope_scaling type {kind!r} is not supported (supported: linear, llama3)")
