@@ -67,7 +67,7 @@ def test_sources_follow_the_model():
     assert "SLIDING_WINDOW + 1" in m["forward.c"] and "int first = 0;" in q["forward.c"]
     assert "w->lm_head = w->embed;" in q["weights.c"] and '"lm_head"' in m["weights.c"]  # tied / untied
     assert "{ ACT_RELU, MODE_PREDICTOR, 12, 1, 0.00999999978f, -0.25f }" in q["ffn.c"]
-    assert "#define WEIGHT_DTYPE  1" in m["model.h"] and "#define SLIDING_WINDOW 64" in m["model.h"]
+    assert "#define WEIGHT_DTYPE   1 " in m["model.h"] and "#define SLIDING_WINDOW 64 " in m["model.h"]
 
 
 @pytest.mark.parametrize("name", list(model_irs()))

@@ -14,27 +14,27 @@
 // ----------------------------------------------------------------------------
 // Model dimensions
 
-#define DIM           64     // hidden size
-#define HIDDEN_DIM    192    // FFN intermediate size (neurons per layer)
-#define N_LAYERS      4
-#define N_HEADS       4
-#define N_KV_HEADS    2
-#define HEAD_DIM      16
-#define Q_DIM         (N_HEADS * HEAD_DIM)
-#define KV_DIM        (N_KV_HEADS * HEAD_DIM)
-#define VOCAB_SIZE    384
-#define SLIDING_WINDOW 64   // 0: attend to every earlier position
-#define RMS_EPS       9.99999975e-06f
-#define BOS_ID        1
-#define EOS_ID        2
-#define WEIGHT_DTYPE  1   // dtype of the matrices; norms, biases and predictors are float32
+#define DIM            64      // hidden size
+#define HIDDEN_DIM     192     // FFN intermediate size (neurons per layer)
+#define N_LAYERS       4
+#define N_HEADS        4
+#define N_KV_HEADS     2
+#define HEAD_DIM       16
+#define Q_DIM          (N_HEADS * HEAD_DIM)
+#define KV_DIM         (N_KV_HEADS * HEAD_DIM)
+#define VOCAB_SIZE     384
+#define SLIDING_WINDOW 64      // 0: attend to every earlier position
+#define RMS_EPS        9.99999975e-06f
+#define BOS_ID         1
+#define EOS_ID         2
+#define WEIGHT_DTYPE   1       // 0 float32, 1 float16: the matrices; norms, biases, predictors are float32
 
 // Active-neuron lists are padded to a multiple of this (the sparse kernels' row unroll).
-#define ROW_UNROLL    4
+#define ROW_UNROLL     4
 
 // The longest input of a matrix product: DIM (most), Q_DIM (o_proj) or HIDDEN_DIM (predictor fc2).
-#define MAX_OF(a, b)  ((a) > (b) ? (a) : (b))
-#define MAX_INPUT     MAX_OF(MAX_OF(DIM, Q_DIM), HIDDEN_DIM)
+#define MAX_OF(a, b)   ((a) > (b) ? (a) : (b))
+#define MAX_INPUT      MAX_OF(MAX_OF(DIM, Q_DIM), HIDDEN_DIM)
 
 // ----------------------------------------------------------------------------
 // Per-layer FFN sparsity
@@ -48,7 +48,7 @@ typedef struct {
     int32_t predictor_rank;   // 0: no predictor
     int32_t predictor_relu;   // predictor is fc2(relu(fc1 x)) (1) or fc2(fc1 x) (0)
     float threshold;          // neuron j is zeroed where |h_j| <= threshold
-    float predictor_threshold;// neuron j is computed where predictor score_j >= this
+    float predictor_threshold; // neuron j is computed where predictor score_j >= this
 } LayerSpec;
 
 extern const LayerSpec LAYER_SPECS[N_LAYERS];
