@@ -18,10 +18,9 @@ from pathlib import Path
 from tscompile.errors import UserError
 
 ACTIVATION_ENUM = {"swiglu": 0, "geglu": 1, "relu": 2, "drelu": 3}
-DTYPES = {  # dtype name -> (C type, header, packed pair type, pair -> float2, float -> C type, C type -> float)
-    "bfloat16": ("__nv_bfloat16", "cuda_bf16.h", "__nv_bfloat162", "__bfloat1622float2", "__float2bfloat16",
-                 "__bfloat162float"),
-    "float16": ("__half", "cuda_fp16.h", "__half2", "__half22float2", "__float2half", "__half2float"),
+DTYPES = {  # dtype name -> (C type, header, packed pair type, pair -> float2, 2 floats -> pair)
+    "bfloat16": ("__nv_bfloat16", "cuda_bf16.h", "__nv_bfloat162", "__bfloat1622float2", "__floats2bfloat162_rn"),
+    "float16": ("__half", "cuda_fp16.h", "__half2", "__half22float2", "__floats2half2_rn"),
 }
 RING_BYTES = 128 * 1024   # shared-memory ring of sparse_ffn: one block per multiprocessor, ~112 KB in flight
 BATCHES = (1, 2, 4, 8)
@@ -66,7 +65,7 @@ def ffn_launch(hidden: int, batch: int) -> dict:
 def render_source(shape: KernelShape) -> str:
     import jinja2
     check_shape(shape, shape.name)
-    ctype, header, pair, pair_to_f2, f_to_w, w_to_f = DTYPES[shape.dtype]
+    ctype, header, pair, pair_to_f2, floats_to_pair = DTYPES[shape.dtype]
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     ffn_variants, predictor_variants = [], []
@@ -80,7 +79,7 @@ def render_source(shape: KernelShape) -> str:
                                    "npw": 8})
     return env.get_template("ffn.cu.j2").render(
         name=shape.name, hidden=shape.hidden, inter=shape.inter, batches=shape.batches, dtype_c=ctype,
-        dtype_header=header, pair_c=pair, pair_to_float2=pair_to_f2, float_to_weight=f_to_w, weight_to_float=w_to_f,
+        dtype_header=header, pair_c=pair, pair_to_float2=pair_to_f2, floats_to_pair=floats_to_pair,
         max_rank=max(8, shape.max_rank), ffn_variants=ffn_variants, predictor_variants=predictor_variants)
 
 

@@ -276,10 +276,31 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_ffn(
     __syncthreads();
     if (!is_last) return;
     __threadfence();
-    for (int i = threadIdx.x; i < B * HIDDEN; i += THREADS) {
-        const float r = residual != nullptr ? __bfloat162float(residual[i]) : 0.f;
-        y[i] = __float2bfloat16(__ldcg(acc + i) + r);
-        acc[i] = 0.f;
+    // 4 outputs per step, loads of a round all issued before its first store (y may alias residual, so the
+    // compiler would otherwise wait out one L2 round trip per element)
+    constexpr int N4 = B * HIDDEN / 4, PER = (N4 + THREADS - 1) / THREADS, ROUND = PER < 8 ? PER : 8;
+    for (int r0 = 0; r0 < PER; r0 += ROUND) {
+        float4 sum[ROUND];
+        uint2 res[ROUND];
+#pragma unroll
+        for (int k = 0; k < ROUND; ++k) {
+            const int i = threadIdx.x + (r0 + k) * THREADS;
+            const bool in = r0 + k < PER && i < N4;
+            sum[k] = in ? __ldcg(reinterpret_cast<const float4*>(acc) + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+            res[k] = in && residual != nullptr ? *reinterpret_cast<const uint2*>(residual + 4 * i) : make_uint2(0, 0);
+        }
+#pragma unroll
+        for (int k = 0; k < ROUND; ++k) {
+            const int i = threadIdx.x + (r0 + k) * THREADS;
+            if (r0 + k < PER && i < N4) {
+                const __nv_bfloat162* r = reinterpret_cast<const __nv_bfloat162*>(&res[k]);
+                const float2 r01 = __bfloat1622float2(r[0]), r23 = __bfloat1622float2(r[1]);
+                __nv_bfloat162 out[2] = {__floats2bfloat162_rn(sum[k].x + r01.x, sum[k].y + r01.y),
+                                       __floats2bfloat162_rn(sum[k].z + r23.x, sum[k].w + r23.y)};
+                *reinterpret_cast<uint2*>(y + 4 * i) = *reinterpret_cast<const uint2*>(out);
+                reinterpret_cast<float4*>(acc)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+        }
     }
     if (threadIdx.x == 0) *blocks_done = 0;
 }
