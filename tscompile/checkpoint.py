@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import sys
@@ -228,8 +229,14 @@ def save_checkpoint(ir: ModelIR, out: Path, shard_bytes: int) -> None:
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"save {out.name}", file=sys.stderr,
                   disable=total < 256 * 1024**2) as bar:
             for names, fname in zip(plan, fnames):
-                save_file(_untie({n: ir.weights[n].contiguous() for n in names}), str(tmp / fname),
-                          metadata={"format": "pt"})
+                try:
+                    save_file(_untie({n: ir.weights[n].contiguous() for n in names}), str(tmp / fname),
+                              metadata={"format": "pt"})
+                except Exception as e:   # safetensors reports a full disk as text ending in "(os error N)"
+                    code = re.search(r"\(os error (\d+)\)", str(e))
+                    if code is None:
+                        raise
+                    raise OSError(int(code[1]), os.strerror(int(code[1])), str(tmp / fname)) from None
                 bar.update(sum(sizes[n] for n in names))
         if len(plan) > 1:
             wm = {n: fname for names, fname in zip(plan, fnames) for n in names}

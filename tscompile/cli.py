@@ -10,6 +10,7 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch is imported: 2-core machines spin otherwise
 
+import errno
 import json
 import logging
 import re
@@ -298,6 +299,16 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+
+
+def _disk_problem(e: Exception) -> str | None:
+    """A full disk, a read-only or forbidden output dir: the user's to fix (exit 2), not a bug."""
+    if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
+        return _one_line(f"{e.filename}: {e.strerror}" if e.filename else e.strerror or e)
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("TSCOMPILE_DEBUG") == "1"
@@ -333,9 +344,14 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:
         if debug:
             traceback.print_exc()
-        click.echo(f"error: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for the "
-                   "traceback)", err=True)
-        rc = 3
+        disk = _disk_problem(e)
+        if disk:
+            click.echo(f"error: {disk}", err=True)
+            rc = UserError.exit_code
+        else:
+            click.echo(f"error: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for the "
+                       "traceback)", err=True)
+            rc = 3
     finally:
         log.removeHandler(handler)
     sys.exit(rc)

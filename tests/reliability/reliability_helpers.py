@@ -34,11 +34,13 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float 
 
 
 def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> str:
-    """Exit 2, nothing on stdout, exactly one stderr line `error: ...` holding every needle; returns it."""
+    """Exit 2, nothing on stdout, and the error as one last stderr line `error: ...` holding every needle (log
+    lines of the steps that ran may come before it); returns that line."""
     lines = res.stderr.splitlines()
     assert res.returncode == 2, f"exit {res.returncode}: {res.stderr[-2000:]}"
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr[-2000:]
-    assert "Traceback" not in res.stderr
+    assert lines and lines[-1].startswith("error: "), res.stderr[-2000:]
+    assert [line for line in lines if line.startswith("error")] == lines[-1:], res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and res.stdout == ""
     for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    return lines[0]
+        assert needle in lines[-1], f"{needle!r} not in {lines[-1]!r}"
+    return lines[-1]
