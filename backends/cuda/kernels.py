@@ -104,8 +104,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TSCOMPILE_CACHE") or Path.home() / ".cache" / "tscompile") / "cuda"
 
 
-def compile_library(source: str, arch: str, dest: Path) -> Path:
-    """Compile `source` for `arch` into dest/libtscffn.so (through the cache). Raises UserError without nvcc."""
+def compile_library(source: str, arch: str, dest: Path | None = None) -> Path:
+    """Compile `source` for `arch` (through the cache) and copy the library to dest/libtscffn.so; without dest,
+    return the cached library itself. Raises UserError without nvcc."""
     nvcc = nvcc_path()
     if nvcc is None:
         raise UserError("nvcc not found (PATH, CUDA_HOME, /usr/local/cuda): cannot compile the cuda target")
@@ -123,6 +124,8 @@ def compile_library(source: str, arch: str, dest: Path) -> Path:
             part = cached.with_suffix(f".{os.getpid()}.part")
             shutil.copyfile(lib, part)
             os.replace(part, cached)
+    if dest is None:
+        return cached
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(cached, dest / LIBRARY)
     return dest / LIBRARY

@@ -18,16 +18,14 @@ def library_for_device(outdir: Path, manifest: dict):
     import torch
     from .kernels import LIBRARY, compile_library
     from .library import KernelLibrary
-    major, minor = torch.cuda.get_device_capability()
-    arch = f"sm_{major}{minor}"
+    arch = "sm_{}{}".format(*torch.cuda.get_device_capability())
     lib_path = outdir / LIBRARY
     if lib_path.exists() and manifest["arch"] == arch:
         try:
             return KernelLibrary(lib_path)
         except OSError as e:
             log.warning("%s does not load here (%s); rebuilding with nvcc", lib_path, e)
-    from .kernels import cache_dir
-    return KernelLibrary(compile_library((outdir / "ffn.cu").read_text(), arch, cache_dir() / "built" / arch))
+    return KernelLibrary(compile_library((outdir / "ffn.cu").read_text(), arch))
 
 
 class CudaRunner:

@@ -65,10 +65,11 @@ def test_library_is_built_and_loads_without_a_gpu(lowered):
 
 
 @needs_nvcc
-def test_compiles_for_sm80_too(tmp_path):
+def test_compiles_for_sm80_too(tmp_path, monkeypatch):
+    monkeypatch.setenv("TSCOMPILE_CACHE", str(tmp_path))
     shape = KernelShape("tiny-sm80", 64, 192, "float16", ("swiglu",), 16)
-    lib = compile_library(render_source(shape), "sm_80", tmp_path)
-    assert ctypes.CDLL(str(lib)).tsc_hidden_size() == 64
+    lib = compile_library(render_source(shape), "sm_80")   # no dest: the cached library itself
+    assert lib.is_relative_to(tmp_path / "cuda") and ctypes.CDLL(str(lib)).tsc_hidden_size() == 64
 
 
 def test_bad_models_are_refused(tmp_path):

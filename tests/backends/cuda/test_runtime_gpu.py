@@ -64,3 +64,15 @@ def test_runner_matches_reference(name, dtype, tmp_path):
     if not gated:   # the dense baseline computes the same function when there is no gating
         check_greedy(dense, PROMPT, STEPS)
     assert runner.decode_tokens_per_second(PROMPT, 8) > 0 and dense.decode_tokens_per_second(PROMPT, 8) > 0
+
+
+def test_artifact_built_for_another_gpu_is_rebuilt(tmp_path):
+    """An artifact lowered for the other arch than this GPU's loads by recompiling its ffn.cu with nvcc."""
+    ir = case_ir("mistral-drelu-predictor")
+    here = "sm_{}{}".format(*torch.cuda.get_device_capability())
+    other = "sm_80" if here != "sm_80" else "sm_90"
+    BACKEND.lower(ir, CudaConfig(arch=here), tmp_path / "here")
+    BACKEND.lower(ir, CudaConfig(arch=other), tmp_path / "other")
+    want = BACKEND.load(tmp_path / "here").logits(PROMPT, [5, 6, 7])
+    got = BACKEND.load(tmp_path / "other").logits(PROMPT, [5, 6, 7])
+    assert compare_logits(got, want)["rel_l2"] < 1e-3
