@@ -29,20 +29,11 @@ RANK, THRESHOLD = 72, 1.2816          # score ~ N(0, 1): P(score >= 1.2816) = 0.
 
 def decode_model_ir(seed: int = 0):
     """SmolLM2-135M's shape with random weights and a random predictor per layer (~10% of neurons pass)."""
-    import torch
-
-    from tscompile.ir import Predictor, predictor_names
-    from tscompile.tiny import make_tiny_ir
+    from tscompile.tiny import add_random_predictors, make_tiny_ir
     ir = make_tiny_ir("llama", "swiglu", seed, layers=LAYERS, hidden=HIDDEN, intermediate=INTER, heads=HEADS,
                       kv_heads=KV_HEADS, vocab=VOCAB)
-    g = torch.Generator().manual_seed(seed + 1)
-    for i, ann in enumerate(ir.layers):
-        ann.mode = "predictor"
-        ann.predictor = Predictor(rank=RANK, threshold=THRESHOLD, relu=True)
-        fc1, fc2 = predictor_names(i)
-        ir.weights[fc1] = torch.randn(RANK, HIDDEN, generator=g) / HIDDEN ** 0.5
-        ir.weights[fc2] = torch.randn(INTER, RANK, generator=g) * (2.0 / RANK) ** 0.5
-    return ir
+    # score = fc2 relu(fc1 x) ~ N(0, 1/2) for unit-RMS x: P(score >= 1.2816 / sqrt 2) = 0.10
+    return add_random_predictors(ir, rank=RANK, seed=seed + 1, threshold=THRESHOLD / 2 ** 0.5)
 
 
 def decode_step_costs(outdir: Path, dense: bool) -> dict:

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tscompile.ir import ModelIR, Predictor, predictor_names
-from tscompile.tiny import make_tiny_ir
+from tscompile.ir import ModelIR
+from tscompile.tiny import add_random_predictors, make_tiny_ir
 
 PROMPT = [5, 17, 33, 100, 7, 8, 61]
 FORCED = [9, 250, 3, 40, 41, 42]
@@ -17,19 +17,6 @@ FORCED = [9, 250, 3, 40, 41, 42]
 
 def needs(tool: str):
     return pytest.mark.skipif(shutil.which(tool) is None, reason=f"{tool} not installed")
-
-
-def add_random_predictors(ir: ModelIR, rank: int, seed: int, relu=(True, False)) -> None:
-    """Predictor-mode FFNs with random fc1/fc2 (threshold 0: about half the neurons computed)."""
-    import torch
-    g = torch.Generator().manual_seed(seed)
-    H, I = ir.config.hidden_size, ir.config.intermediate_size
-    for i, ann in enumerate(ir.layers):
-        ann.mode = "predictor"
-        ann.predictor = Predictor(rank=rank, threshold=0.0, relu=relu[i % len(relu)])
-        fc1, fc2 = predictor_names(i)
-        ir.weights[fc1] = torch.randn(rank, H, generator=g) / H ** 0.5
-        ir.weights[fc2] = torch.randn(I, rank, generator=g) / rank ** 0.5
 
 
 def odd_shaped_ir(activation: str, seed: int) -> ModelIR:
@@ -52,8 +39,9 @@ def make_variant(name: str) -> tuple[ModelIR, str]:
     """(ir, dtype) of the named test model."""
     if name == "mistral-relu-drelu-predictor-f32":      # sliding window 4 < prompt, two predictor kinds
         ir = make_tiny_ir("mistral", "relu", seed=1, sliding_window=4, intermediate=50)   # 50, 13: kernel tails
+        ir = add_random_predictors(ir, rank=13, seed=3)
         ir.layers[1].activation = "drelu"
-        add_random_predictors(ir, rank=13, seed=3)
+        ir.layers[1].predictor.relu = False                 # Deja Vu's linear predictor
         for ann in ir.layers:
             ann.threshold = 0.05
         return ir, "float32"
@@ -87,36 +75,20 @@ class Built:
         return 1e-4 if self.dtype == "float32" else 1e-2
 
 
-def stepwise_reference(ir: ModelIR, prompt: list[int], forced: list[int], gating: str = "auto") -> np.ndarray:
-    """ReferenceModel fed one token at a time with a KVCache (the arm64 runtime's prefill)."""
-    import torch
-
-    from tscompile.reference import KVCache, ReferenceModel
-    model = ReferenceModel.from_ir(ir)
-    cache = KVCache.empty(ir.config.num_layers)
-    rows = []
-    with torch.no_grad():
-        for i, tok in enumerate(prompt + forced):
-            logits = model(torch.tensor([[tok]]), cache=cache, gating=gating)[0, -1]
-            if i >= len(prompt) - 1:
-                rows.append(logits.numpy())
-    return np.stack(rows)
+def stepwise_reference(ir: ModelIR, prompt: list[int], forced: list[int], gated: bool = True) -> np.ndarray:
+    """The reference fed one token at a time with a KV cache (the arm64 runtime's prefill); gated=False turns
+    predictor gating off (what --dense / --exact compute)."""
+    from tscompile.verify import ReferenceRunner
+    if not gated:
+        ir = ir.clone()
+        for _, _, ann in ir.ffn_units():
+            ann.mode = "dense"
+    return ReferenceRunner(ir, "stepwise").logits(prompt, forced)
 
 
 def stepwise_greedy(ir: ModelIR, prompt: list[int], n: int) -> list[int]:
-    import torch
-
-    from tscompile.reference import KVCache, ReferenceModel
-    model = ReferenceModel.from_ir(ir)
-    cache = KVCache.empty(ir.config.num_layers)
-    out = []
-    with torch.no_grad():
-        for tok in prompt:
-            logits = model(torch.tensor([[tok]]), cache=cache)[0, -1]
-        for _ in range(n):
-            out.append(int(logits.argmax()))
-            logits = model(torch.tensor([[out[-1]]]), cache=cache)[0, -1]
-    return out
+    from tscompile.verify import ReferenceRunner
+    return ReferenceRunner(ir, "stepwise").generate(prompt, n)
 
 
 def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
