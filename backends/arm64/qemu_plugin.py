@@ -7,6 +7,7 @@ The header is never committed.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -80,7 +81,6 @@ def build_plugin() -> Path:
     """Compiles tools/insn_count.c into the cache (rebuilt when the source changes)."""
     header = plugin_header()
     src = PLUGIN_SOURCE.read_bytes()
-    import hashlib
     tag = hashlib.sha256(src + header.read_bytes()).hexdigest()[:16]
     out = header.parent / f"insn_count-{tag}.so"
     if out.exists():

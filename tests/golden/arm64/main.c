@@ -43,10 +43,12 @@ static void die(int code, const char *fmt, const char *arg) {
     exit(code);
 }
 
+#define USAGE "tsrun weights.bin --prompt TEXT | --prompt-ids 1,2,3 [--steps N] [--threads N] [--dense|--exact] " \
+              "[--temperature T] [--top-p P] [--seed S] [--force-ids IDS] [--dump-logits FILE] [--tokenizer FILE] " \
+              "[--print-ids] [--ignore-eos] [--print-isa] [--encode-only] [--decode-ids IDS]"
+
 static void usage_error(const char *what, const char *arg) {
-    fprintf(stderr, "tsrun: %s%s (usage: tsrun weights.bin --prompt TEXT | --prompt-ids 1,2,3 [--steps N] "
-            "[--threads N] [--dense|--exact] [--temperature T] [--top-p P] [--seed S] [--force-ids IDS] "
-            "[--dump-logits FILE] [--tokenizer FILE] [--print-ids] [--ignore-eos] [--print-isa])\n", what, arg);
+    fprintf(stderr, "tsrun: %s%s (usage: " USAGE ")\n", what, arg);
     exit(2);
 }
 
@@ -97,7 +99,10 @@ static Options parse_options(int argc, char **argv) {
         const char *a = argv[i];
         int has_value = i + 1 < argc;
 #define VALUE() (has_value ? argv[++i] : (usage_error(a, ": missing value"), ""))
-        if (a[0] != '-') {
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            printf("usage: " USAGE "\n");
+            exit(0);
+        } else if (a[0] != '-') {
             if (o.weights) usage_error("unexpected argument ", a);
             o.weights = a;
         } else if (!strcmp(a, "--prompt")) o.prompt = VALUE();
