@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     except GoalMissed as e:
         if debug:
             traceback.print_exc()
-        click.echo(f"error: verification goal missed:\n{e}", err=True)
+        click.echo(f"error: {e}", err=True)          # the verifier's table of what missed
         rc = GoalMissed.exit_code
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)

@@ -204,10 +204,10 @@ def test_verify_reads_the_resolved_spec_and_maps_goal_missed_to_exit_1(cli_build
 
     def record(build_dir, spec, targets):
         calls.append((build_dir, spec.pipeline[0].config.factor, targets))
-        raise GoalMissed("  min_top1  ckpt  0.5  0.99")
+        raise GoalMissed("verification goals missed:\n  min_top1  ckpt  0.5  0.99")
     monkeypatch.setattr(tscompile.verify, "verify_build", record)
     rc, out, err = run_main(capsys, "verify", str(d / "build" / "t"))
-    assert rc == 1 and err == "error: verification goal missed:\n  min_top1  ckpt  0.5  0.99\n"
+    assert rc == 1 and err == "error: verification goals missed:\n  min_top1  ckpt  0.5  0.99\n"
     assert calls == [(d / "build" / "t", 1.5, ["ckpt"])]
     rc, out, err = run_main(capsys, "verify", str(d / "build" / "t"), "--target", "onnx")
     assert rc == 2 and err == f"error: --target onnx: not built in {d / 'build' / 't'} (built: ckpt)\n"
