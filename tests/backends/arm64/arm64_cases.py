@@ -37,14 +37,14 @@ def odd_shaped_ir(activation: str, seed: int) -> ModelIR:
 
 def make_variant(name: str) -> tuple[ModelIR, str]:
     """(ir, dtype) of the named test model."""
-    if name == "mistral-relu-drelu-predictor-f32":      # sliding window 4 < prompt, two predictor kinds
+    if name.startswith("mistral-relu-drelu-predictor-"):  # sliding window 4 < prompt, two predictor kinds
         ir = make_tiny_ir("mistral", "relu", seed=1, sliding_window=4, intermediate=50)   # 50, 13: kernel tails
         ir = add_random_predictors(ir, rank=13, seed=3)
         ir.layers[1].activation = "drelu"
         ir.layers[1].predictor.relu = False                 # Deja Vu's linear predictor
         for ann in ir.layers:
             ann.threshold = 0.05
-        return ir, "float32"
+        return ir, "float16" if name.endswith("f16") else "float32"
     if name == "qwen2-swiglu-dense-f32":                # qkv bias, tied embeddings, 3 layers
         return make_tiny_ir("qwen2", "swiglu", seed=2, layers=3), "float32"
     if name == "llama-geglu-relu-exact-f16":            # fp16 weights, exact mode, odd shapes (kernel tails)
@@ -57,7 +57,8 @@ def make_variant(name: str) -> tuple[ModelIR, str]:
     raise KeyError(name)
 
 
-VARIANTS = ("mistral-relu-drelu-predictor-f32", "qwen2-swiglu-dense-f32", "llama-geglu-relu-exact-f16")
+VARIANTS = ("mistral-relu-drelu-predictor-f32", "qwen2-swiglu-dense-f32", "llama-geglu-relu-exact-f16",
+            "mistral-relu-drelu-predictor-f16")
 
 
 @dataclass
