@@ -5,8 +5,6 @@ tokenizer.bin, manifest.json, and bin/tsrun (aarch64) + bin/tsrun-host (x86_64, 
 """
 from __future__ import annotations
 
-import shutil
-
 from tscompile.api import BackendInfo
 
 from .build import cross_compiler, host_compiler, is_arm64_host, qemu_command
@@ -21,7 +19,7 @@ def arm64_available() -> str | None:
         return "no C compiler (gcc) for the host build"
     if cross_compiler() is None:
         return "no aarch64 compiler: apt-get install gcc-aarch64-linux-gnu (or set ANDROID_NDK)"
-    if qemu_command() is None and shutil.which("gcc") is None:
+    if qemu_command() is None:
         return "no qemu-aarch64 to run the aarch64 binary: apt-get install qemu-user"
     return None
 
