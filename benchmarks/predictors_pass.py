@@ -3,7 +3,7 @@
   python benchmarks/predictors_pass.py --model smollm2 --out benchmarks/results/predictors_smollm2_cpu.json
       specs/smollm2-cpu.yaml's recipe: magnitude 50%, then predictors (config from --config JSON)
   python benchmarks/predictors_pass.py --model synthetic --device cuda --tokens 400000 --out ...
-      a random SmolLM2-shaped dReLU model on random tokens: the pass's speed at full size (quality meaningless)
+      a random SmolLM2-shaped dReLU model on random tokens: the pass's speed at full size (not its quality)
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=["smollm2", "synthetic"], default="smollm2")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--tokens", type=int, default=None, help="calibration tokens (synthetic; smollm2: the spec's)")
+    ap.add_argument("--tokens", type=int, default=None, help="calibration tokens (synthetic only)")
     ap.add_argument("--config", default="{}", help="PredictorsConfig as JSON")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -57,7 +57,8 @@ def main() -> None:
         t1 = time.time()
         out = fit_predictors(ir, cfg, ids, args.device)
     t2 = time.time()
-    ffns = [{"layer": layer, "expert": expert, "mode": a.mode, **a.stats} for layer, expert, a in out.ffn_units()]
+    ffns = [{"layer": layer, "expert": expert, "mode": a.mode, **a.stats}
+            for layer, expert, a in out.ffn_units()]
     result = {
         "command": " ".join([sys.executable.rsplit("/", 1)[-1]] + sys.argv),
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or

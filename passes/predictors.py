@@ -36,7 +36,7 @@ class PredictorsConfig(PassConfig):
     max_sparsity_gap: float = Field(0.05, ge=0, le=1)  # auto: predicted sparsity >= true sparsity - this
     relu: bool = True                                  # False: fc2(fc1 x), Deja Vu's linear predictor
     mode: Literal["auto", "predictor", "exact"] = "auto"
-    tokens: int | None = Field(None, gt=0)             # calibration tokens to use (default: all of data.calib)
+    tokens: int | None = Field(None, gt=0)             # calibration tokens used (default: all of data.calib)
     held_out: float = Field(0.1, gt=0, lt=0.5)         # share of sequences for val, and again for test
     epochs: int = Field(12, gt=0)
     patience: int = Field(2, gt=0)                     # epochs without val improvement before stopping
@@ -46,13 +46,15 @@ class PredictorsConfig(PassConfig):
     memory_gb: float | None = Field(None, gt=0)        # samples held at once (default: 2 on CPU, half the
                                                        # free GPU memory); more FFNs -> extra forwards
     eval_tokens: int = Field(4096, ge=0)               # held-out ppl, predictor vs exact gating (0 = skip)
+    forward_dtype: Literal["float32", "bfloat16"] = "float32"   # calibration forward (bf16: models too big
+                                                                # for fp32 on one GPU, e.g. Mixtral)
 
 
 # ---- calibration samples -----------------------------------------------------------------------------------
 
 @dataclass
 class FFNSamples:
-    """FFN inputs x [N, hidden] (float16) and their active masks packed 8 neurons a byte [N, ceil(inter/8)]."""
+    """FFN inputs x [N, hidden] (float16), active masks packed 8 neurons a byte [N, ceil(inter/8)]."""
     x: object
     bits: object
     inter: int
@@ -271,7 +273,7 @@ def train_predictor(train: FFNSamples, val: FFNSamples, rank: int, cfg: Predicto
 # ---- per-FFN decisions -------------------------------------------------------------------------------------
 
 def predictor_share(rank: int, hidden: int, inter: int) -> float:
-    """Predictor bytes as a share of the FFN's bytes (same dtype): rank (hidden + inter) / (3 hidden inter)."""
+    """Predictor bytes / FFN bytes (same dtype): rank (hidden + inter) / (3 hidden inter)."""
     return rank * (hidden + inter) / (3 * hidden * inter)
 
 
@@ -395,7 +397,7 @@ def fit_predictors(ir: ModelIR, cfg: PredictorsConfig, calib_ids, device: str = 
     cuda = str(device).startswith("cuda")
     ids = used_sequences(calib_ids, cfg).to(device)
     train_ids, val_ids, test_ids = split_sequences(ids, cfg.held_out, seed)
-    model = ReferenceModel.from_ir(out, torch.float32, device)
+    model = ReferenceModel.from_ir(out, getattr(torch, cfg.forward_dtype), device)
     # MoE experts see about top_k/num_experts of the tokens: cap rows per FFN at the dense token count
     rows = {"train": train_ids.numel(), "val": val_ids.numel(), "test": test_ids.numel()}
     per_unit = sum(rows.values()) * (H * 2 + -(-I // 8))   # bytes of one FFN's samples
@@ -427,7 +429,8 @@ def fit_predictors(ir: ModelIR, cfg: PredictorsConfig, calib_ids, device: str = 
                 share = predictor_share(pred.rank, H, I)
                 pred_rows = 3 * share + 3 * (1 - stats["predicted_sparsity"])
                 stats |= {"rank": pred.rank, "predictor_threshold": pred.threshold, "ranks_tried": tried,
-                          "epochs": pred.epochs, "predictor_bytes_share": share, "bytes_predictor": pred_rows / 3}
+                          "epochs": pred.epochs, "predictor_bytes_share": share,
+                          "bytes_predictor": pred_rows / 3}
             gap = stats["true_sparsity"] - stats["predicted_sparsity"] if pred is not None else None
             mode, why = choose_mode(cfg.mode, exact_rows, pred_rows, gap, cfg.max_sparsity_gap)
             stats |= {"gate_sparsity": s_gate, "bytes_exact": exact_rows / 3, "mode_reason": why,
@@ -463,13 +466,14 @@ def _mean(xs) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def gated_perplexity(ir: ModelIR, ids, device: str, batch_seqs: int = 4) -> dict[str, float]:
-    """Perplexity on `ids` [n, T] with predictor gating on every token (what sparse decode computes) vs exact."""
+def gated_perplexity(ir: ModelIR, ids, device: str, batch_seqs: int = 4,
+                     dtype: str = "float32") -> dict[str, float]:
+    """Perplexity on `ids` [n, T], predictor gating on every token (what sparse decode computes) vs exact."""
     import torch
     import torch.nn.functional as F
 
     from tscompile.reference import ReferenceModel
-    model = ReferenceModel.from_ir(ir, torch.float32, device)
+    model = ReferenceModel.from_ir(ir, getattr(torch, dtype), device)
     ppl = {}
     with torch.no_grad():
         for gating in ("exact", "predictor"):
@@ -486,7 +490,8 @@ def gated_perplexity(ir: ModelIR, ids, device: str, batch_seqs: int = 4) -> dict
 
 
 def held_out_texts(ir: ModelIR, spec_data, calib_ids, cfg: PredictorsConfig, seed: int) -> dict[str, object]:
-    """name -> token ids [n, T] to compare gatings on: the spec's eval texts, else the test calibration sequences."""
+    """name -> token ids [n, T] to compare gatings on: the spec's eval texts, else the test calibration
+    sequences."""
     import torch
 
     from tscompile.evaluate import text_token_ids
@@ -511,7 +516,7 @@ def apply_predictors(ir: ModelIR, cfg: PredictorsConfig, ctx: Context) -> ModelI
     if not any(a.mode == "predictor" for _, _, a in out.ffn_units()):
         out.meta["predictors"]["held_out_perplexity"] = "no FFN uses predictor gating: same function as exact"
     elif cfg.eval_tokens:
-        ppl = {name: gated_perplexity(out, t, ctx.device)
+        ppl = {name: gated_perplexity(out, t, ctx.device, dtype=cfg.forward_dtype)
                for name, t in held_out_texts(ir, ctx.spec.data, ids, cfg, ctx.seed).items()}
         out.meta["predictors"]["held_out_perplexity"] = ppl
         for name, p in ppl.items():
@@ -521,7 +526,7 @@ def apply_predictors(ir: ModelIR, cfg: PredictorsConfig, ctx: Context) -> ModelI
 
 
 def plot_predictors(ir: ModelIR, out_png) -> None:
-    """Per FFN: recall and predicted sparsity of its predictor, true sparsity for comparison; exact FFNs marked."""
+    """Per FFN: recall and predicted sparsity of its predictor, true sparsity to compare; exact FFNs marked."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,8 +1,8 @@
 """reorder: permute FFN neurons by activation frequency, hot first (PowerInfer's hot/cold layout).
 
 A backend that keeps or caches a prefix of rows (hot neurons in fast memory, cold ones streamed) gets the hot
-ones contiguous. The permutation is applied consistently to Wg and Wu rows, Wd columns, the predictor's fc2 rows
-and the per-neuron frequency statistics, so the model computes the same function. Frequencies come from the
+ones contiguous. The permutation is applied consistently to Wg and Wu rows, Wd columns, the predictor's fc2
+rows and the per-neuron frequency statistics, so the model computes the same function. Frequencies come from the
 profile pass (`{ffn_prefix}.activation_frequency`) or are measured on calibration text when missing.
 `{ffn_prefix}.neuron_order` (int32 [inter]) records, for each row, the neuron's index in the source model.
 """

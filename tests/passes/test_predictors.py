@@ -1,4 +1,4 @@
-"""predictors pass: training on a known low-rank rule, threshold calibration, tiny models, gating semantics."""
+"""predictors pass: a known low-rank rule, threshold calibration, tiny models, gating semantics, SmolLM2."""
 from __future__ import annotations
 
 import copy
@@ -29,7 +29,7 @@ from tscompile.tiny import make_tiny_ir
 
 
 def low_rank_rule(n: int, seed: int, hidden=64, inter=256, rank=8, flip=0.0):
-    """x ~ N(0, 1); neuron j active iff relu(x A^T) B^T > 0 (optionally with a share `flip` of labels flipped)."""
+    """x ~ N(0, 1); neuron j active iff relu(x A^T) B^T > 0 (a share `flip` of the labels flipped)."""
     g = torch.Generator().manual_seed(1234)          # the rule is the same for every split
     a = torch.randn(rank, hidden, generator=g)
     b = torch.randn(inter, rank, generator=g) - 0.6   # mostly negative: about 85% of neurons inactive
@@ -206,7 +206,8 @@ def test_exact_mode_trains_nothing_and_moe_experts_get_their_own(tiny_relu):
 
 def test_old_predictors_are_replaced(tiny_fitted, tiny_relu):
     _, ids = tiny_relu
-    again = fit_predictors(tiny_fitted, PredictorsConfig(rank=8, mode="predictor", epochs=2), ids)
+    cfg = PredictorsConfig(rank=8, mode="predictor", epochs=2, forward_dtype="bfloat16")
+    again = fit_predictors(tiny_fitted, cfg, ids)
     for layer, expert, ann in again.ffn_units():
         assert ann.predictor.rank == 8
         assert again.weights[predictor_names(layer, expert)[0]].shape[0] == 8
@@ -230,7 +231,7 @@ def test_cuda_matches_the_cpu_recipe(tiny_relu):
 
 
 def first_layers(ir: ModelIR, n: int) -> ModelIR:
-    """The model cut after `n` decoder layers: those layers see exactly the inputs they see in the full model."""
+    """The model cut after `n` decoder layers: those layers see the inputs they see in the full model."""
     cfg = dataclasses.replace(ir.config, num_layers=n)
     return ModelIR(cfg, ir.weights, ir.tokenizer_json, copy.deepcopy(ir.layers[:n]), dict(ir.meta))
 
@@ -259,7 +260,8 @@ def test_smollm2_magnitude_half_sparse_predictors(smollm2_ir):
         assert abs(st["recall"] - 0.95) <= 0.015
         assert st["predictor_bytes_share"] <= 0.08 and st["rank"] in (16, 32, 64)
         gap = st["true_sparsity"] - st["predicted_sparsity"]
-        assert ann.mode == ("predictor" if st["bytes_predictor"] < st["bytes_exact"] and gap <= 0.05 else "exact")
+        worth_it = st["bytes_predictor"] < st["bytes_exact"] and gap <= 0.05
+        assert ann.mode == ("predictor" if worth_it else "exact")
         # exact gating on SwiGLU: gate and up read fully, down only for the active half
         assert st["gate_sparsity"] == 0 and st["bytes_exact"] == pytest.approx((3 - st["true_sparsity"]) / 3)
 
