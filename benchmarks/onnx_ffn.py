@@ -337,6 +337,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(time.time() - started, 1),
         "device": cpu_info(),
+        "load_average_1_5_15": [round(v, 2) for v in os.getloadavg()],   # other work on the machine meanwhile
         "onnxruntime": ort.__version__,
         "python": platform.python_version(),
         "mistral_ffn_layer": {

@@ -50,7 +50,11 @@ ACTIVATIONS = [
     {"name": "relu", "enum": "RELU", "relu": True, "expr": "g > 0.0f ? g * u : 0.0f"},
     {"name": "drelu", "enum": "DRELU", "relu": True, "expr": "g > 0.0f && u > 0.0f ? g * u : 0.0f"},
 ]
-WEIGHT_TYPES = [{"onnx": "float", "ctype": "float"}, {"onnx": "float16", "ctype": "_Float16"}]
+# element type of Wg, Wu, WdT: C type of a stored element and how one becomes a float (%s = the element)
+WEIGHT_TYPES = [
+    {"onnx": "float", "ctype": "float", "load": "%s"},
+    {"onnx": "float16", "ctype": "uint16_t", "load": "half_to_float(%s)"},
+]
 
 _warned = False
 
