@@ -103,6 +103,9 @@ def plan_build(spec: Spec, out_dir: Path | None = None, targets: list[str] | Non
     if policy not in cache.POLICIES:
         raise UserError(f"--cache {policy}: must be one of {', '.join(cache.POLICIES)}")
     build_dir = Path(out_dir) if out_dir else Path("build") / spec.name
+    if not str(build_dir).isprintable():    # compilers write source paths into assembler text, line by line
+        raise UserError(f"--out {str(build_dir)!r}: a build dir path with a line break or control character "
+                        "is not supported")
     seen: list[str] = []
     for i, step in enumerate(spec.pipeline):
         info = registry.pass_info(step.name)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -329,6 +330,11 @@ class ModelIR:
     def load(cls, path: str | os.PathLike) -> "ModelIR":
         from .checkpoint import load_checkpoint
         return load_checkpoint(Path(path))
+
+    def display_name(self) -> str:
+        """The model's name for headers of generated source files: meta name or source (a user's path), with
+        every character that could end a comment or a line (newline, `*/`, backslash, quotes) made `_`."""
+        return re.sub(r"[^\w.:@+=/-]", "_", str(self.meta.get("name") or self.meta.get("source", "model")))
 
     def content_hash(self) -> str:
         """sha256 over config, annotations, tokenizer and every tensor's dtype, shape and bytes."""

@@ -58,7 +58,7 @@ def template_context(ir: ModelIR, dtype: str) -> dict:
                        "relu": relu, "threshold": c_float(thr), "pred_threshold": c_float(pthr),
                        "summary": summary})
     return {
-        "name": ir.meta.get("name") or ir.meta.get("source", "model"), "family": c.family,
+        "name": ir.display_name(), "family": c.family,
         "dim": c.hidden_size, "hidden_dim": c.intermediate_size, "n_layers": c.num_layers,
         "n_heads": c.num_heads, "n_kv_heads": c.num_kv_heads, "head_dim": c.head_dim, "vocab": c.vocab_size,
         "sliding_window": c.sliding_window or 0, "rms_eps": c_float(c.rms_norm_eps),

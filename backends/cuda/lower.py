@@ -26,7 +26,7 @@ log = logging.getLogger("tscompile")
 def kernel_shape(ir: ModelIR, cfg) -> KernelShape:
     c = ir.config
     ranks = [-(-ann.predictor.rank // 8) * 8 for ann in ir.layers if ann.mode == "predictor" and ann.predictor]
-    shape = KernelShape(name=str(ir.meta.get("source", "model")), hidden=c.hidden_size,
+    shape = KernelShape(name=ir.display_name(), hidden=c.hidden_size,
                         inter=c.intermediate_size, dtype=cfg.dtype,
                         activations=tuple(sorted({ann.activation for ann in ir.layers})),
                         max_rank=max(ranks, default=0))
