@@ -107,10 +107,11 @@ class ReferenceRunner:
 
 
 def measure_target(runner, dense_runner, ref: ReferenceRunner, prompts: list[list[int]], steps: int,
-                   speed_tokens: int, repeats: int) -> dict[str, Any]:
+                   speed_tokens: int, repeats: int, name: str = "") -> dict[str, Any]:
     import numpy as np
+    from tqdm import tqdm
     res: dict[str, Any] = {"prompts": []}
-    for ids in prompts:
+    for ids in tqdm(prompts, desc=f"verify {name}: prompts", unit="prompt", leave=False):
         want_tokens = ref.generate(ids, steps)
         want = ref.logits(ids, want_tokens[:-1])
         got = np.asarray(runner.logits(ids, want_tokens[:-1]))
@@ -131,7 +132,8 @@ def measure_target(runner, dense_runner, ref: ReferenceRunner, prompts: list[lis
     res["greedy_match"] = all(p["greedy_match"] for p in res["prompts"])
     if speed_tokens > 0 and dense_runner is not None:
         sparse_tps, dense_tps = [], []
-        for _ in range(repeats):   # interleaved so drift and load hit both alike
+        for _ in tqdm(range(repeats), desc=f"verify {name}: speed", unit="repeat", leave=False):
+            # sparse and dense interleaved so drift and load hit both alike
             sparse_tps.append(runner.decode_tokens_per_second(prompts[0], speed_tokens))
             dense_tps.append(dense_runner.decode_tokens_per_second(prompts[0], speed_tokens))
         s, d = statistics.median(sparse_tps), statistics.median(dense_tps)
@@ -235,7 +237,7 @@ def verify_build(build_dir: Path, spec, targets: list[str] | None = None) -> dic
         runner = backend.load(tdir)
         dense = backend.load(tdir, dense=True) if v.speed_tokens > 0 else None
         ref = refs.setdefault(runner.prefill, ReferenceRunner(ir, runner.prefill))
-        r = measure_target(runner, dense, ref, ids, v.steps, v.speed_tokens, v.repeats)
+        r = measure_target(runner, dense, ref, ids, v.steps, v.speed_tokens, v.repeats, name)
         r["tampered"] = tampered
         results["targets"][name] = r
     if spec.data is not None and spec.data.eval is not None and spec.data.eval.texts:
