@@ -26,6 +26,9 @@ from tscompile.errors import UserError
 from tscompile.ir import ModelIR, Predictor, ffn_names, predictor_names
 
 RELU_KINDS = ("relu", "drelu")   # act(gate) is exactly zero for gate <= 0: exact mode skips those up rows
+STATS_KEYS = ("true_sparsity", "gate_sparsity", "bytes_exact", "mode_reason", "samples", "candidate_predictor",
+              "recall", "precision", "predicted_sparsity", "rank", "predictor_threshold", "ranks_tried", "epochs",
+              "predictor_bytes_share", "bytes_predictor")   # what this pass writes into an FFN's stats
 
 
 class PredictorsConfig(PassConfig):
@@ -421,30 +424,30 @@ def fit_predictors(ir: ModelIR, cfg: PredictorsConfig, calib_ids, device: str = 
                 val_exact_rows = 2 - s_gate + float(va.mask().float().mean())
                 pred, tried = fit_unit(tr, va, cfg, device, seed + u,
                                        val_exact_rows if cfg.mode == "auto" else None)
-            stats = predictor_metrics(pred, te, pred.threshold) if pred else {
-                "true_sparsity": 1 - float(te.mask().float().mean()) if len(te) else 0.0}
-            exact_rows = 1 + (1 - s_gate) + (1 - stats["true_sparsity"])
-            pred_rows = None
+            true_sparsity = 1 - float(te.mask().float().mean()) if len(te) else 0.0
+            exact_rows = 1 + (1 - s_gate) + (1 - true_sparsity)
+            pred_rows = gap = cand = None
             if pred is not None:
+                cand = predictor_metrics(pred, te, pred.threshold)
                 share = predictor_share(pred.rank, H, I)
-                pred_rows = 3 * share + 3 * (1 - stats["predicted_sparsity"])
-                stats |= {"rank": pred.rank, "predictor_threshold": pred.threshold, "ranks_tried": tried,
-                          "epochs": pred.epochs, "predictor_bytes_share": share,
-                          "bytes_predictor": pred_rows / 3}
-            gap = stats["true_sparsity"] - stats["predicted_sparsity"] if pred is not None else None
+                pred_rows = 3 * share + 3 * (1 - cand["predicted_sparsity"])
+                gap = true_sparsity - cand["predicted_sparsity"]
+                cand |= {"rank": pred.rank, "predictor_threshold": pred.threshold, "ranks_tried": tried,
+                         "epochs": pred.epochs, "predictor_bytes_share": share, "bytes_predictor": pred_rows / 3}
             mode, why = choose_mode(cfg.mode, exact_rows, pred_rows, gap, cfg.max_sparsity_gap)
-            stats |= {"gate_sparsity": s_gate, "bytes_exact": exact_rows / 3, "mode_reason": why,
-                      "samples": {"train": len(tr), "val": len(va), "test": len(te)}}
+            stats = {"true_sparsity": true_sparsity, "gate_sparsity": s_gate, "bytes_exact": exact_rows / 3,
+                     "mode_reason": why, "samples": {"train": len(tr), "val": len(va), "test": len(te)}}
+            # a rejected predictor's figures stay apart, so tables read recall/predicted sparsity of gated FFNs only
+            stats |= cand if mode == "predictor" else {"candidate_predictor": cand} if cand else {}
             ann.mode = mode
-            ann.stats = {k: v for k, v in ann.stats.items() if k not in stats} | stats
+            ann.stats = {k: v for k, v in ann.stats.items() if k not in STATS_KEYS} | stats
             if mode == "predictor":
                 f1, f2 = predictor_names(layer, expert)
                 out.weights[f1], out.weights[f2] = pred.fc1.cpu().contiguous(), pred.fc2.cpu().contiguous()
                 ann.predictor = Predictor(rank=pred.rank, threshold=pred.threshold, relu=pred.relu)
-            log.info("predictors: %s: %s (%s); true sparsity %.3f, predicted %.3f, recall %.3f%s",
-                     where, mode, why, stats["true_sparsity"], stats.get("predicted_sparsity", float("nan")),
-                     stats.get("recall", float("nan")),
-                     f", rank {pred.rank}" if pred is not None else "")
+            log.info("predictors: %s: %s (%s); true sparsity %.3f%s", where, mode, why, true_sparsity,
+                     "" if cand is None else f"; predictor rank {pred.rank}: predicted sparsity "
+                     f"{cand['predicted_sparsity']:.3f} at recall {cand['recall']:.3f}")
             per_ffn.append(stats)
             bar.update()
         del data
