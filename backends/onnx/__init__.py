@@ -9,7 +9,8 @@ Prefill and decode live in ONE graph: each sparse layer's FFN is an `If` on "seq
 prefill branch is the dense exact FFN (Gemm on the [inter, hidden] rows), the decode branch one SparseFFN
 node; both read the same weight initializers, so nothing is stored twice. A single-token prompt therefore
 takes the sparse branch, exactly as the reference gates any single-token forward. Layers annotated mode
-"dense" are plain MatMuls.
+"dense" are plain MatMuls. Mixtral experts are FFNs of the same kind, each inside an If that skips it when no
+token is routed to it.
 
 SparseFFN has a model-local function body of standard ops (predictor Gemms, threshold, NonZero, Gather of
 rows, MatMul), so stock onnxruntime runs the model; registering libtscompile_ort.so replaces the body with

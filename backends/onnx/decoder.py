@@ -7,7 +7,8 @@ Outputs  logits [batch, seq, vocab] float, present.{i}.key/value [batch, kv_head
 
 Semantics follow tscompile/reference.py: RMSNorm, HF rotate-half RoPE (angles in float64), grouped-query
 attention (kv heads broadcast, never copied), causal order by position in the sequence, sliding window on
-position distance, qkv bias (qwen2), tied embeddings. Masked scores are set to float32's lowest value
+position distance, qkv bias (qwen2), tied embeddings, Mixtral experts (router, top-k, one FFN per expert,
+experts no token is routed to skipped by an If). Masked scores are set to float32's lowest value
 (a query with no valid key, i.e. a padding query, gets a uniform average instead of the reference's zeros).
 """
 
@@ -160,14 +161,30 @@ def _attention(b: GraphBuilder, ir: ModelIR, i: int, x: str, sh: _Shared) -> str
     return b.op("MatMul", [out, wo], f"{path}/o_proj")
 
 
-def _ffn(
-    b: GraphBuilder, ir: ModelIR, i: int, x: str, sh: _Shared, sparse: bool, fp16: bool, functions: dict
-) -> str:
+def _branch(sub: GraphBuilder, y: str, name: str):
+    """An If branch: the nodes of `sub`, with output y (a float tensor of any shape)."""
     from onnx import helper
 
-    ann = ir.layers[i]
-    gate, up, down = ffn_names(i)
-    path = f"/model/layers.{i}/mlp"
+    return helper.make_graph(sub.nodes, name, [], [helper.make_tensor_value_info(y, FLOAT, None)])
+
+
+def _ffn(
+    b: GraphBuilder,
+    ir: ModelIR,
+    unit: tuple[int, int | None],
+    x: str,
+    exact: str,
+    sparse: bool,
+    fp16: bool,
+    functions: dict,
+) -> str:
+    """One FFN (a layer's MLP or one expert). `exact` (a bool value) picks the dense exact FFN, else SparseFFN."""
+
+    i, e = unit
+    ann = ir.layers[i] if e is None else ir.layers[i].experts[e]
+    gate, up, down = ffn_names(i, e)
+    path = f"/model/layers.{i}/mlp" if e is None else f"/model/layers.{i}/block_sparse_moe/experts.{e}"
+    where = f"layers[{i}]" if e is None else f"layers[{i}].experts[{e}]"
     if not sparse or ann.mode == "dense":
         w = {
             "gate": b.weight(f"{gate[:-7]}.MatMul.weight", _np(ir.weights[gate], True)),
@@ -175,7 +192,7 @@ def _ffn(
             "down_t": b.weight(f"{down[:-7]}.MatMul.weight", _np(ir.weights[down], True)),
         }
         return dense_ffn(b, x, w, ann, path, rows=False)
-    # sparse layout: rows of [I, H] per neuron, shared by the prefill (dense) and decode (SparseFFN) branches
+    # sparse layout: rows of [I, H] per neuron, shared by the exact (dense) and the SparseFFN branch
     w = {
         "gate": b.weight(gate, _np(ir.weights[gate], fp16=fp16)),
         "up": b.weight(up, _np(ir.weights[up], fp16=fp16)),
@@ -183,26 +200,71 @@ def _ffn(
     }
     if ann.mode == "predictor":
         if ann.predictor is None:
-            raise UserError(f"layers[{i}]: mode 'predictor' but the layer has no predictor")
-        fc1, fc2 = predictor_names(i)
+            raise UserError(f"{where}: mode 'predictor' but the FFN has no predictor")
+        fc1, fc2 = predictor_names(i, e)
         w["fc1"] = b.weight(fc1, _np(ir.weights[fc1]))
         w["fc2"] = b.weight(fc2, _np(ir.weights[fc2]))
     prefill, decode = b.sub(), b.sub()
     y_prefill = dense_ffn(prefill, x, w, ann, f"{path}/prefill", rows=True, fp16=fp16)
     y_decode = sparse_ffn_node(decode, x, w, ann, fp16, f"{path}/SparseFFN", functions)
 
-    def branch(sub: GraphBuilder, y: str, name: str):
-        return helper.make_graph(
-            sub.nodes, f"{path}/{name}", [], [helper.make_tensor_value_info(y, FLOAT, None)]
-        )
-
     return b.op(
         "If",
-        [sh.is_prefill],
+        [exact],
         path,
-        then_branch=branch(prefill, y_prefill, "prefill"),
-        else_branch=branch(decode, y_decode, "decode"),
+        then_branch=_branch(prefill, y_prefill, f"{path}/prefill"),
+        else_branch=_branch(decode, y_decode, f"{path}/decode"),
     )
+
+
+def _moe(
+    b: GraphBuilder, ir: ModelIR, i: int, x: str, sh: _Shared, sparse: bool, fp16: bool, functions: dict
+):
+    """Mixtral block as the reference computes it: softmax router, top-k, weights renormalized over the k, then
+    sum over experts e of weight_e * expert_e(x) (a token not routed to e has weight 0 there).
+
+    An expert runs sparse where the reference gates: in decode, and in a prefill that routes exactly one
+    token to it (the reference calls the expert on the tokens routed to it, a one-token forward)."""
+    cfg = ir.config
+    path = f"/model/layers.{i}/block_sparse_moe"
+    router = f"model.layers.{i}.block_sparse_moe.gate"
+    wr = b.weight(f"{router}.MatMul.weight", _np(ir.weights[f"{router}.weight"], True))
+    probs = b.op("Softmax", [b.op("MatMul", [x, wr], f"{path}/gate")], f"{path}/gate", axis=-1)  # [B, T, E]
+    top, idx = b.op("TopK", [probs, b.const([cfg.num_experts_per_tok])], f"{path}/gate", outputs=2, axis=-1)
+    w = b.op(
+        "Div", [top, b.op("ReduceSum", [top, b.const([-1])], f"{path}/gate", keepdims=1)], f"{path}/gate"
+    )
+    y = b.op("ConstantOfShape", [b.op("Shape", [x], path)], path)  # zeros [B, T, H]
+    for e in range(cfg.num_experts):
+        p = f"{path}/experts.{e}"
+        routed = b.op("Equal", [idx, b.const(e)], p)  # [B, T, k]
+        weight = b.op(
+            "ReduceSum",
+            [b.op("Where", [routed, w, b.const(0.0, np.float32)], p), b.const([-1])],
+            p,
+            keepdims=1,
+        )  # [B, T, 1]
+        count = b.op("ReduceSum", [b.op("Cast", [routed], p, to=7)], p, keepdims=0)  # tokens routed here
+        # an expert no token is routed to is skipped (in decode that is all but top-k of them)
+        run = b.sub()
+        exact = run.op(
+            "And", [sh.is_prefill, run.op("Not", [run.op("Equal", [count, run.const(1)], p)], p)], p
+        )
+        out = run.op(
+            "Add",
+            [y, run.op("Mul", [_ffn(run, ir, (i, e), x, exact, sparse, fp16, functions), weight], p)],
+            p,
+        )
+        skip = b.sub()
+        kept = skip.op("Identity", [y], p)
+        y = b.op(
+            "If",
+            [b.op("Greater", [count, b.const(0)], p)],
+            p,
+            then_branch=_branch(run, out, f"{p}/routed"),
+            else_branch=_branch(skip, kept, f"{p}/idle"),
+        )
+    return y
 
 
 def build_decoder(ir: ModelIR, weights: WeightStore, sparse: bool, fp16: bool = False):
@@ -210,8 +272,6 @@ def build_decoder(ir: ModelIR, weights: WeightStore, sparse: bool, fp16: bool = 
     from onnx import helper
 
     cfg = ir.config
-    if cfg.is_moe:
-        raise UserError("onnx backend: mixture-of-experts models (mixtral) are not supported yet")
     b = GraphBuilder(weights)
     sh = _Shared(b, ir)
     embed = b.weight("model.embed_tokens.weight", _np(ir.weights["model.embed_tokens.weight"]))
@@ -226,7 +286,11 @@ def build_decoder(ir: ModelIR, weights: WeightStore, sparse: bool, fp16: bool = 
             f"{p}.post_attention_layernorm.weight", _np(ir.weights[f"{p}.post_attention_layernorm.weight"])
         )
         h = _rms_norm(b, x, ln2, cfg.rms_norm_eps, f"{path}/post_attention_layernorm")
-        x = b.op("Add", [x, _ffn(b, ir, i, h, sh, sparse, fp16, functions)], f"{path}/residual_mlp")
+        if cfg.is_moe:
+            y = _moe(b, ir, i, h, sh, sparse, fp16, functions)
+        else:
+            y = _ffn(b, ir, (i, None), h, sh.is_prefill, sparse, fp16, functions)
+        x = b.op("Add", [x, y], f"{path}/residual_mlp")
     normw = b.weight("model.norm.weight", _np(ir.weights["model.norm.weight"]))
     x = _rms_norm(b, x, normw, cfg.rms_norm_eps, "/model/norm")
     # tied embeddings get a transposed copy: MatMul on [H, V] streams rows at batch 1 without prepacking

@@ -66,14 +66,15 @@ class Lowered:
         self.source, self.ir, self.outdir, self.manifest = source, ir, outdir, manifest
 
 
-def lower_tiny(activation: str, mode: str, outdir: Path, dtype: str = "float32") -> Lowered:
+def lower_tiny(activation: str, mode: str, outdir: Path, dtype: str = "float32", family: str = "") -> Lowered:
     from tscompile.backends.onnx import BACKEND, OnnxConfig
 
     from tscompile.api import Context
     from tscompile.tiny import make_tiny_ir
 
-    family = FAMILIES[activation]
-    source = make_tiny_ir(family, activation, seed=3, sliding_window=8 if family == "mistral" else None)
+    family = family or FAMILIES[activation]
+    moe = {"experts": 4, "top_k": 2} if family == "mixtral" else {}
+    source = make_tiny_ir(family, activation, seed=3, sliding_window=8 if family == "mistral" else None, **moe)
     ir = sparsify(source, mode)
     ctx = Context(spec=None, build_dir=outdir, work_dir=outdir, source_ir=source)
     manifest = BACKEND.lower(ir, OnnxConfig(dtype=dtype), outdir, ctx)
