@@ -53,7 +53,7 @@ def _available() -> str | None:
 
 BACKEND = BackendInfo(
     name="onnx",
-    version="2",
+    version="3",
     doc="ONNX Runtime decoder with SparseFFN (function body + native kernels)",
     config=OnnxConfig,
     lower=_lower,
