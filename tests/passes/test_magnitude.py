@@ -42,7 +42,7 @@ def test_smollm2_half_sparse_keeps_heldout_perplexity(smollm2_ir):
     """Acceptance: 50% FFN sparsity, training-free, within 1.05x dense perplexity on held-out prose and code.
 
     Measured 2026-11-21 (4096 calibration tokens, 4096 held-out tokens each, windows of 1024): prose
-    30.65 -> 31.42 (1.025x), code 6.21 -> 6.38 (1.027x); held-out sparsity 50.8% (prose), 48.6% (code).
+    30.65 -> 31.38 (1.024x), code 6.21 -> 6.37 (1.026x); held-out sparsity 50.8% (prose), 48.6% (code).
     """
     sparse = PASS.run(smollm2_ir, MagnitudeConfig(sparsity=0.5), calib_context(4096, 512))
     thresholds = [ann.threshold for _, _, ann in sparse.ffn_units()]
