@@ -128,7 +128,11 @@ def ort_include_dir() -> tuple[Path | None, str]:
                     (out / Path(m.name).name).write_bytes(tar.extractfile(m).read())
         if not (out / "onnxruntime_c_api.h").is_file():
             return None, f"{tgz.name} holds no onnxruntime_c_api.h under {HEADERS_IN_PACKAGE}"
-        os.replace(out, inc)
+        try:
+            os.replace(out, inc)
+        except OSError:   # another process fetched them meanwhile
+            if not (inc / "onnxruntime_c_api.h").is_file():
+                raise
     return inc, ""
 
 
