@@ -435,6 +435,8 @@ def fit_predictors(ir: ModelIR, cfg: PredictorsConfig, calib_ids, device: str = 
                 cand |= {"rank": pred.rank, "predictor_threshold": pred.threshold, "ranks_tried": tried,
                          "epochs": pred.epochs, "predictor_bytes_share": share, "bytes_predictor": pred_rows / 3}
             mode, why = choose_mode(cfg.mode, exact_rows, pred_rows, gap, cfg.max_sparsity_gap)
+            if mode == "exact" and true_sparsity < 0.01:   # nothing to skip: the dense kernels are faster
+                mode, why = "dense", f"{why}; no activation sparsity ({true_sparsity:.4f}): dense"
             stats = {"true_sparsity": true_sparsity, "gate_sparsity": s_gate, "bytes_exact": exact_rows / 3,
                      "mode_reason": why, "samples": {"train": len(tr), "val": len(va), "test": len(te)}}
             # a rejected predictor's figures stay apart, so tables read recall/predicted sparsity of gated FFNs only

@@ -290,6 +290,10 @@ def test_pass_reads_calibration_and_eval_text(tmp_path):
     assert ppl["tokens"] == 256 and ppl["ppl_exact"] > 1 and ppl["ppl_predictor"] > 1
     exact = PASS.run(ir, PredictorsConfig(mode="exact"), ctx)
     assert "no FFN uses predictor gating" in exact.meta["predictors"]["held_out_perplexity"]
+    swiglu = make_tiny_ir("llama", "swiglu", seed=3, layers=2, hidden=64, intermediate=192)
+    dense = PASS.run(swiglu, PredictorsConfig(mode="exact"), ctx)    # SwiGLU without a threshold: no zeros
+    assert all(a.mode == "dense" and "no activation sparsity" in a.stats["mode_reason"]
+               for _, _, a in dense.ffn_units())
     with pytest.raises(UserError, match="data.calib"):
         PASS.run(ir, PredictorsConfig(), Context(spec=SimpleNamespace(data=DataSpec()), build_dir=tmp_path,
                                                  work_dir=tmp_path))
