@@ -3,7 +3,8 @@
     python benchmarks/arm64_decode.py [--out benchmarks/results/arm64_decode.json] [--keep DIR]
 
 Deterministic proxy: instructions and loaded bytes counted by our qemu TCG plugin (aarch64 build, gcc pinned:
-Debian's aarch64-linux-gnu-gcc 12, -O2), per call/step from the difference of two runs. Plus x86_64 host wall
+Debian's aarch64-linux-gnu-gcc 12, -O2), per call/step from the difference of two runs; the FFN call also with
+fp16 weights and fp16 arithmetic (cortex-a76). Plus x86_64 host wall
 time of the same C (scalar kernels), measured side by side. Random weights; predictors (rank 72 = hidden/8) whose
 threshold leaves ~10% of the neurons active; every call gets a new input so the active set rotates.
 Never qemu wall time: emulation speed says nothing about a phone.
@@ -108,6 +109,18 @@ def main() -> int:
                              "ratio": host_dense["us_per_call"] / host_sparse["us_per_call"]},
     }
 
+    # fp16 weights on a CPU with fp16 arithmetic (cortex-a76): the kernels a phone would run
+    ffn16 = bench.build_ffn_bench(work / "ffn_bench_f16", HIDDEN, INTER, RANK, THRESHOLD, dtype="float16")
+    dense16 = bench.ffn_call_costs(ffn16["aarch64"], "dense")
+    sparse16 = bench.ffn_call_costs(ffn16["aarch64"], "sparse")
+    result["ffn_call_float16"] = {
+        "dense": dense16, "sparse": sparse16,
+        "instructions_ratio_without_predictor": dense16["instructions"] / sparse16["instructions_without_predictor"],
+        "instructions_ratio_with_predictor": dense16["instructions"] / sparse16["instructions"],
+        "loaded_bytes_ratio_without_predictor": dense16["loaded_bytes"] / sparse16["loaded_bytes_without_predictor"],
+        "dense_instructions_vs_float32": dense16["instructions"] / dense["instructions"],
+    }
+
     # ---- one decode step of the whole model (tsrun) ------------------------------------------------
     ir = decode_model_ir()
     model_dir = work / "model" / "arm64"
@@ -148,6 +161,10 @@ def main() -> int:
     print(f"FFN call 576x1536 ({f['sparse_computed_fraction']:.1%} computed): instructions dense/sparse "
           f"{f['instructions_ratio_without_predictor']:.2f}x without predictor, "
           f"{f['instructions_ratio_with_predictor']:.2f}x with; host time {f['host_us_per_call']['ratio']:.2f}x")
+    h = result["ffn_call_float16"]
+    print(f"FFN call, fp16 weights + fp16 arithmetic: dense/sparse {h['instructions_ratio_without_predictor']:.2f}x "
+          f"without predictor, {h['instructions_ratio_with_predictor']:.2f}x with; dense fp16/fp32 instructions "
+          f"{h['dense_instructions_vs_float32']:.2f}")
     print(f"decode step (30 layers + lm_head): instructions dense/sparse {d['instructions_ratio']:.2f}x "
           f"({d['instructions_ratio_without_predictor_estimate']:.2f}x without predictors, estimated), "
           f"loaded bytes {d['loaded_bytes_ratio']:.2f}x; host tok/s sparse/dense "

@@ -31,12 +31,12 @@ def ffn_bench_ir(hidden: int, inter: int, rank: int, threshold: float) -> ModelI
 
 
 def build_ffn_bench(outdir: Path, hidden: int = 576, inter: int = 1536, rank: int = 72,
-                    threshold: float = 1.2816) -> dict[str, Path]:
+                    threshold: float = 1.2816, dtype: str = "float32") -> dict[str, Path]:
     """Compiles tools/ffn_bench.c with the runtime for that FFN shape: {"aarch64": path, "host": path}."""
     outdir.mkdir(parents=True, exist_ok=True)
     src = outdir / "src"
     src.mkdir(exist_ok=True)
-    for name, text in render_sources(ffn_bench_ir(hidden, inter, rank, threshold), "float32").items():
+    for name, text in render_sources(ffn_bench_ir(hidden, inter, rank, threshold), dtype).items():
         (src / name).write_text(text)
     cc, hcc = cross_compiler(), host_compiler()
     if cc is None or hcc is None:

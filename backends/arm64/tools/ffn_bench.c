@@ -2,14 +2,18 @@
 //
 //   ffn_bench dense|sparse CALLS [THREADS]
 //
-// Linked with the generated sources of a one-layer model (everything but main.c). Layer 0 must be in
-// predictor mode: "sparse" runs it as compiled, "dense" forces MODE_DENSE. Each call gets its own
+// Linked with the generated sources of a one-layer model (everything but main.c), float32 or float16 weights.
+// Layer 0 must be in predictor mode: "sparse" runs it as compiled, "dense" forces MODE_DENSE. Each call gets its own
 // input, so the active set rotates (a fixed set would stay in cache). Setup lives in bench_* functions
 // so per-symbol counts can leave it out; prints the fraction of neurons computed and a checksum.
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#if defined(__aarch64__)
+#include <sys/auxv.h>
+#include <asm/hwcap.h>
+#endif
 
 #include "model.h"
 
@@ -30,6 +34,25 @@ static float *bench_matrix(size_t rows, size_t cols, float scale) {
     return m;
 }
 
+// A weight matrix in the compiled dtype (fp16 bits when WEIGHT_DTYPE is 1).
+static const void *bench_weights(size_t rows, size_t cols, float scale) {
+    float *m = bench_matrix(rows, cols, scale);
+    if (WEIGHT_DTYPE == 0) return m;
+    uint16_t *h = malloc(rows * cols * sizeof(uint16_t));
+    half_from_float(h, m, (int)(rows * cols));
+    free(m);
+    return h;
+}
+
+static const Kernels *bench_kernels(void) {   // the same choice as tsrun's main.c
+#if defined(__aarch64__)
+    if (WEIGHT_DTYPE == 0) return &kernels_neon_f32;
+    return (getauxval(AT_HWCAP) & HWCAP_ASIMDHP) ? &kernels_neon_f16_arith : &kernels_neon_f16;
+#else
+    return WEIGHT_DTYPE == 0 ? &kernels_scalar_f32 : &kernels_scalar_f16;
+#endif
+}
+
 static void bench_input(float *x, int call) {
     bench_rng = 0x9E3779B97F4A7C15ull * (uint64_t)(call + 1);
     for (int i = 0; i < DIM; i++) x[i] = bench_normal();
@@ -48,25 +71,25 @@ int main(int argc, char **argv) {
     }
     int calls = atoi(argv[2]), threads = argc > 3 ? atoi(argv[3]) : 1;
     int rank = LAYER_SPECS[0].predictor_rank;
-    if (LAYER_SPECS[0].mode != MODE_PREDICTOR || rank == 0 || WEIGHT_DTYPE != 0) {
-        fprintf(stderr, "ffn_bench: layer 0 must be a float32 predictor-mode FFN\n");
+    if (LAYER_SPECS[0].mode != MODE_PREDICTOR || rank == 0) {
+        fprintf(stderr, "ffn_bench: layer 0 must be a predictor-mode FFN\n");
         return 2;
     }
     static Weights w;
     LayerWeights *L = &w.layers[0];
-    L->w_gate = bench_matrix(HIDDEN_DIM, DIM, 1.0f / 24.0f);
-    L->w_up = bench_matrix(HIDDEN_DIM, DIM, 1.0f / 24.0f);
-    L->w_down_t = bench_matrix(HIDDEN_DIM, DIM, 1.0f / 40.0f);
+    L->w_gate = bench_weights(HIDDEN_DIM, DIM, 1.0f / 24.0f);
+    L->w_up = bench_weights(HIDDEN_DIM, DIM, 1.0f / 24.0f);
+    L->w_down_t = bench_weights(HIDDEN_DIM, DIM, 1.0f / 40.0f);
     L->pred_fc1 = bench_matrix((size_t)rank, DIM, 1.0f / 24.0f);     // z ~ N(0, 1)
     L->pred_fc2 = bench_matrix(HIDDEN_DIM, (size_t)rank, 1.4142f / 8.4853f); // score ~ N(0, ~1)
     static RunState s;
     if (state_alloc(&s, 1)) return 1;
 #if defined(__aarch64__)
-    const Kernels *k = &kernels_neon_f32;
+    const Kernels *k32 = &kernels_neon_f32;
 #else
-    const Kernels *k = &kernels_scalar_f32;
+    const Kernels *k32 = &kernels_scalar_f32;
 #endif
-    Model m = {&w, &s, k, k, pool_create(threads), strcmp(argv[1], "dense") ? -1 : MODE_DENSE};
+    Model m = {&w, &s, bench_kernels(), k32, pool_create(threads), strcmp(argv[1], "dense") ? -1 : MODE_DENSE};
     float x[DIM], y[DIM], checksum = 0.0f;
     double seconds = 0.0;
     for (int c = 0; c < calls; c++) {

@@ -58,8 +58,8 @@ static void rows_axpy_task(void *ctx, int begin, int end) {
 
 // fp16-arithmetic kernels read their input as fp16: convert it once per product
 static const uint16_t *half_input(Model *m, const Kernels *k, const float *x, int n) {
-    if (!k->needs_half_input) return NULL;
-    half_from_float(m->s->xh, x, n);
+    if (!k->to_half) return NULL;
+    k->to_half(m->s->xh, x, n);
     return m->s->xh;
 }
 

@@ -11,7 +11,9 @@
 
 typedef struct {
     const char *name;         // "scalar-f32", "neon-f16-arith", ...
-    int needs_half_input;     // the kernels read x as fp16 (xh), converted once per product
+    // x -> xh as fp16 for kernels that read their input in fp16 (converted once per product); NULL: they
+    // read the float32 x
+    void (*to_half)(uint16_t *xh, const float *x, int n);
     // out[r] = W[r, :] . x for rows r in [begin, end)
     void (*matvec)(float *out, const void *w, const float *x, const uint16_t *xh,
                    int begin, int end, int n);
@@ -25,7 +27,7 @@ typedef struct {
     void (*row_to_float)(float *out, const void *w, int row, int n);
 } Kernels;
 
-// fp16 bits <-> float for n values (scalar; used where no vector path exists)
+// float -> fp16 bits for n values, rounding to nearest even (portable; tools convert weights with it)
 void half_from_float(uint16_t *out, const float *x, int n);
 
 extern const Kernels kernels_scalar_f32;

@@ -102,7 +102,7 @@ static void row_to_float_f32(float *out, const void *w, int row, int n) {
 }
 
 const Kernels kernels_neon_f32 = {
-    "neon-f32", 0, matvec_f32, rows_dot_f32, rows_axpy_f32, row_to_float_f32,
+    "neon-f32", NULL, matvec_f32, rows_dot_f32, rows_axpy_f32, row_to_float_f32,
 };
 
 // ----------------------------------------------------------------------------
@@ -205,5 +205,5 @@ static void row_to_float_f16(float *out, const void *w, int row, int n) {
 }
 
 const Kernels kernels_neon_f16 = {
-    "neon-f16", 0, matvec_f16, rows_dot_f16, rows_axpy_f16, row_to_float_f16,
+    "neon-f16", NULL, matvec_f16, rows_dot_f16, rows_axpy_f16, row_to_float_f16,
 };
