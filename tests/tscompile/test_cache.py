@@ -227,9 +227,10 @@ def _assert_nothing_half_done(out: Path, ref: Path) -> None:
     assert visible <= {"model", "ckpt", "spec.resolved.yaml", "build.log"}
 
 
-def test_kill_9_at_any_moment_leaves_nothing_that_looks_finished(tmp_path):
+def test_kill_9_at_any_moment_leaves_nothing_that_looks_finished(tmp_path, monkeypatch):
     (tmp_path / "s.yaml").write_text(KILL_SPEC)
-    subprocess.run(_build_cmd(), cwd=tmp_path, env=_env(), check=True, capture_output=True)
+    monkeypatch.chdir(tmp_path)        # the uninterrupted reference, in-process, at the CLI's relative build path
+    build(parse_spec(KILL_SPEC, "s.yaml"), out_dir=Path("build/t"), verify=False)
     ref = tmp_path / "ref"
     os.replace(tmp_path / "build" / "t", ref)            # same build path for both runs: same bytes expected
     killed, inside_a_write = 0, 0
