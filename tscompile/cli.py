@@ -122,22 +122,28 @@ def _describe(info, kind: str) -> dict:
     return d | {"config": config_fields(info.config)}
 
 
+def _listing_text(row: dict) -> str:
+    flags = []
+    if row.get("needs_data"):
+        flags.append("needs data")
+    if row.get("gpu", "no") != "no":
+        flags.append(f"gpu {row['gpu']}")
+    if row.get("requires"):
+        flags.append("after " + ", ".join(row["requires"]))
+    lines = [f"{row['name']} v{row['version']}: {row['doc']}" + (f" [{'; '.join(flags)}]" if flags else "")]
+    for f in row["config"]:
+        default = "required" if f["required"] else f"= {json.dumps(f.get('default'))}"
+        lines.append(f"    {f['name']}: {f['type']} {default}")
+    return "\n".join(lines)
+
+
 def _print_listing(infos: dict, errors: list[str], kind: str, as_json: bool) -> int:
     rows = [_describe(info, kind) for info in infos.values()]
     if as_json:
         click.echo(json.dumps(rows, indent=1))
-    for row in [] if as_json else rows:
-        flags = []
-        if row.get("needs_data"):
-            flags.append("needs data")
-        if row.get("gpu", "no") != "no":
-            flags.append(f"gpu {row['gpu']}")
-        if row.get("requires"):
-            flags.append("after " + ", ".join(row["requires"]))
-        click.echo(f"{row['name']} v{row['version']}: {row['doc']}" + (f" [{'; '.join(flags)}]" if flags else ""))
-        for f in row["config"]:
-            default = "required" if f["required"] else f"= {json.dumps(f.get('default'))}"
-            click.echo(f"    {f['name']}: {f['type']} {default}")
+    else:
+        for row in rows:
+            click.echo(_listing_text(row))
     for e in errors:
         click.echo(f"error: {e}", err=True)
     return 2 if errors else 0
