@@ -121,7 +121,7 @@ def main():
     wd = wdt.T.contiguous()                 # HF layout [H, I] for cuBLAS
     wgu = torch.cat([wg, wu])               # gate and up in one GEMV
     x = torch.randn(SETS, 1, H, device=dev, dtype=bf)
-    ws = Workspace(H, I, RANK, 8)
+    ws = Workspace(lib, RANK, 8)
 
     # dense baselines (cuBLAS), each in a graph
     def dense_3():

@@ -22,7 +22,7 @@ DTYPES = {  # dtype name -> (C type, header, packed pair type, pair -> float2, 2
     "bfloat16": ("__nv_bfloat16", "cuda_bf16.h", "__nv_bfloat162", "__bfloat1622float2", "__floats2bfloat162_rn"),
     "float16": ("__half", "cuda_fp16.h", "__half2", "__half22float2", "__floats2half2_rn"),
 }
-RING_BYTES = 128 * 1024   # shared-memory ring of sparse_ffn: one block per multiprocessor, ~112 KB in flight
+RING_BYTES = 64 * 1024   # shared-memory ring of sparse_ffn; 4 stages of 16 KB beat 6, 8 and 12 at s >= 0.8 (NOTES.md)
 BATCHES = (1, 2, 4, 8)
 LIBRARY = "libtscffn.so"
 

@@ -25,6 +25,7 @@ class KernelLibrary:
         self.hidden = self.lib.tsc_hidden_size()
         self.inter = self.lib.tsc_intermediate_size()
         self.max_batch = self.lib.tsc_max_batch()
+        self.acc_replicas = self.lib.tsc_accumulator_replicas()
 
     def set_dependent_launch(self, on: bool) -> None:
         """Programmatic dependent launch on sm_90+ (on by default); off gives plain launches, for comparison."""
@@ -59,10 +60,12 @@ class KernelLibrary:
 class Workspace:
     """Device buffers of worst-case size, allocated once (graph capture bakes their addresses in)."""
 
-    def __init__(self, hidden: int, inter: int, max_rank: int, max_batch: int, device="cuda"):
+    def __init__(self, lib: KernelLibrary, max_rank: int, max_batch: int, device="cuda"):
         import torch
-        self.acc = torch.zeros(max_batch, hidden, dtype=torch.float32, device=device)        # zero between calls
-        self.blocks_done = torch.zeros(1, dtype=torch.int32, device=device)                 # zero between calls
+        hidden, inter = lib.hidden, lib.inter
+        # fp32 accumulator copies and the blocks-finished counter: zero between calls
+        self.acc = torch.zeros(lib.acc_replicas, max_batch, hidden, dtype=torch.float32, device=device)
+        self.blocks_done = torch.zeros(1, dtype=torch.int32, device=device)
         self.z = torch.zeros(max_batch, max(max_rank, 8), dtype=torch.float32, device=device)
         self.active = torch.zeros(inter, dtype=torch.int32, device=device)
         self.active_count = torch.zeros(1, dtype=torch.int32, device=device)

@@ -50,7 +50,7 @@ class GPUDecoder:
                 self.w[f"layers.{i}.down"] = self.w.pop(n["down_t"]).T.contiguous()
         else:
             ranks = [weights[layer_weight_names(i)["fc1"]].shape[0] for i, f in enumerate(ffns) if f.gated]
-            self.ws = Workspace(cfg.hidden_size, cfg.intermediate_size, max(ranks, default=8), 1, self.dev)
+            self.ws = Workspace(lib, max(ranks, default=8), 1, self.dev)
             self.grid = default_grid(self.dev)
         self.inv_freq = rope_inv_freq(cfg).to(self.dev)
         self.capacity = 0

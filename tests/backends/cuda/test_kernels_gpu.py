@@ -40,7 +40,7 @@ def rel_err(got, want) -> float:
 def test_sparse_ffn_matches_reference(lib, kind, batch):
     lib, dtype = lib
     H, I = lib.hidden, lib.inter
-    ws = Workspace(H, I, RANK, lib.max_batch)
+    ws = Workspace(lib, RANK, lib.max_batch)
     for trial in range(3):   # fresh weights, inputs, active sets, thresholds, grids each time
         gen = torch.Generator(device="cuda").manual_seed(100 * batch + trial)
         w = [torch.randn(I, H, device="cuda", generator=gen).to(dtype) / H ** 0.5 for _ in range(3)]
@@ -79,7 +79,7 @@ def test_sparse_ffn_matches_reference(lib, kind, batch):
 def test_predictor_selects_the_reference_set(lib, batch):
     lib, dtype = lib
     H, I = lib.hidden, lib.inter
-    ws = Workspace(H, I, RANK, lib.max_batch)
+    ws = Workspace(lib, RANK, lib.max_batch)
     for trial, (rank, relu) in enumerate([(RANK, True), (24, False), (8, True)]):
         gen = torch.Generator(device="cuda").manual_seed(7 * batch + trial)
         fc1 = (torch.randn(rank, H, device="cuda", generator=gen) / H ** 0.5).to(dtype)

@@ -17,6 +17,7 @@
 #define INTER 192
 #define HVEC (HIDDEN / 8)          // 16-byte vectors (8 weights) in one row of Wg, Wu, Wd^T
 #define MAX_BATCH 8
+#define ACC_REPLICAS 4             // copies of the fp32 accumulator: block i adds into copy i % 4 (less contention)
 
 typedef __nv_bfloat16 weight_t;
 
@@ -112,8 +113,9 @@ __device__ __forceinline__ void load_columns(const weight_t* __restrict__ x, flo
 //   steps [0, cn)         (Wg[j], Wu[j])          -> per-warp partial dots -> shared part[]
 //   steps [cn, cn+cn/2)   (Wd^T[j], Wd^T[j+1])    -> out[b][cols] += h[j][b] * row
 // Each thread waits only for its own copies, so the ring needs no barrier; the down rows are already in flight
-// while the block turns the gate/up sums into h. The block then adds its partial y into the fp32 accumulator,
-// and the last block to finish writes y (+ residual) and leaves the accumulator and the counter at zero.
+// while the block turns the gate/up sums into h. The block then adds its partial y into one of ACC_REPLICAS fp32
+// accumulators (132 blocks adding into one 16 KB buffer serialize on its addresses in L2: ~2 us measured), and
+// the last block to finish sums the copies, writes y (+ residual) and leaves the copies and the counter at zero.
 __device__ __forceinline__ void cp_async16(uint4* smem, const weight_t* gmem) {
     const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
     asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;" :: "r"(s), "l"(gmem) : "memory");
@@ -132,7 +134,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_ffn(
     const int32_t* __restrict__ active_count,// [1]
     const uint8_t* __restrict__ token_mask,  // [B, INTER]  1 where token b's predictor kept neuron j; null = all
     float threshold,                         // h = 0 where |h| <= threshold
-    float* __restrict__ acc,                 // [B, HIDDEN]  fp32 workspace, zero on entry and on exit
+    float* __restrict__ acc,                 // [ACC_REPLICAS, B, HIDDEN]  fp32 workspace, zero on entry and on exit
     unsigned* __restrict__ blocks_done,      // [1]  zero on entry and on exit
     const weight_t* residual,                // [B, HIDDEN]  added to y, or null (may alias y)
     weight_t* y)                             // [B, HIDDEN]  output
@@ -261,7 +263,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_ffn(
             for (int k = 0; k < VPT; ++k) {
                 const int v = threadIdx.x + k * THREADS;
                 if (v < HVEC) {
-                    float* dst = acc + b * HIDDEN + v * 8;
+                    float* dst = acc + ((blockIdx.x % ACC_REPLICAS) * B + b) * HIDDEN + v * 8;
                     atomic_add4(dst, out[b][k][0], out[b][k][1], out[b][k][2], out[b][k][3]);
                     atomic_add4(dst + 4, out[b][k][4], out[b][k][5], out[b][k][6], out[b][k][7]);
                 }
@@ -278,27 +280,36 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_ffn(
     __threadfence();
     // 4 outputs per step, loads of a round all issued before its first store (y may alias residual, so the
     // compiler would otherwise wait out one L2 round trip per element)
-    constexpr int N4 = B * HIDDEN / 4, PER = (N4 + THREADS - 1) / THREADS, ROUND = PER < 8 ? PER : 8;
+    constexpr int N4 = B * HIDDEN / 4, PER = (N4 + THREADS - 1) / THREADS, ROUND = PER < 4 ? PER : 4;
+    float4* acc4 = reinterpret_cast<float4*>(acc);
     for (int r0 = 0; r0 < PER; r0 += ROUND) {
-        float4 sum[ROUND];
+        float4 part_sum[ROUND][ACC_REPLICAS];
         uint2 res[ROUND];
 #pragma unroll
         for (int k = 0; k < ROUND; ++k) {
             const int i = threadIdx.x + (r0 + k) * THREADS;
             const bool in = r0 + k < PER && i < N4;
-            sum[k] = in ? __ldcg(reinterpret_cast<const float4*>(acc) + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+            for (int c = 0; c < ACC_REPLICAS; ++c)
+                part_sum[k][c] = in ? __ldcg(acc4 + c * N4 + i) : make_float4(0.f, 0.f, 0.f, 0.f);
             res[k] = in && residual != nullptr ? *reinterpret_cast<const uint2*>(residual + 4 * i) : make_uint2(0, 0);
         }
 #pragma unroll
         for (int k = 0; k < ROUND; ++k) {
             const int i = threadIdx.x + (r0 + k) * THREADS;
             if (r0 + k < PER && i < N4) {
+                float4 t = part_sum[k][0];
+#pragma unroll
+                for (int c = 1; c < ACC_REPLICAS; ++c) {
+                    t.x += part_sum[k][c].x; t.y += part_sum[k][c].y; t.z += part_sum[k][c].z; t.w += part_sum[k][c].w;
+                }
                 const __nv_bfloat162* r = reinterpret_cast<const __nv_bfloat162*>(&res[k]);
                 const float2 r01 = __bfloat1622float2(r[0]), r23 = __bfloat1622float2(r[1]);
-                __nv_bfloat162 out[2] = {__floats2bfloat162_rn(sum[k].x + r01.x, sum[k].y + r01.y),
-                                       __floats2bfloat162_rn(sum[k].z + r23.x, sum[k].w + r23.y)};
+                __nv_bfloat162 out[2] = {__floats2bfloat162_rn(t.x + r01.x, t.y + r01.y),
+                                       __floats2bfloat162_rn(t.z + r23.x, t.w + r23.y)};
                 *reinterpret_cast<uint2*>(y + 4 * i) = *reinterpret_cast<const uint2*>(out);
-                reinterpret_cast<float4*>(acc)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+                for (int c = 0; c < ACC_REPLICAS; ++c) acc4[c * N4 + i] = make_float4(0.f, 0.f, 0.f, 0.f);
             }
         }
     }
@@ -455,6 +466,7 @@ void tsc_set_dependent_launch(int on) { dependent_launch = on ? -1 : 0; }
 int tsc_hidden_size(void) { return HIDDEN; }
 int tsc_intermediate_size(void) { return INTER; }
 int tsc_max_batch(void) { return MAX_BATCH; }
+int tsc_accumulator_replicas(void) { return ACC_REPLICAS; }
 const char* tsc_error_string(int err) { return cudaGetErrorString((cudaError_t)err); }
 
 // y = FFN(x) (+ residual) over the active neurons. grid: blocks of the persistent grid (one per multiprocessor).
