@@ -13,13 +13,15 @@ from .native import LIBRARY_NAME, build_library
 EXTERNAL_BYTES = 1536 * 1024**2  # above this the weights go to model.onnx.data (protobuf's limit is 2 GB)
 
 
-def _weight_bytes(ir: ModelIR, fp16: bool) -> int:
-    return sum(ir.weights[n].numel() * (2 if fp16 else 4) for n in ir.weights)
+def _weight_bytes(ir: ModelIR) -> int:
+    """An upper bound of the initializer bytes: every tensor as float32, plus the lm_head copy of tied models."""
+    tied = ir.weights["model.embed_tokens.weight"].numel() if ir.config.tie_word_embeddings else 0
+    return 4 * (tied + sum(ir.weights[n].numel() for n in ir.weights))
 
 
 def write_model(ir: ModelIR, path: Path, sparse: bool, fp16: bool = False) -> None:
     """One decoder to `path` (the folder must exist); external data next to it when the model is large."""
-    external = _weight_bytes(ir, fp16) > EXTERNAL_BYTES
+    external = _weight_bytes(ir) > EXTERNAL_BYTES
     store = WeightStore(path.with_name(path.name + ".data") if external else None)
     try:
         model = build_decoder(ir, store, sparse=sparse, fp16=fp16)
