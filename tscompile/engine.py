@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from . import cache, registry
 from .api import BackendInfo, Context, PassConfig, PassInfo
 from .errors import UserError
@@ -91,9 +93,10 @@ def _select_targets(spec: Spec, names: list[str] | None) -> list[tuple[str, Back
             raise UserError(f"--target {name}: {e}") from None
         try:
             out.append((name, info, info.config()))
-        except Exception as e:
-            raise UserError(f"--target {name}: not in the spec and its config has no defaults ({e}); "
-                            f"add it under targets:") from None
+        except ValidationError as e:
+            missing = ", ".join(str(err["loc"][0]) for err in e.errors())
+            raise UserError(f"--target {name}: not in the spec and its config needs {missing}; "
+                            "add it under targets:") from None
     return out
 
 

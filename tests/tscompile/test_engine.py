@@ -13,6 +13,8 @@ import pytest
 import torch
 from tsc_test_plugin import tiny_spec
 
+from tscompile import registry
+from tscompile.api import BackendInfo, PassConfig
 from tscompile.cache import _umask
 from tscompile.engine import build, format_plan, plan_build
 from tscompile.errors import GoalMissed, UserError
@@ -141,6 +143,18 @@ def test_target_selection(tmp_path):
         ("ckpt", "float32")]                                       # not in the spec: the backend's defaults
     with pytest.raises(UserError, match=r"^--target ckp: unknown backend 'ckp'; did you mean 'ckpt'\?$"):
         plan_build(spec, tmp_path, targets=["ckp"])
+    needy = BackendInfo("needy", "1", "needs an arch", NeedsArch, lambda *a: {}, lambda *a: None)
+    registry.register_backend(needy)
+    try:
+        with pytest.raises(UserError, match=r"^--target needy: not in the spec and its config needs arch; add it "
+                                            r"under targets:$"):
+            plan_build(spec, tmp_path, targets=["needy"])
+    finally:
+        registry.unregister("needy")
+
+
+class NeedsArch(PassConfig):
+    arch: str
 
 
 def test_missing_verifier_fails_the_build_loudly(tmp_path, monkeypatch):
