@@ -106,7 +106,8 @@ def bench_model(name: str, repeats: int) -> dict:
     sparse.model.capture = []
     with torch.no_grad():
         for t in range(8):
-            sparse.model.forward(torch.tensor([prompt[t]], device="cuda"), torch.tensor([CONTEXT + 1 + t], device="cuda"))
+            sparse.model.forward(torch.tensor([prompt[t]], device="cuda"),
+                                 torch.tensor([CONTEXT + 1 + t], device="cuda"))
     fractions = [float((predictor_logits(w, i, hn) >= ffns[i].predictor_threshold).float().mean())
                  for i, hn in sparse.model.capture]
     sparse.model.capture = None

@@ -3,7 +3,8 @@ manifest.
 
 weights.safetensors, all in the target dtype (names from model.layer_weight_names):
   embed [vocab, H]   norm [H]   lm_head [vocab, H] (untied models)
-  layers.{i}.input_norm, post_norm [H]   qkv [(heads + 2 kv_heads) * head_dim, H]   qkv_bias (qwen2)   o [H, heads * head_dim]
+  layers.{i}.input_norm, post_norm [H]   qkv [(heads + 2 kv_heads) * head_dim, H]   qkv_bias (qwen2)
+  layers.{i}.o [H, heads * head_dim]
   layers.{i}.gate, up, down_t [inter, H]   (down_t = down_proj transposed: one contiguous row per neuron)
   layers.{i}.fc1 [rank, H], fc2 [inter, rank]   predictor, rank zero-padded to a multiple of 8 (same logits)
 """

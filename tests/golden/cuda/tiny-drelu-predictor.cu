@@ -107,14 +107,15 @@ __device__ __forceinline__ void load_columns(const weight_t* __restrict__ x, flo
 // ---- sparse FFN -----------------------------------------------------------------------------------------------
 //
 // A persistent grid, one block per multiprocessor: block i takes list positions i, i+G, i+2G, ... < n of the n
-// active neurons (its first chunk of ids is loaded together with n: one memory round trip instead of two). Each thread owns the same VPT 16-byte column vectors of every row, so x and the partial y stay in
-// registers and no thread ever reads another thread's weights. Weight rows stream through a shared-memory ring
+// active neurons (its first chunk of ids is loaded together with n: one memory round trip instead of two).
+// Each thread owns the same VPT 16-byte column vectors of every row, so x and the partial y stay in registers
+// and no thread ever reads another thread's weights. Weight rows stream through a shared-memory ring
 // with cp.async, STAGES steps in flight; a step copies two rows:
 //   steps [0, cn)         (Wg[j], Wu[j])          -> per-warp partial dots -> shared part[]
 //   steps [cn, cn+cn/2)   (Wd^T[j], Wd^T[j+1])    -> out[b][cols] += h[j][b] * row
 // Each thread waits only for its own copies, so the ring needs no barrier; the down rows are already in flight
 // while the block turns the gate/up sums into h. The block then adds its partial y into one of ACC_REPLICAS fp32
-// accumulators (132 blocks adding into one 16 KB buffer serialize on its addresses in L2: ~2 us measured), and
+// accumulators (every block adding into one buffer serializes on its addresses in L2: ~2 us on an H200), and
 // the last block to finish sums the copies, writes y (+ residual) and leaves the copies and the counter at zero.
 __device__ __forceinline__ void cp_async16(uint4* smem, const weight_t* gmem) {
     const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
@@ -156,7 +157,8 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_ffn(
 
     for (int c0 = 0; c0 < mine; c0 += CHUNK) {
         const int cn = min(CHUNK, mine - c0);
-        if (threadIdx.x < cn) ids[threadIdx.x] = c0 == 0 ? first_id : active[blockIdx.x + (c0 + threadIdx.x) * gridDim.x];
+        if (threadIdx.x < cn)
+            ids[threadIdx.x] = c0 == 0 ? first_id : active[blockIdx.x + (c0 + threadIdx.x) * gridDim.x];
         __syncthreads();
         const int steps = cn + (cn + 1) / 2;
 
@@ -184,7 +186,10 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_ffn(
             }
             cp_async_commit();
         };
-        auto row = [&](int s, int m, int k) { return ring[(size_t)(s % STAGES) * 2 * VPT * THREADS + (m * VPT + k) * THREADS + threadIdx.x]; };
+        // this thread's 16 bytes of row m (0, 1) of step s, column vector k
+        auto row = [&](int s, int m, int k) {
+            return ring[(size_t)(s % STAGES) * 2 * VPT * THREADS + (m * VPT + k) * THREADS + threadIdx.x];
+        };
 
 #pragma unroll 1
         for (int s = 0; s < STAGES - 1; ++s) issue(s);
@@ -301,7 +306,8 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_ffn(
                 float4 t = part_sum[k][0];
 #pragma unroll
                 for (int c = 1; c < ACC_REPLICAS; ++c) {
-                    t.x += part_sum[k][c].x; t.y += part_sum[k][c].y; t.z += part_sum[k][c].z; t.w += part_sum[k][c].w;
+                    t.x += part_sum[k][c].x; t.y += part_sum[k][c].y;
+                    t.z += part_sum[k][c].z; t.w += part_sum[k][c].w;
                 }
                 const __nv_bfloat162* r = reinterpret_cast<const __nv_bfloat162*>(&res[k]);
                 const float2 r01 = __bfloat1622float2(r[0]), r23 = __bfloat1622float2(r[1]);
