@@ -28,8 +28,9 @@ from .sources import SourceSpec, resolve_local_path
 
 Loc = tuple  # a YAML path: ("pipeline", 2, "relufy", "stages", 0, "lr")
 
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class TextSource(Strict):

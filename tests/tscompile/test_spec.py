@@ -48,6 +48,8 @@ BAD = {
                                                       "    min_speedup: {ckp: 2}\n"),
                                             "x.yaml:9: verify.goals.min_speedup.ckp: 'ckp' is not a target of this "
                                             "spec; did you mean 'ckpt'?"),
+    "NaN goal": (tiny_spec(extra="verify: {goals: {max_rel_err: .nan}}\n"),
+                 "x.yaml:7: verify.goals.max_rel_err: must be a finite number"),
     "bad data weight": (tiny_spec(extra="data:\n  train:\n    mixture:\n      - {path: corpus:prose, weight: 0}\n"),
                         "x.yaml:10: data.train.mixture[0].weight: must be > 0, got 0"),
     "unknown key in a pass config": (tiny_spec(pipeline="[scale: {factr: 2}]"),
