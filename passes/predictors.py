@@ -295,7 +295,8 @@ def fit_unit(train: FFNSamples, val: FFNSamples, cfg: PredictorsConfig, device: 
 
     The largest affordable rank is trained first: if it misses the gap no smaller one will reach it, so it is
     kept as the best there is (one training for an unpredictable FFN); otherwise a binary search goes down.
-    With `exact_rows` (mode auto) a training stops early when it cannot beat the exact path's bytes.
+    With `exact_rows` (mode auto) a training stops early when it cannot beat the exact path's bytes; a smaller
+    rank's training also stops once it cannot reach the gap (it would be rejected anyway).
     """
     H, I = train.x.shape[1], train.inter
     ladder = rank_ladder(cfg, H, I)
@@ -306,6 +307,8 @@ def fit_unit(train: FFNSamples, val: FFNSamples, cfg: PredictorsConfig, device: 
         r = ladder[k]
         if r not in tried:
             useful = 0.0 if exact_rows is None else 1 - (exact_rows - 3 * predictor_share(r, H, I)) / 3
+            if k < len(ladder) - 1:
+                useful = max(useful, true_sparsity - cfg.max_sparsity_gap)
             tried[r] = train_predictor(train, val, r, cfg, device, seed, useful)
         return tried[r].val_sparsity >= true_sparsity - cfg.max_sparsity_gap
 

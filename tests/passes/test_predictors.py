@@ -12,6 +12,7 @@ from tscompile.passes.predictors import (
     PredictorsConfig,
     choose_mode,
     fit_predictors,
+    fit_unit,
     gated_perplexity,
     pack_bits,
     plot_predictors,
@@ -59,6 +60,18 @@ def test_training_learns_a_known_low_rank_rule():
     # at 99% recall the predictor still skips nearly all the inactive neurons
     assert m["predicted_sparsity"] >= m["true_sparsity"] - 0.03, m
     assert m["precision"] >= 0.9, m
+
+
+def test_rank_auto_picks_the_smallest_rank_within_the_gap():
+    train, val = low_rank_rule(6000, 7), low_rank_rule(1500, 8)
+    cfg = PredictorsConfig(ranks=[1, 16, 32], max_bytes_share=1.0, epochs=6, lr=0.05, max_sparsity_gap=0.05)
+    pred, tried = fit_unit(train, val, cfg, "cpu", 0)
+    # 32 first (feasible), then the binary search: 16 reaches the gap, 1 cannot express a rank-8 rule
+    assert pred.rank == 16 and tried == [1, 16, 32]
+    true_sparsity = 1 - float(val.mask().float().mean())
+    assert pred.val_sparsity >= true_sparsity - 0.05
+    pred, tried = fit_unit(train, val, cfg.model_copy(update={"ranks": [1, 2]}), "cpu", 0)
+    assert pred.rank == 2 and tried == [2]      # the largest misses the gap: kept, nothing smaller tried
 
 
 def test_threshold_calibration_hits_target_recall_on_held_out():
