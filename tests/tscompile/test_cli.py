@@ -241,3 +241,15 @@ def test_target_not_in_the_spec_is_built_with_defaults_and_recorded(tmp_path, ca
     assert resolved.targets["ckpt"].model_dump() == {"dtype": "float32", "pause": 0.0}
     assert resolved.plugins == ["tsc_test_plugin"]
     assert (tmp_path / "b" / "ckpt" / "manifest.json").is_file()
+
+
+def test_tiny_spec_builds_and_verifies_end_to_end_with_onnx(tmp_path):
+    """specs/tiny.yaml through the real drelu pass, onnx backend and verifier (arm64 has its own tests)."""
+    args = ("build", str(REPO / "specs" / "tiny.yaml"), "--target", "onnx", "--out", str(tmp_path / "b"))
+    r = tsc(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "b" / "verify.json").read_text())
+    assert report["ok"] is True and report["targets"]["onnx"]["top1"] == 1.0
+    assert (tmp_path / "b" / "report.md").is_file()
+    again = tsc(*args)
+    assert again.returncode == 0 and "everything cached, nothing to rebuild" in again.stderr
