@@ -559,6 +559,6 @@ def plot_predictors(ir: ModelIR, out_png) -> None:
     plt.close(fig)
 
 
-PASS = PassInfo(name="predictors", version="1",
+PASS = PassInfo(name="predictors", version="2",
                 doc="low-rank activation predictor per FFN (or exact gating where cheaper)",
                 config=PredictorsConfig, run=apply_predictors, needs_data=True, gpu="optional")
