@@ -427,7 +427,8 @@ def fit_predictors(ir: ModelIR, cfg: PredictorsConfig, calib_ids, device: str = 
                 val_exact_rows = 2 - s_gate + float(va.mask().float().mean())
                 pred, tried = fit_unit(tr, va, cfg, device, seed + u,
                                        val_exact_rows if cfg.mode == "auto" else None)
-            true_sparsity = 1 - float(te.mask().float().mean()) if len(te) else 0.0
+            seen = next((d for d in (te, va, tr) if len(d)), None)   # an expert may get few routed tokens
+            true_sparsity = 1 - float(seen.mask().float().mean()) if seen is not None else float("nan")
             exact_rows = 1 + (1 - s_gate) + (1 - true_sparsity)
             pred_rows = gap = cand = None
             if pred is not None:
@@ -470,7 +471,7 @@ def fit_predictors(ir: ModelIR, cfg: PredictorsConfig, calib_ids, device: str = 
 
 
 def _mean(xs) -> float | None:
-    xs = list(xs)
+    xs = [x for x in xs if not math.isnan(x)]   # NaN: an expert that saw no calibration token
     return sum(xs) / len(xs) if xs else None
 
 
