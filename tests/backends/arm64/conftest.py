@@ -1,4 +1,4 @@
-"""Session fixture: the tiny test models lowered once (cross, host, ASan+UBSan and TSan host binaries)."""
+"""Session fixture: the tiny test models lowered once (cross, host and ASan+UBSan host binaries)."""
 from __future__ import annotations
 
 import pytest
@@ -17,7 +17,7 @@ def built(tmp_path_factory):
             ir, dtype = make_variant(name)
             out = tmp_path_factory.mktemp(name) / "arm64"
             manifest = BACKEND.lower(ir, BACKEND.config(dtype=dtype), out, None)
-            build_binaries(out, aarch64=False, host=False, sanitizers=("asan", "tsan"))
+            build_binaries(out, aarch64=False, host=False, sanitizers=("asan",))
             cache[name] = Built(name, ir, dtype, out, manifest, stepwise_reference(ir, PROMPT, FORCED),
                                 stepwise_reference(ir, PROMPT, FORCED, gated=False))
         return cache[name]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from arm64_cases import FORCED, PROMPT, VARIANTS, needs, rel_l2, stepwise_greedy
 from tscompile.backends.arm64 import BACKEND
+from tscompile.backends.arm64.build import build_binaries
 
 from tscompile.errors import UserError
 
@@ -93,6 +94,7 @@ def test_threads_split_rows_without_changing_results(built, variant):
     one = BACKEND.load(b.outdir, where="qemu", threads=1).logits(PROMPT, FORCED)
     three = BACKEND.load(b.outdir, where="qemu", threads=3).logits(PROMPT, FORCED)
     np.testing.assert_array_equal(one, three)     # rows and columns split; each sum keeps its order
+    build_binaries(b.outdir, aarch64=False, host=False, sanitizers=("tsan",))
     probe = subprocess.run([str(b.outdir / "bin" / "tsrun-host-tsan"), "--print-isa", str(b.outdir / "weights.bin")],
                            check=False, capture_output=True, text=True)
     if "unexpected memory mapping" in probe.stderr:      # TSan vs. this kernel's ASLR settings, not our code
