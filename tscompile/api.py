@@ -23,8 +23,9 @@ from pydantic import BaseModel, ConfigDict
 
 
 class PassConfig(BaseModel):
-    """Base of every pass and target config: unknown keys are errors."""
-    model_config = ConfigDict(extra="forbid")
+    """Base of every pass and target config: unknown keys are errors; so are NaN and infinities (a resolved spec
+    could not write them back: JSON has no NaN)."""
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import re
 from pathlib import Path
 
@@ -264,7 +265,26 @@ def test_arbitrary_documents_give_one_line_errors():
     assert run_examples(one) >= fuzz_settings().max_examples
 
 
-# ---- specific shapes ---------------------------------------------------------------------------------
+# ---- specific shapes ----
+
+
+@pytest.mark.parametrize("name", sorted(TREES))
+def test_every_number_replaced_by_nan_or_infinity_is_refused(name):
+    """JSON has no NaN: a config that took one could not be written back to spec.resolved.yaml."""
+    tree = TREES[name]
+    numeric = [p for p in node_paths(tree) if p and isinstance(parent_and_key(tree, p)[0][p[-1]], float | int)
+               and not isinstance(parent_and_key(tree, p)[0][p[-1]], bool)]
+    assert numeric
+    for path in numeric:
+        for bad in (math.nan, math.inf, -math.inf):
+            t = copy.deepcopy(tree)
+            parent, key = parent_and_key(t, path)
+            parent[key] = bad
+            error = check(dump(t))
+            # (a value inside a union such as relufy's `l1: float | L1Ramp` is reported under pydantic's name
+            # for the union member it tried first, e.g. `l1.float: must be a number, got {...}`)
+            where = format_loc(path if len(path) == 1 else path[:-1])
+            assert error is not None and error[1].startswith(where), (path, bad, error)
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
