@@ -1,4 +1,4 @@
-"""kill -9 trials of `tscompile build`: one uninterrupted build, then N builds each killed with SIGKILL at a
+"""kill -9 trials of `tscompile build`: one uninterrupted build (after a warm-up one), then N builds each killed with SIGKILL at a
 moment spread over that build's duration and run again to completion in the same directory.
 
     python crash_worker.py WORKDIR N_TRIALS -- BUILD ARGS (without --out)   -> JSON report on stdout
@@ -77,6 +77,7 @@ def main(workdir: str, n_trials: str, *build_args: str) -> None:
     work = Path(workdir)
     args = [a for a in build_args if a != "--"]
     preload()
+    finish(start_build([*args, "--out", str(work / "warm-up")], work / "warm-up.log"))   # first-use costs
     t0 = time.perf_counter()
     rc = finish(start_build([*args, "--out", str(work / "ref")], work / "ref.log"))
     duration = time.perf_counter() - t0
@@ -91,10 +92,13 @@ def main(workdir: str, n_trials: str, *build_args: str) -> None:
         os.kill(pid, signal.SIGKILL)
         killed = finish(pid) == -signal.SIGKILL
         torn = torn_artifacts(out) if out.exists() else []
+        left = sorted(str(q.relative_to(out)) for q in out.glob("*") if q.name != "build.log") if out.exists() else []
+        entries = len(list((out / ".cache" / "passes").glob("*/entry.json")))
         rc = finish(start_build([*args, "--out", str(out)], log))
         got = digests(out)
         diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
         report["trials"].append({"kill_at_s": round(kill_at, 3), "killed": killed, "torn_after_kill": torn,
+                                 "left_after_kill": left, "cache_entries_after_kill": entries,
                                  "resume_rc": rc, "differs": diff, "log_tail": log.read_text()[-600:]})
     json.dump(report, sys.stdout, indent=1)
 
