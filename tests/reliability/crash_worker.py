@@ -1,5 +1,6 @@
-"""kill -9 trials of `tscompile build`: one uninterrupted build (after a warm-up one), then N builds each killed with SIGKILL at a
-moment spread over that build's duration and run again to completion in the same directory.
+"""kill -9 trials of `tscompile build`: one uninterrupted build (after a warm-up one), then builds killed with
+SIGKILL at moments spread over that build's duration, each run again to completion in the same directory, until
+N_TRIALS kills landed while the build was running.
 
     python crash_worker.py WORKDIR N_TRIALS -- BUILD ARGS (without --out)   -> JSON report on stdout
 
@@ -83,14 +84,19 @@ def main(workdir: str, n_trials: str, *build_args: str) -> None:
     duration = time.perf_counter() - t0
     report = {"duration_s": duration, "reference_rc": rc, "trials": []}
     want = digests(work / "ref")
-    n = int(n_trials)
-    for i in range(n):
+    n, estimate, i = int(n_trials), duration, 0
+    while sum(t["killed"] for t in report["trials"]) < n and i < 3 * n:
+        # the k-th kill at (k + 1/2)/n of the build's duration; a build that finished first (a busy machine
+        # made the reference slow) shrinks the estimate
         out, log = work / f"trial{i}", work / f"trial{i}.log"
-        kill_at = duration * (i + 0.5) / n
+        kill_at = estimate * (sum(t["killed"] for t in report["trials"]) + 0.5) / n
+        i += 1
         pid = start_build([*args, "--out", str(out)], log)
         time.sleep(kill_at)
         os.kill(pid, signal.SIGKILL)
         killed = finish(pid) == -signal.SIGKILL
+        if not killed:
+            estimate *= 0.8
         torn = torn_artifacts(out) if out.exists() else []
         left = sorted(str(q.relative_to(out)) for q in out.glob("*") if q.name != "build.log") if out.exists() else []
         entries = len(list((out / ".cache" / "passes").glob("*/entry.json")))

@@ -35,7 +35,7 @@ def test_kill_9_at_any_moment_then_resume_equals_an_uninterrupted_build(tmp_path
     for t in trials:
         assert t["resume_rc"] == 0 and not t["differs"] and not t["torn_after_kill"], t
     killed = [t for t in trials if t["killed"]]
-    assert len(killed) >= TRIALS // 2, trials               # most kills landed while the build was running,
+    assert len(killed) == TRIALS, trials                      # kills that landed while the build was running,
     assert any(t["cache_entries_after_kill"] == 0 for t in killed)            # some before any pass output,
     assert any(any(".onnx.tmp-" in x for x in t["left_after_kill"]) for t in killed)   # some mid-lowering
     ref = tmp_path / "ref"
