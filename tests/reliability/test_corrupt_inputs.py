@@ -4,8 +4,9 @@ UserError naming the file, never a crash, and loaded under a 3 GB address-space 
 that believed an absurd declared size and allocated it would fail here. Through the CLI, `tscompile import BAD
 --out DIR` exits 2 with one line and leaves DIR absent.
 
-Hostile arm64 weight blobs (over 80 of them) are in tests/backends/arm64/test_blob.py; the blob variants here go
-through the Python runner (the path `tscompile verify/generate` take) — see test_user_strings.py's build.
+Hostile arm64 weight blobs (over 80 of them) are in tests/backends/arm64/test_blob.py; broken blobs and
+out-of-vocabulary token ids through the Python runner (the path of `tscompile verify/generate`) are in
+test_user_strings.py, on the artifact it builds.
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 A tiny model imported from a GGUF whose file name holds a newline, `#error`, `*/`, quotes, a backslash and
 unicode is built through onnx and arm64 into an output dir with the same kinds of characters, verified, and run;
-the generated C shows the name on its comment line only. Spec names are restricted to [A-Za-z0-9._-] (so
+the generated C shows the name on its comment line only; broken weight blobs and out-of-vocabulary token ids
+then go through the Python runner into that runtime. Spec names are restricted to [A-Za-z0-9._-] (so
 they cannot reach generated code raw). A module in the current directory is imported only when named with -p.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 import yaml
 from reliability_helpers import ROOT, assert_one_line_error, run_cli
 
+from tscompile.errors import UserError
 from tscompile.spec import parse_spec
 from tscompile.tiny import make_tiny_ir
 
@@ -61,6 +63,34 @@ def test_build_with_hostile_paths_through_onnx_and_arm64(tmp_path):
     res = run_cli(["generate", str(out), "--target", "arm64", "--prompt", NASTY, "--max-new-tokens", "3"],
                   cwd=tmp_path)
     assert res.returncode == 0 and res.stdout.startswith(NASTY), res.stderr[-2000:]
+    check_broken_blobs_through_the_runner(out / "arm64")
+
+
+def check_broken_blobs_through_the_runner(artifact):
+    """Broken weights.bin files and out-of-vocabulary token ids through the Python runner (the path of
+    `tscompile verify/generate`) into the real runtime: one-line UserErrors."""
+    from tscompile import registry
+    arm64 = registry.backend("arm64")
+    blob = artifact / "weights.bin"
+    good = blob.read_bytes()
+    flipped = bytearray(good)
+    flipped[-100] ^= 0x40
+    broken = {"truncated": (good[:len(good) // 2], ""), "data byte flipped": (bytes(flipped), "checksum"),
+              "empty": (b"", ""), "missing": (None, "")}
+    for name, (data, needle) in broken.items():
+        blob.unlink(missing_ok=True)
+        if data is not None:
+            blob.write_bytes(data)
+        with pytest.raises(UserError) as e:
+            arm64.load(artifact, where="host").generate([1, 2], 2)
+        assert "tsrun" in str(e.value) and needle in str(e.value) and "\n" not in str(e.value), (name, e.value)
+    blob.write_bytes(good)
+    runner = arm64.load(artifact, where="host")
+    assert len(runner.generate([1, 2], 2)) == 2
+    for ids in ([runner.vocab], [1, -1], [2**40]):
+        with pytest.raises(UserError) as e:
+            runner.generate(ids, 1)
+        assert "\n" not in str(e.value), (ids, e.value)
 
 
 PLANTED = ["evil_plugin", "onnx", "torch", "yaml", "drelu", "tscompile_plugins"]    # modules in the cwd
