@@ -26,7 +26,7 @@ def preload() -> None:
     import onnxruntime  # noqa: F401
     import torch  # noqa: F401
 
-    import tscompile.cli  # noqa: F401
+    import tscompile.cli
     import tscompile.engine  # noqa: F401
     from tscompile import registry
     for name in registry.pass_names():

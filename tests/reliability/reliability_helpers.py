@@ -30,7 +30,7 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float 
     """`tscompile ARGS` through the installed console script, as a user runs it."""
     return subprocess.run([console_script(), *args], cwd=cwd,
                           env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}, capture_output=True,
-                          text=True, timeout=timeout, preexec_fn=preexec_fn)
+                          text=True, timeout=timeout, preexec_fn=preexec_fn, check=False)
 
 
 def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> str:

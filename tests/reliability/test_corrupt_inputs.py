@@ -26,7 +26,7 @@ from tscompile.checkpoint import INDEX
 from tscompile.tiny import make_tiny_ir
 
 sys.path.insert(0, str(ROOT / "tests" / "tscompile"))
-from test_importers import write_gguf  # noqa: E402  (the GGUF writer the importer's own tests use)
+from test_importers import write_gguf
 
 MEMORY_LIMIT = 3 * 1024**3     # torch + tokenizers + a tiny model need ~1 GB of address space
 
@@ -53,7 +53,7 @@ def gguf_variants(path: Path) -> dict[str, tuple[bytes, str]]:
         struct.pack_into(fmt, b, offset, value)
         return bytes(b)
 
-    value = lambda key: at(f[key], 3)          # noqa: E731  (a scalar's value: after key len, key, type)
+    value = lambda key: at(f[key], 3)
     readable = "not a readable GGUF file"
     return {
         "gguf only the magic": (data[:4], readable),
@@ -204,7 +204,7 @@ def test_corrupt_inputs_are_one_line_errors_under_a_memory_limit(corrupt_cases, 
     (tmp_path / "cases.json").write_text(json.dumps({k: str(p) for k, (p, _) in corrupt_cases.items()}))
     res = subprocess.run([sys.executable, str(Path(__file__).with_name("load_worker.py")),
                           str(tmp_path / "cases.json"), str(tmp_path / "out.json")], capture_output=True, text=True,
-                         timeout=300, preexec_fn=limit_memory, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+                         timeout=300, preexec_fn=limit_memory, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     outcomes = json.loads((tmp_path / "out.json").read_text())
     bad = {}
@@ -218,7 +218,7 @@ def test_corrupt_inputs_are_one_line_errors_under_a_memory_limit(corrupt_cases, 
 def test_the_memory_limit_is_real(tmp_path):
     """The worker's limit stops a 4 GB allocation (so a loader that made one would be caught)."""
     res = subprocess.run([sys.executable, "-c", "bytearray(4 * 1024**3)"], capture_output=True, text=True,
-                         preexec_fn=limit_memory, timeout=60)
+                         preexec_fn=limit_memory, timeout=60, check=False)
     assert res.returncode != 0 and "MemoryError" in res.stderr
 
 

@@ -18,7 +18,7 @@ import pytest
 from reliability_helpers import ROOT
 
 sys.path.insert(0, str(ROOT / "tests"))
-from golden_cases import CASES, PROMPT, STEPS, case_ir  # noqa: E402
+from golden_cases import CASES, PROMPT, STEPS, case_ir
 
 SANITIZE = ["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
 SPARSE_CASES = [c for c, kw in CASES.items() if "predictor" in c or kw.get("mode") == "exact"]
@@ -38,8 +38,9 @@ def sanitized(tmp_path_factory):
     """(good library, library with the injected overflow, {case: model.onnx}, {case: (forced ids, reference logits)})."""
     if shutil.which("g++") is None:
         pytest.skip("g++ is not installed")
-    from tscompile import registry
     from tscompile.backends.onnx.native import ort_include_dir, render_source
+
+    from tscompile import registry
     from tscompile.verify import ReferenceRunner
     include, why = ort_include_dir()
     if include is None:
@@ -63,13 +64,13 @@ def sanitized(tmp_path_factory):
 
 
 def run_under_asan(library: Path, models: list[Path], forced: list[int], out: Path) -> subprocess.CompletedProcess:
-    asan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    asan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True, check=False).stdout.strip()
     env = {**os.environ, "LD_PRELOAD": asan, "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1",
            "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1", "OMP_WAIT_POLICY": "PASSIVE"}
     out.mkdir(exist_ok=True)
     return subprocess.run([sys.executable, str(Path(__file__).with_name("ort_asan_worker.py")), str(library),
                            str(out), ",".join(map(str, PROMPT)), ",".join(map(str, forced)), *map(str, models)],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
 def test_sanitized_native_kernels_match_the_reference(sanitized, tmp_path):

@@ -12,7 +12,6 @@ import copy
 import functools
 import math
 import re
-from pathlib import Path
 
 import pytest
 import yaml

@@ -20,7 +20,7 @@ from tscompile.spec import parse_spec
 from tscompile.tiny import make_tiny_ir
 
 sys.path.insert(0, str(ROOT / "tests" / "tscompile"))
-from test_importers import write_gguf  # noqa: E402
+from test_importers import write_gguf
 
 NASTY = 'ü "q" \'s\' \\ ??- $HOME `x` ; *'    # a path component: no "/", but "*" + the next "/" makes "*/"
 INJECTED = "#error INJECTED"
