@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, PositiveInt
 
 from tscompile.api import Context, PassConfig, PassInfo
 from tscompile.errors import UserError
@@ -32,8 +32,8 @@ STATS_KEYS = ("true_sparsity", "gate_sparsity", "bytes_exact", "mode_reason", "s
 
 
 class PredictorsConfig(PassConfig):
-    rank: int | Literal["auto"] = "auto"
-    ranks: list[int] = Field(default=[16, 32, 64, 128, 256], min_length=1)   # the ladder `rank: auto` climbs
+    rank: PositiveInt | Literal["auto"] = "auto"
+    ranks: list[PositiveInt] = Field(default=[16, 32, 64, 128, 256], min_length=1)   # the ladder `rank: auto` climbs
     max_bytes_share: float = Field(0.08, gt=0, le=1)   # auto: predictor bytes / FFN bytes at most this
     target_recall: float = Field(0.95, gt=0.5, le=1)
     max_sparsity_gap: float = Field(0.05, ge=0, le=1)  # auto: predicted sparsity >= true sparsity - this

@@ -100,6 +100,13 @@ def test_rank_ladder_respects_the_byte_budget():
     assert rank_ladder(PredictorsConfig(max_bytes_share=0.001), 576, 1536) == [16]
 
 
+def test_config_rejects_bad_values():
+    for bad in ({"rank": 0}, {"rank": "big"}, {"ranks": []}, {"ranks": [16, -1]}, {"target_recall": 1.5},
+                {"mode": "fast"}, {"held_out": 0.5}, {"unknown": 1}):
+        with pytest.raises(ValueError):
+            PredictorsConfig(**bad)
+
+
 def test_choose_mode_by_bytes():
     assert choose_mode("auto", 2.5, 1.2)[0] == "predictor"
     assert choose_mode("auto", 1.2, 2.5)[0] == "exact"
