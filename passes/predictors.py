@@ -44,7 +44,7 @@ class PredictorsConfig(PassConfig):
     epochs: int = Field(12, gt=0)
     patience: int = Field(2, gt=0)                     # epochs without val improvement before stopping
     batch_size: int | None = Field(None, gt=0)         # default: 256 on CPU, 2048 on CUDA
-    lr: float = Field(2e-2, gt=0)                      # peak of a one-cycle schedule
+    lr: float = Field(2e-2, gt=0)                      # peak of a warmup + cosine schedule
     weight_decay: float = Field(0.01, ge=0)
     memory_gb: float | None = Field(None, gt=0)        # samples held at once (default: 2 on CPU, half the
                                                        # free GPU memory); more FFNs -> extra forwards
@@ -112,7 +112,9 @@ def collect_samples(model, ids, units: list[int], max_rows: int, batch_seqs: int
     import torch
     from tqdm import tqdm
     ffns = model.ffns()
-    last_layer = max(_layer_of(model, u) for u in units)
+    layer_of = [i for i, layer in enumerate(model.model.layers)          # ffn unit -> decoder layer
+                for _ in getattr(layer.ffn(), "experts", [None])]
+    last_layer = max(layer_of[u] for u in units)
     xs = {u: [] for u in units}
     bits = {u: [] for u in units}
     rows = dict.fromkeys(units, 0)
@@ -124,7 +126,7 @@ def collect_samples(model, ids, units: list[int], max_rows: int, batch_seqs: int
             for u in units:
                 caps[u] = ffns[u].capture = _Capture(last=False)
             # stop after the last FFN module of the deepest captured layer (its experts run in order)
-            caps[max(u for u in units if _layer_of(model, u) == last_layer)].last = True
+            caps[max(u for u in units if layer_of[u] == last_layer)].last = True
             try:
                 model(ids[start:start + batch_seqs], gating="exact")
             except _StopForward:
@@ -147,13 +149,6 @@ def collect_samples(model, ids, units: list[int], max_rows: int, batch_seqs: int
                           torch.cat(bits[u]) if bits[u] else torch.zeros(0, -(-I // 8), dtype=torch.uint8,
                                                                          device=dev), I)
             for u in units}
-
-
-def _layer_of(model, unit: int) -> int:
-    if not hasattr(model, "_unit_layers"):
-        model._unit_layers = [i for i, layer in enumerate(model.model.layers)
-                              for _ in (layer.ffn().experts if hasattr(layer.ffn(), "experts") else [0])]
-    return model._unit_layers[unit]
 
 
 # ---- training and calibration ------------------------------------------------------------------------------

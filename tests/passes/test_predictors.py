@@ -224,6 +224,18 @@ def test_exact_mode_trains_nothing_and_moe_experts_get_their_own(tiny_relu):
     assert n_train == 2 * (12 - 2) * 32
 
 
+def test_memory_bound_streams_ffns_in_groups_with_the_same_result(tiny_relu):
+    ir, ids = tiny_relu
+    cfg = PredictorsConfig(rank=8, mode="predictor", epochs=2)
+    whole = fit_predictors(ir, cfg, ids)
+    one_by_one = fit_predictors(ir, cfg.model_copy(update={"memory_gb": 1e-9}), ids)   # a forward per FFN
+    for (layer, expert, a), (_, _, b) in zip(whole.ffn_units(), one_by_one.ffn_units()):
+        assert a.stats["samples"] == b.stats["samples"]
+        assert a.stats["true_sparsity"] == b.stats["true_sparsity"]
+        for n in predictor_names(layer, expert):
+            assert torch.allclose(whole.weights[n], one_by_one.weights[n], atol=1e-5)
+
+
 def test_old_predictors_are_replaced(tiny_fitted, tiny_relu):
     _, ids = tiny_relu
     cfg = PredictorsConfig(rank=8, mode="predictor", epochs=2, forward_dtype="bfloat16")
