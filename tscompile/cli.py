@@ -67,6 +67,8 @@ def build(spec_path: str, targets: tuple[str, ...], out: Path | None, policy: st
     plan.spec = spec.model_copy(update={"targets": {**spec.targets, **extra},
                                         "plugins": list(dict.fromkeys([*spec.plugins, *plugins]))})
     run_build(plan)
+    if (plan.build_dir / "report.md").is_file():
+        click.echo(f"report: {plan.build_dir / 'report.md'}")
 
 
 @cli.command()
