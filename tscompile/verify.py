@@ -57,14 +57,18 @@ def prompt_ids(tokenizer, prompts: list[str], bos: int | None) -> list[list[int]
     return out
 
 
+def rel_l2(got, want) -> float:
+    """||got - want|| / ||want||, in float64."""
+    import numpy as np
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
 def compare_logits(got, want) -> dict[str, float]:
     import numpy as np
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return {
-        "max_abs": float(np.abs(got - want).max()),
-        "rel_l2": float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)),
-        "top1": float((got.argmax(-1) == want.argmax(-1)).mean()),
-    }
+    return {"max_abs": float(np.abs(got - want).max()), "rel_l2": rel_l2(got, want),
+            "top1": float((got.argmax(-1) == want.argmax(-1)).mean())}
 
 
 class ReferenceRunner:

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tscompile.verify import ReferenceRunner
+
 from tscompile.ir import ModelIR
 from tscompile.tiny import add_random_predictors, make_tiny_ir
 
@@ -80,7 +82,6 @@ class Built:
 def stepwise_reference(ir: ModelIR, prompt: list[int], forced: list[int], gated: bool = True) -> np.ndarray:
     """The reference fed one token at a time with a KV cache (the arm64 runtime's prefill); gated=False turns
     predictor gating off (what --dense / --exact compute)."""
-    from tscompile.verify import ReferenceRunner
     if not gated:
         ir = ir.clone()
         for _, _, ann in ir.ffn_units():
@@ -89,9 +90,6 @@ def stepwise_reference(ir: ModelIR, prompt: list[int], forced: list[int], gated:
 
 
 def stepwise_greedy(ir: ModelIR, prompt: list[int], n: int) -> list[int]:
-    from tscompile.verify import ReferenceRunner
     return ReferenceRunner(ir, "stepwise").generate(prompt, n)
 
 
-def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))

@@ -6,7 +6,8 @@ import subprocess
 
 import numpy as np
 import pytest
-from arm64_cases import FORCED, PROMPT, VARIANTS, needs, rel_l2, stepwise_greedy
+from arm64_cases import FORCED, PROMPT, VARIANTS, needs, stepwise_greedy
+from tscompile.verify import rel_l2
 from tscompile.backends.arm64 import BACKEND
 from tscompile.backends.arm64.build import build_binaries
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tscompile.verify import ReferenceRunner
+
 PROMPT = [1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]
 FORCED = [33, 32, 84, 104, 101, 32, 113, 117, 105, 99, 107, 32, 98, 114, 111, 119, 110, 32, 102, 111]
 THRESHOLD = 0.02  # FATReLU threshold on |h| (every activation kind)
@@ -45,20 +47,7 @@ def sparsify(ir, mode: str, rank: int = 16, seed: int = 1):
 
 def reference_logits(ir, prompt=PROMPT, forced=FORCED) -> np.ndarray:
     """ReferenceModel: prefill the prompt, then teacher-forced decode -> [1 + len(forced), vocab]."""
-    import torch
-
-    from tscompile.reference import KVCache, ReferenceModel
-
-    ref = ReferenceModel.from_ir(ir)
-    cache = KVCache.empty(ir.config.num_layers)
-    with torch.no_grad():
-        rows = [ref(torch.tensor([prompt]), cache=cache)[0, -1]]
-        rows += [ref(torch.tensor([[t]]), cache=cache)[0, -1] for t in forced]
-    return torch.stack(rows).numpy()
-
-
-def rel_l2(a, b) -> float:
-    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
+    return ReferenceRunner(ir, "batched").logits(prompt, forced)
 
 
 class Lowered:

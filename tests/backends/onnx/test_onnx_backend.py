@@ -9,7 +9,8 @@ import shutil
 
 import numpy as np
 import pytest
-from onnx_tiny import FORCED, PROMPT, reference_logits, rel_l2
+from onnx_tiny import FORCED, PROMPT, reference_logits
+from tscompile.verify import rel_l2
 
 ACTIVATIONS = ("swiglu", "geglu", "relu", "drelu")
 MODES = ("predictor", "exact")
