@@ -16,9 +16,10 @@ import numpy as np
 from tscompile.ir import ModelIR, ffn_names, predictor_names
 
 BLOB_MAGIC = b"TSRUNWB\0"
-BLOB_VERSION = 1
-FIXED_HEADER = 80
-LAYER_SPEC_BYTES = 24
+BLOB_VERSION = 2                # 2: experts and top-k in the header, one FFN spec per expert
+N_DIMS = 14
+FIXED_HEADER = 24 + 4 * N_DIMS + 8
+FFN_SPEC_BYTES = 24
 TENSOR_ENTRY_BYTES = 80
 ALIGN = 64
 DTYPE_CODES = {"float32": 0, "float16": 1}
@@ -34,11 +35,22 @@ class TensorPlan:
     matrix: bool       # stored in the weight dtype (else float32)
 
 
-def layer_spec_values(ann) -> tuple[int, int, int, int, float, float]:
+def ffn_spec_values(ann) -> tuple[int, int, int, int, float, float]:
     """(activation, mode, predictor rank, predictor relu, threshold, predictor threshold) as stored."""
     p = ann.predictor
     return (ACTIVATION_CODES[ann.activation], MODE_CODES[ann.mode], p.rank if p else 0,
             int(p.relu) if p else 0, float(ann.threshold), float(p.threshold) if p else 0.0)
+
+
+def _ffn_rows(prefix: str, layer: int, expert: int | None, ann) -> list[TensorPlan]:
+    """One FFN's tensors (a layer's MLP or one expert): Wg, Wu, Wd^T and the predictor if it has one."""
+    g, u, d = ffn_names(layer, expert)
+    rows = [TensorPlan(f"{prefix}w_gate", g, False, True), TensorPlan(f"{prefix}w_up", u, False, True),
+            TensorPlan(f"{prefix}w_down_t", d, True, True)]
+    if ann.predictor is not None:
+        f1, f2 = predictor_names(layer, expert)
+        rows += [TensorPlan(f"{prefix}pred_fc1", f1, False, False), TensorPlan(f"{prefix}pred_fc2", f2, False, False)]
+    return rows
 
 
 def tensor_plan(ir: ModelIR) -> list[TensorPlan]:
@@ -48,19 +60,21 @@ def tensor_plan(ir: ModelIR) -> list[TensorPlan]:
     for i, ann in enumerate(ir.layers):
         p = f"model.layers.{i}"
         a = f"{p}.self_attn"
-        g, u, d = ffn_names(i)
         rows = [("attn_norm", f"{p}.input_layernorm.weight", False, False),
                 ("wq", f"{a}.q_proj.weight", False, True), ("wk", f"{a}.k_proj.weight", False, True),
                 ("wv", f"{a}.v_proj.weight", False, True), ("wo", f"{a}.o_proj.weight", False, True)]
         if cfg.attention_bias:
             rows += [("bq", f"{a}.q_proj.bias", False, False), ("bk", f"{a}.k_proj.bias", False, False),
                      ("bv", f"{a}.v_proj.bias", False, False)]
-        rows += [("ffn_norm", f"{p}.post_attention_layernorm.weight", False, False),
-                 ("w_gate", g, False, True), ("w_up", u, False, True), ("w_down_t", d, True, True)]
-        if ann.predictor is not None:
-            f1, f2 = predictor_names(i)
-            rows += [("pred_fc1", f1, False, False), ("pred_fc2", f2, False, False)]
+        rows.append(("ffn_norm", f"{p}.post_attention_layernorm.weight", False, False))
+        if ann.experts is not None:   # the router stays float32: routing decisions are those of the reference
+            rows.append(("router", f"{p}.block_sparse_moe.gate.weight", False, False))
         plan += [TensorPlan(f"layers.{i}.{n}", s, t, m) for n, s, t, m in rows]
+        if ann.experts is None:
+            plan += _ffn_rows(f"layers.{i}.", i, None, ann)
+        else:
+            for e, expert in enumerate(ann.experts):
+                plan += _ffn_rows(f"layers.{i}.experts.{e}.", i, e, expert)
     plan.append(TensorPlan("final_norm", "model.norm.weight", False, False))
     if not cfg.tie_word_embeddings:
         plan.append(TensorPlan("lm_head", "lm_head.weight", False, True))
@@ -73,7 +87,7 @@ def header_dims(ir: ModelIR) -> list[int]:
     return [c.vocab_size, c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads, c.num_kv_heads,
             c.head_dim, c.sliding_window or 0, int(c.attention_bias), int(c.tie_word_embeddings),
             -1 if c.bos_token_id is None else int(c.bos_token_id),
-            -1 if c.eos_token_id is None else int(c.eos_token_id)]
+            -1 if c.eos_token_id is None else int(c.eos_token_id), c.num_experts, c.num_experts_per_tok]
 
 
 def _tensor_array(ir: ModelIR, t: TensorPlan, dtype: str) -> np.ndarray:
@@ -92,7 +106,8 @@ def write_weights_blob(ir: ModelIR, dtype: str, path: Path) -> int:
     """Writes weights.bin atomically; returns its size in bytes."""
     plan = tensor_plan(ir)
     arrays = [_tensor_array(ir, t, dtype) for t in plan]
-    header_size = FIXED_HEADER + LAYER_SPEC_BYTES * len(ir.layers) + TENSOR_ENTRY_BYTES * len(plan) + 4
+    specs = [ffn_spec_values(ann) for _, _, ann in ir.ffn_units()]
+    header_size = FIXED_HEADER + FFN_SPEC_BYTES * len(specs) + TENSOR_ENTRY_BYTES * len(plan) + 4
     offset = -(-header_size // ALIGN) * ALIGN
     entries, offsets = [], []
     for t, arr in zip(plan, arrays):
@@ -102,8 +117,8 @@ def write_weights_blob(ir: ModelIR, dtype: str, path: Path) -> int:
                                    arr.shape[0], arr.shape[1], zlib.crc32(data), offset, data.nbytes))
         offset = -(-(offset + data.nbytes) // ALIGN) * ALIGN
     head = BLOB_MAGIC + struct.pack("<IIII", BLOB_VERSION, header_size, len(plan), DTYPE_CODES[dtype])
-    head += struct.pack("<12i", *header_dims(ir)) + struct.pack("<fI", ir.config.rms_norm_eps, 0)
-    head += b"".join(struct.pack("<iiiiff", *layer_spec_values(a)) for a in ir.layers)
+    head += struct.pack(f"<{N_DIMS}i", *header_dims(ir)) + struct.pack("<fI", ir.config.rms_norm_eps, 0)
+    head += b"".join(struct.pack("<iiiiff", *spec) for spec in specs)
     head += b"".join(entries)
     head += struct.pack("<I", zlib.crc32(head))
     tmp = path.with_name(path.name + ".tmp")

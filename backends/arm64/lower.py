@@ -28,6 +28,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def ffn_manifest(ann) -> dict:
+    return {"activation": ann.activation, "mode": ann.mode, "threshold": ann.threshold,
+            "predictor_rank": ann.predictor.rank if ann.predictor else 0}
+
+
 def write_sources(ir: ModelIR, dtype: str, outdir: Path) -> None:
     """src/*.c|h, CMakeLists.txt and toolchain-aarch64.cmake."""
     src = outdir / "src"
@@ -63,16 +68,17 @@ def lower_arm64(ir: ModelIR, cfg: Arm64Config, outdir: Path, ctx=None) -> dict:
         "blob_version": BLOB_VERSION,
         "dtype": cfg.dtype,
         "dtypes": {"matrices": cfg.dtype, "embedding": cfg.dtype, "norms": "float32", "biases": "float32",
-                   "predictors": "float32", "rope_inv_freq": "float32", "kv_cache": "float32",
+                   "predictors": "float32", "router": "float32", "rope_inv_freq": "float32", "kv_cache": "float32",
                    "activations": "float32 (fp16 copies of matvec inputs on the fp16-arithmetic path)"},
         "threads": cfg.threads,
         "qemu_cpu": cfg.qemu_cpu,
         "dims": {"vocab": c.vocab_size, "hidden": c.hidden_size, "intermediate": c.intermediate_size,
                  "layers": c.num_layers, "heads": c.num_heads, "kv_heads": c.num_kv_heads,
                  "head_dim": c.head_dim, "sliding_window": c.sliding_window,
-                 "attention_bias": c.attention_bias, "tied_embeddings": c.tie_word_embeddings},
-        "layers": [{"activation": a.activation, "mode": a.mode, "threshold": a.threshold,
-                    "predictor_rank": a.predictor.rank if a.predictor else 0} for a in ir.layers],
+                 "attention_bias": c.attention_bias, "tied_embeddings": c.tie_word_embeddings,
+                 "experts": c.num_experts, "top_k": c.num_experts_per_tok},
+        "layers": [ffn_manifest(a) if a.experts is None else {"experts": [ffn_manifest(e) for e in a.experts]}
+                   for a in ir.layers],
         "isa": {"required": ["armv8-a", "asimd"],
                 "optional": {"asimdhp": "fp16 arithmetic kernels (float16 weights), chosen at run time",
                              "crc32": "faster weight checksums"}},

@@ -8,7 +8,7 @@ import numpy as np
 from tscompile.errors import UserError
 from tscompile.ir import ModelIR
 
-from .blob import BLOB_VERSION, layer_spec_values
+from .blob import BLOB_VERSION, ffn_spec_values
 
 TEMPLATES = Path(__file__).parent / "templates"
 # generated file -> template; kernels_neon*.c are only compiled for aarch64
@@ -36,36 +36,37 @@ def c_float(x: float) -> str:
 def check_supported(ir: ModelIR) -> None:
     c = ir.config
     where = f"arm64 backend ({ir.meta.get('source', 'model')})"
-    if c.is_moe:
-        raise UserError(f"{where}: mixture-of-experts layers are not supported by the arm64 runtime")
     if c.head_dim % 2 or c.num_heads % c.num_kv_heads:
         raise UserError(f"{where}: head_dim must be even and num_heads a multiple of num_kv_heads")
-    for i, ann in enumerate(ir.layers):
+    for i, e, ann in ir.ffn_units():
         if ann.predictor is not None and not 0 < ann.predictor.rank <= c.intermediate_size:
-            raise UserError(f"{where}: layers[{i}].predictor.rank {ann.predictor.rank} is outside "
+            unit = f"layers[{i}]" if e is None else f"layers[{i}].experts[{e}]"
+            raise UserError(f"{where}: {unit}.predictor.rank {ann.predictor.rank} is outside "
                             f"1..{c.intermediate_size}")
 
 
 def template_context(ir: ModelIR, dtype: str) -> dict:
     c = ir.config
-    layers = []
-    for ann in ir.layers:
-        _, _, rank, relu, thr, pthr = layer_spec_values(ann)
+    ffns = []      # one per FFN, in ModelIR.ffn_units() order (the order of FFN_SPECS and the blob header)
+    for i, e, ann in ir.ffn_units():
+        _, _, rank, relu, thr, pthr = ffn_spec_values(ann)
         summary = f"{ann.activation}, {ann.mode}, threshold {thr:g}"
         if rank:
             summary += f", predictor rank {rank}{'' if relu else ' (linear)'} >= {pthr:g}"
-        layers.append({"act_enum": ACT_ENUMS[ann.activation], "mode_enum": MODE_ENUMS[ann.mode], "rank": rank,
-                       "relu": relu, "threshold": c_float(thr), "pred_threshold": c_float(pthr),
-                       "summary": summary})
+        ffns.append({"unit": f"layer {i}" if e is None else f"layer {i} expert {e}",
+                     "act_enum": ACT_ENUMS[ann.activation], "mode_enum": MODE_ENUMS[ann.mode], "rank": rank,
+                     "relu": relu, "threshold": c_float(thr), "pred_threshold": c_float(pthr),
+                     "summary": summary})
     return {
         "name": ir.display_name(), "family": c.family,
         "dim": c.hidden_size, "hidden_dim": c.intermediate_size, "n_layers": c.num_layers,
         "n_heads": c.num_heads, "n_kv_heads": c.num_kv_heads, "head_dim": c.head_dim, "vocab": c.vocab_size,
+        "n_experts": c.num_experts, "top_k": c.num_experts_per_tok,
         "sliding_window": c.sliding_window or 0, "rms_eps": c_float(c.rms_norm_eps),
         "bos_id": -1 if c.bos_token_id is None else c.bos_token_id,
         "eos_id": -1 if c.eos_token_id is None else c.eos_token_id,
         "dtype_name": dtype, "dtype_enum": 1 if dtype == "float16" else 0,
-        "attn_bias": c.attention_bias, "tied": c.tie_word_embeddings, "layers": layers,
+        "attn_bias": c.attention_bias, "tied": c.tie_word_embeddings, "ffns": ffns,
         "blob_version": BLOB_VERSION,
     }
 

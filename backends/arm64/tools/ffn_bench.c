@@ -70,18 +70,18 @@ int main(int argc, char **argv) {
         return 2;
     }
     int calls = atoi(argv[2]), threads = argc > 3 ? atoi(argv[3]) : 1;
-    int rank = LAYER_SPECS[0].predictor_rank;
-    if (LAYER_SPECS[0].mode != MODE_PREDICTOR || rank == 0) {
+    int rank = FFN_SPECS[0].predictor_rank;
+    if (FFN_SPECS[0].mode != MODE_PREDICTOR || rank == 0) {
         fprintf(stderr, "ffn_bench: layer 0 must be a predictor-mode FFN\n");
         return 2;
     }
     static Weights w;
-    LayerWeights *L = &w.layers[0];
-    L->w_gate = bench_weights(HIDDEN_DIM, DIM, 1.0f / 24.0f);
-    L->w_up = bench_weights(HIDDEN_DIM, DIM, 1.0f / 24.0f);
-    L->w_down_t = bench_weights(HIDDEN_DIM, DIM, 1.0f / 40.0f);
-    L->pred_fc1 = bench_matrix((size_t)rank, DIM, 1.0f / 24.0f);     // z ~ N(0, 1)
-    L->pred_fc2 = bench_matrix(HIDDEN_DIM, (size_t)rank, 1.4142f / 8.4853f); // score ~ N(0, ~1)
+    FFNWeights *f = &w.layers[0].ffn;
+    f->w_gate = bench_weights(HIDDEN_DIM, DIM, 1.0f / 24.0f);
+    f->w_up = bench_weights(HIDDEN_DIM, DIM, 1.0f / 24.0f);
+    f->w_down_t = bench_weights(HIDDEN_DIM, DIM, 1.0f / 40.0f);
+    f->pred_fc1 = bench_matrix((size_t)rank, DIM, 1.0f / 24.0f);     // z ~ N(0, 1)
+    f->pred_fc2 = bench_matrix(HIDDEN_DIM, (size_t)rank, 1.4142f / 8.4853f); // score ~ N(0, ~1)
     static RunState s;
     if (state_alloc(&s, 1)) return 1;
 #if defined(__aarch64__)
@@ -95,7 +95,7 @@ int main(int argc, char **argv) {
     for (int c = 0; c < calls; c++) {
         bench_input(x, c);
         double t0 = bench_seconds();
-        ffn_forward(&m, 0, x, y);
+        ffn_forward(&m, f, &FFN_SPECS[0], x, y);
         seconds += bench_seconds() - t0;
         checksum += y[c % DIM];
     }

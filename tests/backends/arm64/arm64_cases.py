@@ -57,11 +57,21 @@ def make_variant(name: str) -> tuple[ModelIR, str]:
             ann.mode = "exact"
         ir.layers[1].threshold = 0.02
         return ir, "float16"
+    if name == "mixtral-drelu-experts-f32":         # 4 experts, top-2: per-expert predictors, modes, thresholds
+        ir = make_tiny_ir("mixtral", "drelu", seed=5, experts=4, top_k=2, intermediate=50)
+        ir = add_random_predictors(ir, rank=13, seed=3)
+        ir.layers[1].experts[0].mode = "exact"             # gate computed densely, predictor unused
+        ir.layers[1].experts[2].threshold = 0.05
+        ir.layers[1].experts[2].predictor.relu = False
+        ir.layers[0].experts[3].mode, ir.layers[0].experts[3].predictor = "dense", None
+        return ir, "float32"
+    if name == "mixtral-swiglu-window-f16":         # fp16 weights, 3 experts top-1, sliding window 4 < prompt
+        return make_tiny_ir("mixtral", "swiglu", seed=6, experts=3, top_k=1, sliding_window=4), "float16"
     raise KeyError(name)
 
 
 VARIANTS = ("mistral-relu-drelu-predictor-f32", "qwen2-swiglu-dense-f32", "llama-geglu-relu-exact-f16",
-            "mistral-relu-drelu-predictor-f16")
+            "mistral-relu-drelu-predictor-f16", "mixtral-drelu-experts-f32", "mixtral-swiglu-window-f16")
 
 
 @dataclass

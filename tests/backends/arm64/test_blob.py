@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from arm64_cases import needs
-from tscompile.backends.arm64.blob import FIXED_HEADER, LAYER_SPEC_BYTES, TENSOR_ENTRY_BYTES
+from tscompile.backends.arm64.blob import FFN_SPEC_BYTES, FIXED_HEADER, N_DIMS, TENSOR_ENTRY_BYTES
 from tscompile.backends.arm64.build import qemu_command
 
 VARIANT = "mistral-relu-drelu-predictor-f32"
@@ -20,8 +20,8 @@ VARIANT = "mistral-relu-drelu-predictor-f32"
 def header_layout(blob: bytes) -> tuple[int, int, int]:
     """(header_size, n_tensors, offset of the tensor table)."""
     header_size, n_tensors = struct.unpack_from("<II", blob, 12)
-    n_layers = struct.unpack_from("<i", blob, 24 + 4 * 3)[0]
-    return header_size, n_tensors, FIXED_HEADER + LAYER_SPEC_BYTES * n_layers
+    n_layers, n_experts = struct.unpack_from("<i", blob, 24 + 4 * 3)[0], struct.unpack_from("<i", blob, 24 + 4 * 12)[0]
+    return header_size, n_tensors, FIXED_HEADER + FFN_SPEC_BYTES * n_layers * max(1, n_experts)
 
 
 def patched(blob: bytes, fmt: str, offset: int, value) -> bytes:
@@ -64,7 +64,7 @@ def hostile_blobs(blob: bytes) -> dict[str, tuple[bytes, str]]:
         "header_size huge": (patched(blob, "<I", 12, 2**32 - 1), ""),
         "n_tensors huge": (patched(blob, "<I", 16, 2**31), ""),
         "dtype 7": (patched(blob, "<I", 20, 7), "dtype"),
-        "rms_eps": (patched(blob, "<f", 72, 0.5), "rms_eps"),
+        "rms_eps": (patched(blob, "<f", 24 + 4 * N_DIMS, 0.5), "rms_eps"),
         "layer activation": (patched(blob, "<i", FIXED_HEADER, (struct.unpack_from("<i", blob, FIXED_HEADER)[0] + 1) % 4),
                              "sparsity spec"),
         "predictor rank huge": (patched(blob, "<i", FIXED_HEADER + 8, 2**30), "sparsity spec"),
@@ -138,3 +138,29 @@ def test_corrupt_tokenizer_is_refused(built, tmp_path):
         res = subprocess.run([host, str(b.outdir / "weights.bin"), "--tokenizer", str(path), "--prompt", "hi"],
                              check=False, capture_output=True, text=True)
         check_rejected(res, "", f"tokenizer {name}")
+
+
+def test_moe_blob_fields_are_checked(built, tmp_path):
+    """Expert count, top-k, per-expert specs and expert tensors are checked like the rest."""
+    b = built("mixtral-drelu-experts-f32")
+    blob = (b.outdir / "weights.bin").read_bytes()
+    header_size, n_tensors, table = header_layout(blob)
+    names = [struct.unpack_from("<48s", blob, table + i * TENSOR_ENTRY_BYTES)[0].rstrip(b"\0").decode()
+             for i in range(n_tensors)]
+    assert names[names.index("layers.0.ffn_norm") + 1:][:4] == [
+        "layers.0.router", "layers.0.experts.0.w_gate", "layers.0.experts.0.w_up", "layers.0.experts.0.w_down_t"]
+    assert "layers.0.experts.3.pred_fc1" not in names and "layers.1.experts.3.pred_fc2" in names   # dense expert
+    router = names.index("layers.1.router")
+    _, dtype, rows, cols, _, off, nbytes = struct.unpack_from("<48sIIIIQQ", blob, table + router * TENSOR_ENTRY_BYTES)
+    flipped = bytearray(blob)
+    flipped[off + nbytes // 2] ^= 1
+    spec_of_l1_e2 = FIXED_HEADER + FFN_SPEC_BYTES * (4 + 2)
+    cases = {"n_experts": (patched(blob, "<i", 24 + 4 * 12, 8), "n_experts is 8, this build was compiled for 4"),
+             "top_k": (patched(blob, "<i", 24 + 4 * 13, 1), "top_k is 1"),
+             "expert spec": (patched(blob, "<f", spec_of_l1_e2 + 16, 0.5), "layers.1.experts.2: FFN sparsity spec"),
+             "router data": (bytes(flipped), "tensor layers.1.router: checksum mismatch")}
+    assert (dtype, rows, cols) == (0, 4, 64)            # float32 [N_EXPERTS, DIM]
+    for name, (data, needle) in cases.items():
+        path = tmp_path / f"{name}.bin"
+        path.write_bytes(data)
+        check_rejected(run_blob([str(b.outdir / "bin" / "tsrun-host-asan")], path), needle, name)

@@ -22,7 +22,7 @@ def test_smollm2_dense_logits_match_reference_under_qemu(smollm2_ir, smollm2_arm
     out, manifest = smollm2_arm64
     assert manifest["dims"] == {"vocab": 49152, "hidden": 576, "intermediate": 1536, "layers": 30, "heads": 9,
                                 "kv_heads": 3, "head_dim": 64, "sliding_window": None, "attention_bias": False,
-                                "tied_embeddings": True}
+                                "tied_embeddings": True, "experts": 0, "top_k": 0}
     tok = Tokenizer.from_str(smollm2_ir.tokenizer_json)
     prompt = tok.encode("The capital of France is").ids
     forced = tok.encode(" Paris.").ids[:2]

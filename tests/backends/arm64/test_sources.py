@@ -16,9 +16,10 @@ from tscompile.backends.arm64.sources import KERNEL_FILES, render_build_files, r
 
 from tscompile.errors import UserError
 from tscompile.ir import LayerSparsity, ModelIR, Predictor, Weights
-from tscompile.tiny import make_tiny_ir, tiny_config
+from tscompile.tiny import add_random_predictors, make_tiny_ir, tiny_config
 
 GOLDEN = Path(__file__).parents[2] / "golden" / "arm64"
+MOE_GOLDEN_FILES = ("model.h", "ffn.c")   # the MoE structs and routing (the other files: asserted below)
 UPDATE = os.environ.get("TSCOMPILE_UPDATE_GOLDENS") == "1"
 
 
@@ -36,8 +37,16 @@ def model_irs() -> dict[str, tuple[ModelIR, str]]:
     golden_layers = [qwen_layers[0], qwen_layers[1], mistral_layers[0],
                      LayerSparsity(activation="geglu", threshold=0.05, mode="predictor",
                                    predictor=Predictor(rank=8, threshold=0.5, relu=False))]
+    # Mixtral: 3 experts of mixed kinds per layer (one with a predictor), top-2
+    moe = tiny_config("mixtral", layers=2, experts=3, top_k=2)
+    moe_layers = [LayerSparsity(activation="drelu", experts=[
+        LayerSparsity(activation="drelu", mode="predictor", predictor=Predictor(rank=6, threshold=0.1, relu=True)),
+        LayerSparsity(activation="drelu", threshold=0.01, mode="exact"), LayerSparsity(activation="drelu")])
+        for _ in range(2)]
     return {"qwen2-relu-predictor-f32": (ModelIR(qwen, Weights(), None, qwen_layers, {"source": "tiny:qwen2"}),
                                          "float32"),
+            "mixtral-drelu-experts-f32": (ModelIR(moe, Weights(), None, moe_layers, {"source": "tiny:mixtral"}),
+                                          "float32"),
             "mistral-swiglu-geglu-f16": (ModelIR(mistral, Weights(), None, mistral_layers,
                                                  {"source": "tiny:mistral"}), "float16"),
             "golden": (ModelIR(golden, Weights(), None, golden_layers, {"source": "tiny:golden"}), "float16")}
@@ -48,16 +57,19 @@ def generated(name: str) -> dict[str, str]:
     return {**render_sources(ir, dtype), **render_build_files(None)}
 
 
-def test_generated_sources_match_goldens():
-    files = generated("golden")
+@pytest.mark.parametrize("name,golden,fnames", [("golden", GOLDEN, None),
+                                                  ("mixtral-drelu-experts-f32", GOLDEN / "moe", MOE_GOLDEN_FILES)])
+def test_generated_sources_match_goldens(name, golden, fnames):
+    files = {f: text for f, text in generated(name).items() if fnames is None or f in fnames}
     if UPDATE:
-        shutil.rmtree(GOLDEN, ignore_errors=True)
-        GOLDEN.mkdir(parents=True)
+        for old in golden.glob("*.*"):
+            old.unlink()
+        golden.mkdir(parents=True, exist_ok=True)
         for fname, text in files.items():
-            (GOLDEN / fname).write_text(text)
-    assert sorted(p.name for p in GOLDEN.iterdir()) == sorted(files), "file set changed (TSCOMPILE_UPDATE_GOLDENS=1)"
+            (golden / fname).write_text(text)
+    assert sorted(p.name for p in golden.glob("*.*")) == sorted(files), "file set changed (TSCOMPILE_UPDATE_GOLDENS=1)"
     for fname, text in files.items():
-        assert text == (GOLDEN / fname).read_text(), f"{fname} differs from its golden (TSCOMPILE_UPDATE_GOLDENS=1)"
+        assert text == (golden / fname).read_text(), f"{fname} differs from its golden (TSCOMPILE_UPDATE_GOLDENS=1)"
 
 
 def test_sources_follow_the_model():
@@ -68,6 +80,22 @@ def test_sources_follow_the_model():
     assert "w->lm_head = w->embed;" in q["weights.c"] and '"lm_head"' in m["weights.c"]  # tied / untied
     assert "{ ACT_RELU, MODE_PREDICTOR, 12, 1, 0.00999999978f, -0.25f }" in q["ffn.c"]
     assert "#define WEIGHT_DTYPE   1 " in m["model.h"] and "#define SLIDING_WINDOW 64 " in m["model.h"]
+    assert "N_EXPERTS" not in q["model.h"] + q["ffn.c"] + q["weights.c"] and "moe_forward" not in q["forward.c"]
+
+
+def test_moe_sources_route_to_per_expert_ffns():
+    x = generated("mixtral-drelu-experts-f32")
+    assert "#define N_EXPERTS      3 " in x["model.h"] and "#define TOP_K          2 " in x["model.h"]
+    assert "#define N_FFNS         (N_LAYERS * N_EXPERTS)" in x["model.h"]
+    assert "FFNWeights experts[N_EXPERTS];" in x["model.h"] and "const float *router;" in x["model.h"]
+    # one spec per expert, layer-major, each with its own mode, threshold and predictor
+    specs = re.findall(r"// (layer \d expert \d): .*\n\s*(\{.*\})", x["ffn.c"])
+    assert [u for u, _ in specs] == [f"layer {i} expert {e}" for i in range(2) for e in range(3)]
+    assert [v for _, v in specs[:3]] == ["{ ACT_DRELU, MODE_PREDICTOR, 6, 1, 0.0f, 0.100000001f }",
+                                         "{ ACT_DRELU, MODE_EXACT, 0, 0, 0.00999999978f, 0.0f }",
+                                         "{ ACT_DRELU, MODE_DENSE, 0, 0, 0.0f, 0.0f }"]
+    assert "moe_forward(m, l, s->xb, s->xb2);" in x["forward.c"] and "&w->layers[l].ffn" not in x["forward.c"]
+    assert "LAYER_TENSOR(router, 0, N_EXPERTS, DIM);" in x["weights.c"]
 
 
 @pytest.mark.parametrize("name", list(model_irs()))
@@ -83,7 +111,7 @@ def test_sources_read_like_hand_written_code(name):
     header = generated(name)["model.h"]
     for body, sname in re.findall(r"typedef struct \{(.*?)\} (\w+);", header, re.DOTALL):
         for line in body.splitlines():
-            if sname in ("LayerWeights", "Weights", "RunState") and re.search(r"\*\s*\w+;", line):
+            if sname in ("FFNWeights", "LayerWeights", "Weights", "RunState") and re.search(r"\*\s*\w+;", line):
                 if "void *map" in line or "Kernels" in line:
                     continue
                 assert re.search(r"//.*\[", line), f"{sname}: buffer without a shape comment: {line.strip()}"
@@ -106,8 +134,9 @@ def test_kernel_files_compile_for_android(tmp_path):
 
 
 def test_unsupported_models_are_user_errors():
-    moe = make_tiny_ir("mixtral", "swiglu", experts=2, layers=1)
-    with pytest.raises(UserError, match="mixture-of-experts"):
+    moe = add_random_predictors(make_tiny_ir("mixtral", "swiglu", experts=2, layers=2), rank=4)
+    moe.layers[1].experts[1].predictor.rank = 999
+    with pytest.raises(UserError, match=r"layers\[1\]\.experts\[1\]\.predictor\.rank 999 is outside 1\.\.192"):
         render_sources(moe, "float32")
 
 

@@ -12,9 +12,9 @@
 #include "model.h"
 
 // ----------------------------------------------------------------------------
-// Sparsity of each layer (must match the header of weights.bin)
+// Sparsity of each FFN (must match the header of weights.bin)
 
-const LayerSpec LAYER_SPECS[N_LAYERS] = {
+const FFNSpec FFN_SPECS[N_FFNS] = {
     // layer 0: relu, predictor, threshold 0.01, predictor rank 12 >= -0.25
     { ACT_RELU, MODE_PREDICTOR, 12, 1, 0.00999999978f, -0.25f },
     // layer 1: drelu, exact, threshold 0
@@ -60,13 +60,13 @@ static int pad_to_unroll(int32_t *idx, float *coef, int n) {
 // Predictor: score = fc2 (relu) (fc1 x); neurons with score >= threshold.
 // Kept out of line so instruction profiles show the predictor's cost apart from the FFN's.
 __attribute__((noinline))
-static int predict_active(Model *m, const LayerWeights *L, const LayerSpec *spec, const float *x) {
+static int predict_active(Model *m, const FFNWeights *f, const FFNSpec *spec, const float *x) {
     RunState *s = m->s;
     int rank = spec->predictor_rank;
-    matvec(m, m->k32, s->z, L->pred_fc1, x, rank, DIM);
+    matvec(m, m->k32, s->z, f->pred_fc1, x, rank, DIM);
     if (spec->predictor_relu)
         for (int r = 0; r < rank; r++) s->z[r] = s->z[r] > 0.0f ? s->z[r] : 0.0f;
-    matvec(m, m->k32, s->score, L->pred_fc2, s->z, HIDDEN_DIM, rank);
+    matvec(m, m->k32, s->score, f->pred_fc2, s->z, HIDDEN_DIM, rank);
     int n = 0;
     for (int j = 0; j < HIDDEN_DIM; j++)
         if (s->score[j] >= spec->predictor_threshold) s->active[n++] = j;
@@ -76,19 +76,17 @@ static int predict_active(Model *m, const LayerWeights *L, const LayerSpec *spec
 // ----------------------------------------------------------------------------
 // The FFN
 
-void ffn_forward(Model *m, int layer, const float *x, float *y) {
-    const LayerWeights *L = &m->w->layers[layer];
-    const LayerSpec *spec = &LAYER_SPECS[layer];
+void ffn_forward(Model *m, const FFNWeights *f, const FFNSpec *spec, const float *x, float *y) {
     RunState *s = m->s;
     int kind = spec->activation;
     int mode = m->force_mode >= 0 ? m->force_mode : spec->mode;
-    if (mode == MODE_PREDICTOR && L->pred_fc1 == NULL) mode = MODE_EXACT;
+    if (mode == MODE_PREDICTOR && f->pred_fc1 == NULL) mode = MODE_EXACT;
 
     int n;            // neurons computed
     int nz = 0;       // neurons with h != 0: s->nonzero / s->coef
     if (mode == MODE_DENSE) {
-        matvec(m, m->k, s->gate, L->w_gate, x, HIDDEN_DIM, DIM);
-        matvec(m, m->k, s->up, L->w_up, x, HIDDEN_DIM, DIM);
+        matvec(m, m->k, s->gate, f->w_gate, x, HIDDEN_DIM, DIM);
+        matvec(m, m->k, s->up, f->w_up, x, HIDDEN_DIM, DIM);
         for (int j = 0; j < HIDDEN_DIM; j++) {
             s->nonzero[j] = j;
             s->coef[j] = combine(kind, gate_act(kind, s->gate[j]), s->up[j], spec->threshold);
@@ -96,18 +94,18 @@ void ffn_forward(Model *m, int layer, const float *x, float *y) {
         n = nz = HIDDEN_DIM;  // the down projection runs over every row, zeros included
     } else {
         if (mode == MODE_EXACT) {
-            matvec(m, m->k, s->gate, L->w_gate, x, HIDDEN_DIM, DIM);
+            matvec(m, m->k, s->gate, f->w_gate, x, HIDDEN_DIM, DIM);
             n = 0;
             for (int j = 0; j < HIDDEN_DIM; j++) {
                 float a = gate_act(kind, s->gate[j]);
                 if (a != 0.0f) { s->active[n] = j; s->h[n] = a; n++; }
             }
-            rows_dot(m, s->up, L->w_up, x, s->active, pad_to_unroll(s->active, NULL, n), DIM);
+            rows_dot(m, s->up, f->w_up, x, s->active, pad_to_unroll(s->active, NULL, n), DIM);
         } else {
-            n = predict_active(m, L, spec, x);
+            n = predict_active(m, f, spec, x);
             int padded = pad_to_unroll(s->active, NULL, n);
-            rows_dot(m, s->gate, L->w_gate, x, s->active, padded, DIM);
-            rows_dot(m, s->up, L->w_up, x, s->active, padded, DIM);
+            rows_dot(m, s->gate, f->w_gate, x, s->active, padded, DIM);
+            rows_dot(m, s->up, f->w_up, x, s->active, padded, DIM);
             for (int k = 0; k < n; k++) s->h[k] = gate_act(kind, s->gate[k]);
         }
         for (int k = 0; k < n; k++) {
@@ -119,5 +117,5 @@ void ffn_forward(Model *m, int layer, const float *x, float *y) {
     s->total_neurons += HIDDEN_DIM;
 
     memset(y, 0, DIM * sizeof(float));
-    rows_axpy(m, y, L->w_down_t, s->coef, s->nonzero, pad_to_unroll(s->nonzero, s->coef, nz), DIM);
+    rows_axpy(m, y, f->w_down_t, s->coef, s->nonzero, pad_to_unroll(s->nonzero, s->coef, nz), DIM);
 }

@@ -173,7 +173,7 @@ void forward(Model *m, int token, int pos) {
     for (int l = 0; l < N_LAYERS; l++) {
         attention(m, l, pos);
         rmsnorm(s->xb, s->x, w->layers[l].ffn_norm, DIM);
-        ffn_forward(m, l, s->xb, s->xb2);
+        ffn_forward(m, &w->layers[l].ffn, &FFN_SPECS[l], s->xb, s->xb2);
         for (int i = 0; i < DIM; i++) s->x[i] += s->xb2[i];
     }
     rmsnorm(s->x, s->x, w->final_norm, DIM);

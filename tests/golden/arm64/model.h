@@ -28,6 +28,7 @@
 #define BOS_ID         1
 #define EOS_ID         2
 #define WEIGHT_DTYPE   1       // 0 float32, 1 float16: the matrices; norms, biases, predictors are float32
+#define N_FFNS         N_LAYERS // FFNs in the model: one per layer
 
 // Active-neuron lists are padded to a multiple of this (the sparse kernels' row unroll).
 #define ROW_UNROLL     4
@@ -37,7 +38,7 @@
 #define MAX_INPUT      MAX_OF(MAX_OF(DIM, Q_DIM), HIDDEN_DIM)
 
 // ----------------------------------------------------------------------------
-// Per-layer FFN sparsity
+// Sparsity of each FFN
 
 enum Activation { ACT_SWIGLU = 0, ACT_GEGLU = 1, ACT_RELU = 2, ACT_DRELU = 3 };
 enum FFNMode { MODE_DENSE = 0, MODE_EXACT = 1, MODE_PREDICTOR = 2 };
@@ -49,12 +50,20 @@ typedef struct {
     int32_t predictor_relu;   // predictor is fc2(relu(fc1 x)) (1) or fc2(fc1 x) (0)
     float threshold;          // neuron j is zeroed where |h_j| <= threshold
     float predictor_threshold; // neuron j is computed where predictor score_j >= this
-} LayerSpec;
+} FFNSpec;
 
-extern const LayerSpec LAYER_SPECS[N_LAYERS];
+extern const FFNSpec FFN_SPECS[N_FFNS];
 
 // ----------------------------------------------------------------------------
 // Weights: pointers into the memory-mapped weights.bin
+
+typedef struct {              // one FFN: a layer's MLP
+    const void *w_gate;       // [HIDDEN_DIM, DIM]
+    const void *w_up;         // [HIDDEN_DIM, DIM]
+    const void *w_down_t;     // [HIDDEN_DIM, DIM]  (down projection transposed: one row per neuron)
+    const float *pred_fc1;    // [rank, DIM] or NULL
+    const float *pred_fc2;    // [HIDDEN_DIM, rank] or NULL
+} FFNWeights;
 
 typedef struct {
     const float *attn_norm;   // [DIM]
@@ -66,11 +75,7 @@ typedef struct {
     const float *bk;          // [KV_DIM]
     const float *bv;          // [KV_DIM]
     const float *ffn_norm;    // [DIM]
-    const void *w_gate;       // [HIDDEN_DIM, DIM]
-    const void *w_up;         // [HIDDEN_DIM, DIM]
-    const void *w_down_t;     // [HIDDEN_DIM, DIM]  (down projection transposed: one row per neuron)
-    const float *pred_fc1;    // [rank, DIM] or NULL
-    const float *pred_fc2;    // [HIDDEN_DIM, rank] or NULL
+    FFNWeights ffn;
 } LayerWeights;
 
 typedef struct {
@@ -148,7 +153,7 @@ void rows_dot(Model *m, float *out, const void *w, const float *x, const int32_t
 // y += sum over k of coef[k] * W[idx[k], :], split over the pool by columns.
 void rows_axpy(Model *m, float *y, const void *w, const float *coef, const int32_t *idx, int count, int n);
 
-// The FFN of one layer: y = down(h(x)) with the layer's sparsity; x, y: [DIM].
-void ffn_forward(Model *m, int layer, const float *x, float *y);
+// One FFN (a layer's MLP or one expert): y = down(h(x)) with its sparsity; x, y: [DIM].
+void ffn_forward(Model *m, const FFNWeights *f, const FFNSpec *spec, const float *x, float *y);
 
 #endif

@@ -2,15 +2,15 @@
 //
 // Layout (little-endian; written by tscompile's arm64 backend):
 //   0   char  magic[8]          "TSRUNWB\0"
-//   8   u32   version           1
+//   8   u32   version           2
 //   12  u32   header_size       bytes of everything below up to and including header_crc
 //   16  u32   n_tensors
 //   20  u32   dtype             0 float32, 1 float16 (matrices; the rest is float32)
-//   24  i32   dims[12]          vocab, dim, hidden_dim, layers, heads, kv_heads, head_dim,
-//                               sliding_window, attn_bias, tied, bos, eos
-//   72  f32   rms_eps
-//   76  u32   reserved (0)
-//   80  LayerSpec[N_LAYERS]     24 bytes each (model.h)
+//   24  i32   dims[14]          vocab, dim, hidden_dim, layers, heads, kv_heads, head_dim,
+//                               sliding_window, attn_bias, tied, bos, eos, experts (0: dense FFNs), top_k
+//   80  f32   rms_eps
+//   84  u32   reserved (0)
+//   88  FFNSpec[N_FFNS]         24 bytes each (model.h): one per layer, or per expert of each layer
 //   ..  TensorEntry[n_tensors]  80 bytes each (below)
 //   ..  u32   header_crc        CRC-32 of every header byte before it
 // Tensor data follows at 64-byte aligned offsets. Every field is checked before it is used:
@@ -29,11 +29,13 @@
 #include "model.h"
 
 #define BLOB_MAGIC "TSRUNWB"
-#define BLOB_VERSION 1
-#define FIXED_HEADER 80
-#define LAYER_SPEC_BYTES 24
+#define BLOB_VERSION 2
+#define N_DIMS 14
+#define FIXED_HEADER 88
+#define FFN_SPEC_BYTES 24
 #define TENSOR_ENTRY_BYTES 80
-#define MAX_TENSORS (3 + N_LAYERS * 16)
+#define FFNS_PER_LAYER (N_FFNS / N_LAYERS)
+#define MAX_TENSORS (3 + N_LAYERS * (10 + 5 * FFNS_PER_LAYER))   // embed, head, rope + attention, norms, FFNs
 
 typedef struct {
     char name[48];            // NUL-terminated
@@ -123,6 +125,24 @@ static void expect(Expected *e, int *n, const char *name, uint32_t dtype, uint32
     (*n)++;
 }
 
+// One FFN's tensors: Wg, Wu, Wd^T and the predictor if it has one; named "layers.L.w_gate" for a layer's MLP,
+// "layers.L.experts.E.w_gate" for an expert (expert >= 0).
+static void expect_ffn(Expected *e, int *n, int layer, int expert, FFNWeights *f, const FFNSpec *spec) {
+    char name[48];
+#define FFN_TENSOR(field, dtype, rows, cols) \
+    if (expert < 0) snprintf(name, sizeof(name), "layers.%d." #field, layer); \
+    else snprintf(name, sizeof(name), "layers.%d.experts.%d." #field, layer, expert); \
+    expect(e, n, name, dtype, rows, cols, (const void **)&f->field)
+    FFN_TENSOR(w_gate, WEIGHT_DTYPE, HIDDEN_DIM, DIM);
+    FFN_TENSOR(w_up, WEIGHT_DTYPE, HIDDEN_DIM, DIM);
+    FFN_TENSOR(w_down_t, WEIGHT_DTYPE, HIDDEN_DIM, DIM);
+    if (spec->predictor_rank > 0) {
+        FFN_TENSOR(pred_fc1, 0, spec->predictor_rank, DIM);
+        FFN_TENSOR(pred_fc2, 0, HIDDEN_DIM, spec->predictor_rank);
+    }
+#undef FFN_TENSOR
+}
+
 static int expected_tensors(Weights *w, Expected *e) {
     int n = 0;
     char name[48];
@@ -141,14 +161,7 @@ static int expected_tensors(Weights *w, Expected *e) {
         LAYER_TENSOR(bk, 0, 1, KV_DIM);
         LAYER_TENSOR(bv, 0, 1, KV_DIM);
         LAYER_TENSOR(ffn_norm, 0, 1, DIM);
-        LAYER_TENSOR(w_gate, WEIGHT_DTYPE, HIDDEN_DIM, DIM);
-        LAYER_TENSOR(w_up, WEIGHT_DTYPE, HIDDEN_DIM, DIM);
-        LAYER_TENSOR(w_down_t, WEIGHT_DTYPE, HIDDEN_DIM, DIM);
-        int rank = LAYER_SPECS[l].predictor_rank;
-        if (rank > 0) {
-            LAYER_TENSOR(pred_fc1, 0, rank, DIM);
-            LAYER_TENSOR(pred_fc2, 0, HIDDEN_DIM, rank);
-        }
+        expect_ffn(e, &n, l, -1, &L->ffn, &FFN_SPECS[l]);
 #undef LAYER_TENSOR
     }
     expect(e, &n, "final_norm", 0, 1, DIM, (const void **)&w->final_norm);
@@ -165,7 +178,7 @@ static uint64_t read_u64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); retur
 
 static int check_header(const uint8_t *base, size_t size, int n_exp,
                         const char *path, char *err, size_t err_len) {
-    size_t header_size = FIXED_HEADER + (size_t)N_LAYERS * LAYER_SPEC_BYTES + (size_t)n_exp * TENSOR_ENTRY_BYTES + 4;
+    size_t header_size = FIXED_HEADER + (size_t)N_FFNS * FFN_SPEC_BYTES + (size_t)n_exp * TENSOR_ENTRY_BYTES + 4;
     if (size < FIXED_HEADER) {
         snprintf(err, err_len, "%s: truncated: %zu bytes, the header alone is %d", path, size, FIXED_HEADER);
         return 1;
@@ -193,16 +206,18 @@ static int check_header(const uint8_t *base, size_t size, int n_exp,
         snprintf(err, err_len, "%s: header checksum mismatch (corrupt header)", path);
         return 1;
     }
-    static const char *dim_names[12] = {"vocab", "dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads",
-                                        "head_dim", "sliding_window", "attn_bias", "tied", "bos", "eos"};
-    const int32_t compiled[12] = {VOCAB_SIZE, DIM, HIDDEN_DIM, N_LAYERS, N_HEADS, N_KV_HEADS, HEAD_DIM,
-                                  SLIDING_WINDOW, 1, 0, BOS_ID, EOS_ID};
+    static const char *dim_names[N_DIMS] = {"vocab", "dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads",
+                                            "head_dim", "sliding_window", "attn_bias", "tied", "bos", "eos",
+                                            "n_experts", "top_k"};
+    const int32_t compiled[N_DIMS] = {VOCAB_SIZE, DIM, HIDDEN_DIM, N_LAYERS, N_HEADS, N_KV_HEADS, HEAD_DIM,
+                                      SLIDING_WINDOW, 1, 0, BOS_ID, EOS_ID,
+                                      0, 0};
     if (read_u32(base + 20) != WEIGHT_DTYPE) {
         snprintf(err, err_len, "%s: weight dtype %u, this build was compiled for %d", path,
                  read_u32(base + 20), WEIGHT_DTYPE);
         return 1;
     }
-    for (int i = 0; i < 12; i++) {
+    for (int i = 0; i < N_DIMS; i++) {
         int32_t v = (int32_t)read_u32(base + 24 + 4 * i);
         if (v != compiled[i]) {
             snprintf(err, err_len, "%s: %s is %d, this build was compiled for %d", path, dim_names[i], v, compiled[i]);
@@ -210,14 +225,14 @@ static int check_header(const uint8_t *base, size_t size, int n_exp,
         }
     }
     float eps;
-    memcpy(&eps, base + 72, 4);
+    memcpy(&eps, base + 24 + 4 * N_DIMS, 4);
     if (eps != (float)RMS_EPS) {
         snprintf(err, err_len, "%s: rms_eps %g, this build was compiled for %g", path, eps, (double)RMS_EPS);
         return 1;
     }
-    for (int l = 0; l < N_LAYERS; l++) {
-        if (memcmp(base + FIXED_HEADER + (size_t)l * LAYER_SPEC_BYTES, &LAYER_SPECS[l], LAYER_SPEC_BYTES) != 0) {
-            snprintf(err, err_len, "%s: layers.%d: FFN sparsity spec differs from the compiled one", path, l);
+    for (int f = 0; f < N_FFNS; f++) {
+        if (memcmp(base + FIXED_HEADER + (size_t)f * FFN_SPEC_BYTES, &FFN_SPECS[f], FFN_SPEC_BYTES) != 0) {
+            snprintf(err, err_len, "%s: layers.%d: FFN sparsity spec differs from the compiled one", path, f);
             return 1;
         }
     }
@@ -295,7 +310,7 @@ int weights_open(Weights *w, const char *path, char *err, size_t err_len) {
     const uint8_t *base = (const uint8_t *)map;
     if (check_header(base, size, n_exp, path, err, err_len)) goto fail;
     size_t header_size = read_u32(base + 12);
-    const uint8_t *table = base + FIXED_HEADER + (size_t)N_LAYERS * LAYER_SPEC_BYTES;
+    const uint8_t *table = base + FIXED_HEADER + (size_t)N_FFNS * FFN_SPEC_BYTES;
     for (int i = 0; i < n_exp; i++)
         if (check_tensor(base, size, header_size, table + (size_t)i * TENSOR_ENTRY_BYTES, &exp[i], path, err, err_len))
             goto fail;
