@@ -1,6 +1,7 @@
 """The tiny models every backend is checked on (ggml test-backend-ops style: same inputs, one reference).
 
 Each case is deterministic: a family, an activation kind and sparsity annotations on a tiny random model.
+Mixtral cases (4 experts, top-2) give every expert the case's annotation and, with `predictor`, its own predictor.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ CASES = {
     "llama-swiglu-threshold": dict(family="llama", activation="swiglu", threshold=0.05, mode="exact"),
     "mistral-drelu-predictor": dict(family="mistral", activation="drelu", predictor=True),
     "qwen2-swiglu-predictor": dict(family="qwen2", activation="swiglu", threshold=0.02, predictor=True),
+    "mixtral-swiglu": dict(family="mixtral", activation="swiglu", experts=4, top_k=2),
+    "mixtral-drelu-predictor": dict(family="mixtral", activation="drelu", experts=4, top_k=2, predictor=True),
 }
 
 

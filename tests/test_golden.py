@@ -39,14 +39,21 @@ def test_reference_matches_goldens():
             tokens, logits = reference_outputs(name, prefill)
             goldens[f"{name}/{prefill}"] = {"prompt": PROMPT, "tokens": tokens, "logits": digest(logits)}
     if UPDATE or not GOLDEN.exists():
-        GOLDEN.write_text(json.dumps(goldens, indent=1) + "\n")
+        # entries that still match stay byte-identical (a rewrite would churn last-digit roundings)
+        old = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
+        kept = {k: old[k] if k in old and matches_golden(g, old[k]) else g for k, g in goldens.items()}
+        GOLDEN.write_text(json.dumps(kept, indent=1) + "\n")
     want = json.loads(GOLDEN.read_text())
     assert set(want) == set(goldens)
     for key, g in goldens.items():
-        assert g["tokens"] == want[key]["tokens"], key
-        np.testing.assert_allclose(g["logits"]["values"], want[key]["logits"]["values"], atol=2e-4, err_msg=key)
-        np.testing.assert_allclose(g["logits"]["row_sums"], want[key]["logits"]["row_sums"], rtol=1e-4,
-                                   atol=2e-2, err_msg=key)
+        assert matches_golden(g, want[key]), f"{key}: {g} differs from the golden {want[key]}"
+
+
+def matches_golden(got: dict, want: dict) -> bool:
+    values, sums = np.array(got["logits"]["values"]), np.array(got["logits"]["row_sums"])
+    return (got["tokens"] == want["tokens"] and values.shape == np.shape(want["logits"]["values"])
+            and np.allclose(values, want["logits"]["values"], rtol=0, atol=2e-4)
+            and np.allclose(sums, want["logits"]["row_sums"], rtol=1e-4, atol=2e-2))
 
 
 def test_prefill_styles_agree_without_predictors():
@@ -68,6 +75,8 @@ PATHS = {   # path -> (backend, load options)
     "arm64-host": ("arm64", {"where": "host"}),
     "cuda": ("cuda", {}),
 }
+# path -> why it skips mixture-of-experts cases (the CUDA MoE lowering removes its entry when it lands)
+MOE_UNSUPPORTED = {"cuda": "the cuda target does not lower mixture-of-experts models yet"}
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +103,8 @@ def lowered(tmp_path_factory):
 def test_backend_matches_reference(case, path, lowered):
     from tscompile import registry
     backend_name, opts = PATHS[path]
+    if case_ir(case).config.is_moe and path in MOE_UNSUPPORTED:
+        pytest.skip(MOE_UNSUPPORTED[path])
     runner = registry.backend(backend_name).load(lowered(case, backend_name), **opts)
     tokens, want = reference_outputs(case, runner.prefill)
     got = runner.logits(PROMPT, tokens[:-1])
