@@ -26,8 +26,9 @@ def arm64_available() -> str | None:
 
 BACKEND = BackendInfo(
     name="arm64",
-    version="1",
-    doc="standalone C runtime (NEON fp32/fp16, sparse FFN), cross-compiled for aarch64, run under qemu off-device",
+    version="2",              # 2: weights.bin v2 (experts)
+    doc="standalone C runtime (NEON fp32/fp16, sparse FFN and MoE experts), cross-compiled for aarch64, run under qemu "
+        "off-device",
     config=Arm64Config,
     lower=lower_arm64,
     load=load_arm64,

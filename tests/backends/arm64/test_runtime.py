@@ -89,7 +89,8 @@ def test_predictor_gating_skips_neurons_and_dense_computes_all(built):
     assert "FFN neurons computed 100.0%" in dense
 
 
-@pytest.mark.parametrize("variant", ["qwen2-swiglu-dense-f32", "mistral-relu-drelu-predictor-f32"])
+@pytest.mark.parametrize("variant", ["qwen2-swiglu-dense-f32", "mistral-relu-drelu-predictor-f32",
+                                     "mixtral-drelu-experts-f32"])
 def test_threads_split_rows_without_changing_results(built, variant):
     b = built(variant)
     one = BACKEND.load(b.outdir, where="qemu", threads=1).logits(PROMPT, FORCED)
