@@ -142,9 +142,10 @@ def test_unsupported_models_are_user_errors():
 
 @needs("clang")
 @pytest.mark.skipif(not Path("/usr/aarch64-linux-gnu/include").is_dir(), reason="no aarch64 glibc headers")
-def test_all_sources_compile_with_clang_warnings_as_errors(tmp_path):
+@pytest.mark.parametrize("name", ["golden", "mixtral-drelu-experts-f32"])
+def test_all_sources_compile_with_clang_warnings_as_errors(tmp_path, name):
     """gcc builds the binaries; clang (the Android NDK's compiler) must accept the same sources."""
-    files = generated("golden")
+    files = generated(name)
     for fname, text in files.items():
         (tmp_path / fname).write_text(text)
     for fname in (f for f in files if f.endswith(".c")):
