@@ -18,7 +18,7 @@ from tscompile.ir import ModelIR, ffn_names, predictor_names
 BLOB_MAGIC = b"TSRUNWB\0"
 BLOB_VERSION = 2                # 2: experts and top-k in the header, one FFN spec per expert
 N_DIMS = 14
-FIXED_HEADER = 24 + 4 * N_DIMS + 8
+FIXED_HEADER = 24 + 4 * N_DIMS + 8   # magic, version, sizes, dtype; dims; rms_eps and a reserved word
 FFN_SPEC_BYTES = 24
 TENSOR_ENTRY_BYTES = 80
 ALIGN = 64
