@@ -51,18 +51,25 @@ def plot_layer_sparsity(results: dict[str, Any], out: Path) -> str | None:
     return _plot(out / "layer_sparsity.png", draw)
 
 
+def ffn_annotations(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, annotation) per FFN: "3" for a dense layer's MLP, "3.1" for expert 1 of an MoE layer."""
+    return [(f"{i}.{e}" if a.get("experts") else str(i), ffn)
+            for i, a in enumerate(results.get("annotations", []))
+            for e, ffn in enumerate(a.get("experts") or [a])]
+
+
 def plot_predictors(results: dict[str, Any], out: Path) -> str | None:
-    stats = [a.get("stats", {}) for a in results.get("annotations", [])]
+    stats = [a.get("stats", {}) for _, a in ffn_annotations(results)]
     if not any("recall" in s for s in stats):
         return None
 
     def draw(ax):
-        xs = range(len(stats))
+        xs = range(len(stats))   # one point per FFN (per expert for MoE)
         ax.plot(xs, [s.get("recall", float("nan")) for s in stats], marker="o", ms=3, label="recall")
         ax.plot(xs, [s.get("predicted_sparsity", float("nan")) for s in stats], marker="s", ms=3,
                 label="predicted sparsity")
         ax.plot(xs, [s.get("true_sparsity", float("nan")) for s in stats], ls="--", label="true sparsity")
-        ax.set(xlabel="layer", ylim=(0, 1.02), title="Predictors: recall vs predicted sparsity")
+        ax.set(xlabel="FFN (layer, or layer x expert)", ylim=(0, 1.02), title="Predictors: recall vs predicted sparsity")
         ax.legend()
     return _plot(out / "predictors.png", draw)
 
@@ -108,11 +115,11 @@ def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
     for g in results["goals"]:
         lines.append(f"| {g['goal']} | {g['target']} | {_fmt(g['value'])} | {_fmt(g['limit'])} | "
                      f"{'yes' if g['ok'] else '**NO**'} |")
-    lines += ["", "## Per-layer annotations", "", "| layer | activation | threshold | mode | predictor rank | "
+    lines += ["", "## Per-FFN annotations", "", "| FFN | activation | threshold | mode | predictor rank | "
               "true sparsity | predicted sparsity | recall |", "|---|---|---|---|---|---|---|---|"]
-    for i, a in enumerate(results.get("annotations", [])):
+    for label, a in ffn_annotations(results):
         st, p = a.get("stats", {}), a.get("predictor")
-        lines.append(f"| {i} | {a['activation']} | {_fmt(a['threshold'])} | {a['mode']} | "
+        lines.append(f"| {label} | {a['activation']} | {_fmt(a['threshold'])} | {a['mode']} | "
                      f"{p['rank'] if p else '—'} | {_fmt(st.get('true_sparsity', st.get('sparsity')), 3)} | "
                      f"{_fmt(st.get('predicted_sparsity'), 3)} | {_fmt(st.get('recall'), 3)} |")
     if plots:

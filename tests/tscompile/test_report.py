@@ -1,0 +1,18 @@
+from tscompile.ir import FFNSparsity, LayerSparsity
+from tscompile.report import ffn_annotations, render_markdown
+
+
+def _results(layers):
+    return {"spec": "s.yaml", "ok": True, "seconds": 1.0, "targets": {}, "goals": [],
+            "environment": {"cpu": "x", "cores": 2, "torch": "t", "onnxruntime": "o"},
+            "annotations": [layer.to_json() for layer in layers]}
+
+
+def test_moe_layers_report_one_row_per_expert():
+    experts = [FFNSparsity(activation="drelu", mode="predictor", stats={"recall": 0.9 + e / 100}) for e in range(3)]
+    layers = [LayerSparsity(activation="swiglu"), LayerSparsity(activation="drelu", experts=experts)]
+    rows = ffn_annotations(_results(layers))
+    assert [label for label, _ in rows] == ["0", "1.0", "1.1", "1.2"]
+    assert [a["stats"].get("recall") for _, a in rows] == [None, 0.9, 0.91, 0.92]
+    md = render_markdown(_results(layers), [])
+    assert "| 1.2 | drelu | 0 | predictor |" in md and "| 0 | swiglu | 0 | dense |" in md
