@@ -274,7 +274,8 @@ def test_smollm2_magnitude_half_sparse_predictors(smollm2_ir):
     sequences, predictors stay within the byte budget, and `mode: auto` keeps exact gating wherever a predictor
     would read more bytes or misses the sparsity gap. Full model, 16k calibration tokens
     (benchmarks/results/predictors_smollm2_cpu.json): rank 64 predicts 12-32% sparsity at 94-95.5% held-out
-    recall vs 50% true, so SwiGLU magnitude sparsity is not low-rank predictable and every layer stays exact."""
+    recall vs 50% true, so SwiGLU magnitude sparsity is not low-rank predictable and every layer stays exact
+    (6x the calibration text or a gate-only criterion gain 1-6 points: benchmarks/results/predictors_README.md)."""
     from tscompile.passes.threshold import calibrate_thresholds, set_thresholds
 
     from tscompile.data import calibration_batch
