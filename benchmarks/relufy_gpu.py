@@ -8,7 +8,8 @@ There:  python benchmarks/relufy_gpu.py stash           copy this command's carr
         python benchmarks/relufy_gpu.py bench           tokens/s + MFU of the training step on a random
                                                         SmolLM2-shaped model (eager vs torch.compile)
         python benchmarks/relufy_gpu.py run --seconds S  baselines, then the relufy pass (resumes; stops after S s);
-                                                        once it finishes: held-out ppl/sparsity, thresholds, results
+                                                        once it finishes: held-out ppl/sparsity, thresholds, results;
+                                                        the tuned model stays in the stash (predictors_gpu.py)
 Results land in $OUT (JSON, the training log) for benchmarks/results/relufy_smollm2/.
 """
 from __future__ import annotations
