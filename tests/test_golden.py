@@ -75,6 +75,8 @@ PATHS = {   # path -> (backend, load options)
     "arm64-host": ("arm64", {"where": "host"}),
     "cuda": ("cuda", {}),
 }
+# rel-L2 bound per path: the cuda target computes in bfloat16 (0.006-0.023 measured on an H200), the others in fp32
+REL_L2 = {"cuda": 3e-2}
 # path -> why it skips mixture-of-experts cases (the CUDA MoE lowering removes its entry when it lands)
 MOE_UNSUPPORTED = {"cuda": "the cuda target does not lower mixture-of-experts models yet"}
 
@@ -110,5 +112,5 @@ def test_backend_matches_reference(case, path, lowered):
     got = runner.logits(PROMPT, tokens[:-1])
     assert got.shape == want.shape and got.dtype == np.float32
     m = compare_logits(got, want)
-    assert m["rel_l2"] <= 1e-4, m
+    assert m["rel_l2"] <= REL_L2.get(path, 1e-4), m
     assert runner.generate(PROMPT, STEPS) == tokens

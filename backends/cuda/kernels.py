@@ -1,6 +1,8 @@
-"""Generate the sparse-FFN CUDA source for one model shape and compile it into a shared library.
+"""Generate the CUDA source of a decode step for one model shape and compile it into a shared library.
 
-The source comes from templates/ffn.cu.j2; every size is a compile-time constant. Compiled libraries are cached
+The source comes from templates/ffn.cu.j2 (predictor, sparse FFN) and, when the shape names the attention
+heads, templates/decode.cu.j2 (GEMV with the RMSNorm folded in, fused rope + cache write + split-KV attention);
+every size is a compile-time constant. Compiled libraries are cached
 by the hash of (source, arch, nvcc version) under the tscompile cache dir, so a benchmark or a second build of
 the same shape does not pay nvcc again.
 """
@@ -37,6 +39,9 @@ class KernelShape:
     activations: tuple[str, ...]   # kinds used by some FFN, each gets a kernel
     max_rank: int = 0              # largest predictor rank (0: no predictor)
     batches: tuple[int, ...] = BATCHES
+    heads: int = 0                 # attention shape of the decode-step kernels (0: FFN kernels only)
+    kv_heads: int = 0
+    head_dim: int = 0
 
 
 def check_shape(shape: KernelShape, where: str) -> None:
@@ -49,6 +54,12 @@ def check_shape(shape: KernelShape, where: str) -> None:
     for a in shape.activations:
         if a not in ACTIVATION_ENUM:
             raise UserError(f"{where}: activation {a!r} is not one of {', '.join(ACTIVATION_ENUM)}")
+    if shape.heads:
+        hd = shape.head_dim
+        if hd < 16 or hd > 256 or hd & (hd - 1):
+            raise UserError(f"{where}: head_dim {hd} is not a power of two in [16, 256] (attention kernel)")
+        if shape.heads % shape.kv_heads:
+            raise UserError(f"{where}: num_heads {shape.heads} is not a multiple of num_kv_heads {shape.kv_heads}")
 
 
 def ffn_launch(hidden: int, batch: int) -> dict:
@@ -77,10 +88,17 @@ def render_source(shape: KernelShape) -> str:
                                    "rpb": 2 if b <= 2 else 1,
                                    "rvec_per_lane": max(1, math.ceil(shape.max_rank / 8 / 32)),
                                    "npw": 8})
+    gemv_variants = []   # (k, act, y_float): q/k/v and o projections, LM head (fp32 logits), dense gate+up
+    if shape.heads:
+        for k in sorted({shape.hidden, shape.heads * shape.head_dim}):
+            gemv_variants.append({"k": k, "act": -1, "y_float": 0})
+        gemv_variants.append({"k": shape.hidden, "act": -1, "y_float": 1})
+        gemv_variants += [{"k": shape.hidden, "act": ACTIVATION_ENUM[a], "y_float": 0} for a in shape.activations]
     return env.get_template("ffn.cu.j2").render(
         name=shape.name, hidden=shape.hidden, inter=shape.inter, batches=shape.batches, dtype_c=ctype,
         dtype_header=header, pair_c=pair, pair_to_float2=pair_to_f2, floats_to_pair=floats_to_pair,
-        max_rank=max(8, shape.max_rank), ffn_variants=ffn_variants, predictor_variants=predictor_variants)
+        max_rank=max(8, shape.max_rank), ffn_variants=ffn_variants, predictor_variants=predictor_variants,
+        heads=shape.heads, kv_heads=shape.kv_heads, head_dim=shape.head_dim, gemv_variants=gemv_variants)
 
 
 def nvcc_path() -> str | None:

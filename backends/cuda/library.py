@@ -7,6 +7,8 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
+from tscompile.errors import UserError
+
 from .kernels import ACTIVATION_ENUM
 
 _P = ctypes.c_void_p
@@ -18,14 +20,22 @@ class KernelLibrary:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.lib = ctypes.CDLL(str(self.path))
-        self.lib.tsc_sparse_ffn.argtypes = [_I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _F, _P, _P, _P, _P, _P]
-        self.lib.tsc_predict.argtypes = [_I, _P, _P, _P, _I, _I, _F, _P, _P, _P, _P, _P]
+        self.lib.tsc_sparse_ffn.argtypes = [_I, _I, _I, _P, _P, _F, _P, _P, _P, _P, _P, _P, _F, _P, _I, _P, _P, _P,
+                                            _P]
+        self.lib.tsc_predict.argtypes = [_I, _P, _P, _F, _P, _P, _I, _I, _F, _P, _P, _P, _P, _P]
         self.lib.tsc_error_string.restype = ctypes.c_char_p
         self.lib.tsc_set_dependent_launch.argtypes = [_I]
         self.hidden = self.lib.tsc_hidden_size()
         self.inter = self.lib.tsc_intermediate_size()
         self.max_batch = self.lib.tsc_max_batch()
-        self.acc_replicas = self.lib.tsc_accumulator_replicas()
+        self.acc_replicas = self.lib.tsc_accumulator_replicas()   # of the MoE kernels' accumulator
+        self.has_decode_kernels = hasattr(self.lib, "tsc_gemv")   # built from a shape with attention heads
+        if self.has_decode_kernels:
+            self.lib.tsc_gemv.argtypes = [_I, _I, _I, _P, _P, _F, _P, _P, _P, _P, _F, _I, _P, _P]
+            self.lib.tsc_decode_attention.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _P, _P, _P, _P, _P]
+            self.heads, self.kv_heads = self.lib.tsc_num_heads(), self.lib.tsc_num_kv_heads()
+            self.head_dim, self.attention_split = self.lib.tsc_head_dim(), self.lib.tsc_attention_split()
+            self.max_positions = self.lib.tsc_attention_max_positions()
 
     def set_dependent_launch(self, on: bool) -> None:
         """Programmatic dependent launch on sm_90+ (on by default); off gives plain launches, for comparison."""
@@ -36,25 +46,70 @@ class KernelLibrary:
             raise RuntimeError(f"{self.path.name}: {what}: {self.lib.tsc_error_string(err).decode()}")
 
     def sparse_ffn(self, x, w_gate, w_up, w_down_t, activation: str, threshold: float, active, active_count,
-                   token_mask, ws: "Workspace", y, grid: int, residual=None) -> None:
-        """y [B, hidden] = FFN(x [B, hidden]) (+ residual) over the neurons listed in active[:active_count]."""
+                   token_mask, ws: "Workspace", y, grid: int, residual=None, norm=None, eps: float = 0.0) -> None:
+        """y [B, hidden] = FFN(x [B, hidden]) (+ residual) over the neurons listed in active[:active_count];
+        with norm (a [hidden] RMSNorm weight) the FFN input is rmsnorm(x)."""
         import torch
         stream = torch.cuda.current_stream().cuda_stream
         self._check(self.lib.tsc_sparse_ffn(
-            x.shape[0], ACTIVATION_ENUM[activation], grid, x.data_ptr(), w_gate.data_ptr(), w_up.data_ptr(),
-            w_down_t.data_ptr(), active.data_ptr(), active_count.data_ptr(),
-            None if token_mask is None else token_mask.data_ptr(), float(threshold), ws.acc.data_ptr(),
-            ws.blocks_done.data_ptr(), None if residual is None else residual.data_ptr(), y.data_ptr(), stream),
+            x.shape[0], ACTIVATION_ENUM[activation], grid, x.data_ptr(), _ptr(norm), eps, w_gate.data_ptr(),
+            w_up.data_ptr(), w_down_t.data_ptr(), active.data_ptr(), active_count.data_ptr(), _ptr(token_mask),
+            float(threshold), ws.partials.data_ptr(), ws.partials.shape[0], ws.barrier.data_ptr(), _ptr(residual),
+            y.data_ptr(), stream),
             "sparse_ffn")
 
-    def predict(self, x, fc1, fc2, relu: bool, threshold: float, ws: "Workspace") -> None:
-        """ws.active[:ws.active_count] = neurons whose predictor logit >= threshold for some token of x."""
+    def predict(self, x, fc1, fc2, relu: bool, threshold: float, ws: "Workspace", norm=None,
+                eps: float = 0.0) -> None:
+        """ws.active[:ws.active_count] = neurons whose predictor logit >= threshold for some token of x (of
+        rmsnorm(x) with norm)."""
         import torch
         stream = torch.cuda.current_stream().cuda_stream
         self._check(self.lib.tsc_predict(
-            x.shape[0], x.data_ptr(), fc1.data_ptr(), fc2.data_ptr(), fc1.shape[0], int(relu), float(threshold),
-            ws.z.data_ptr(), ws.active.data_ptr(), ws.active_count.data_ptr(), ws.token_mask.data_ptr(),
-            stream), "predict")
+            x.shape[0], x.data_ptr(), _ptr(norm), eps, fc1.data_ptr(), fc2.data_ptr(), fc1.shape[0], int(relu),
+            float(threshold), ws.z.data_ptr(), ws.active.data_ptr(), ws.active_count.data_ptr(),
+            ws.token_mask.data_ptr(), stream), "predict")
+
+    def gemv(self, x, w, y, norm=None, eps: float = 0.0, bias=None, residual=None, up=None,
+             activation: str | None = None, threshold: float = 0.0) -> None:
+        """One token: y [n] = w [n, k] rmsnorm(x) (+ bias) (+ residual), x [k] (norm None: x as is); y may be
+        float32 (logits) or the model dtype and may be the residual itself. With `up` and `activation`:
+        y = act(w rmsnorm(x), up rmsnorm(x)), zero where |y| <= threshold."""
+        import torch
+        stream = torch.cuda.current_stream().cuda_stream
+        act = -1 if activation is None else ACTIVATION_ENUM[activation]
+        self._check(self.lib.tsc_gemv(
+            w.shape[1], act, w.shape[0], x.data_ptr(), _ptr(norm), eps, w.data_ptr(), _ptr(up), _ptr(bias),
+            _ptr(residual), float(threshold), int(y.dtype == torch.float32), y.data_ptr(), stream), "gemv")
+
+    def decode_attention(self, qkv, pos, cos, sin, k_cache, v_cache, window: int, aws: "AttentionWorkspace",
+                         out) -> None:
+        """One token at pos [1] (int64): rope, k/v into the caches [kv_heads, capacity, head_dim] at pos, and
+        out [heads * head_dim] = attention over positions [pos - window + 1 (or 0), pos]."""
+        import torch
+        stream = torch.cuda.current_stream().cuda_stream
+        self._check(self.lib.tsc_decode_attention(
+            qkv.data_ptr(), pos.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+            k_cache.shape[1], int(window or 0), aws.part_o.data_ptr(), aws.part_ml.data_ptr(),
+            aws.heads_done.data_ptr(), out.data_ptr(), stream), "decode_attention")
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+class AttentionWorkspace:
+    """Partial softmax results of decode_attention for a cache of `capacity` positions (fp32), and the per-KV-head
+    counters of blocks finished (zero between calls)."""
+
+    def __init__(self, lib: KernelLibrary, capacity: int, device="cuda"):
+        import torch
+        if capacity > lib.max_positions:
+            raise UserError(f"{lib.path.name}: a context of {capacity} positions is longer than the attention "
+                            f"kernel supports ({lib.max_positions})")
+        splits = -(-capacity // lib.attention_split)
+        self.part_o = torch.zeros(lib.heads, splits, lib.head_dim, dtype=torch.float32, device=device)
+        self.part_ml = torch.zeros(lib.heads, splits, 2, dtype=torch.float32, device=device)
+        self.heads_done = torch.zeros(lib.kv_heads, dtype=torch.int32, device=device)
 
 
 class Workspace:
@@ -63,9 +118,10 @@ class Workspace:
     def __init__(self, lib: KernelLibrary, max_rank: int, max_batch: int, device="cuda"):
         import torch
         hidden, inter = lib.hidden, lib.inter
-        # fp32 accumulator copies and the blocks-finished counter: zero between calls
-        self.acc = torch.zeros(lib.acc_replicas, max_batch, hidden, dtype=torch.float32, device=device)
-        self.blocks_done = torch.zeros(1, dtype=torch.int32, device=device)
+        # sparse_ffn: each block's fp32 partial y (a grid of up to 2 blocks per multiprocessor), the barrier counter
+        blocks = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        self.partials = torch.zeros(blocks, max_batch, hidden, dtype=torch.float32, device=device)
+        self.barrier = torch.zeros(1, dtype=torch.int32, device=device)
         self.z = torch.zeros(max_batch, max(max_rank, 8), dtype=torch.float32, device=device)
         self.active = torch.zeros(inter, dtype=torch.int32, device=device)
         self.active_count = torch.zeros(1, dtype=torch.int32, device=device)

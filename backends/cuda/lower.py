@@ -30,7 +30,8 @@ def kernel_shape(ir: ModelIR, cfg) -> KernelShape:
     shape = KernelShape(name=ir.display_name(), hidden=c.hidden_size,
                         inter=c.intermediate_size, dtype=cfg.dtype,
                         activations=tuple(sorted({ann.activation for ann in ir.layers})),
-                        max_rank=max(ranks, default=0))
+                        max_rank=max(ranks, default=0), heads=c.num_heads, kv_heads=c.num_kv_heads,
+                        head_dim=c.head_dim)
     check_shape(shape, "targets.cuda")
     return shape
 
@@ -42,6 +43,15 @@ def ffn_specs(ir: ModelIR) -> list[dict]:
         out.append({"activation": ann.activation, "threshold": float(ann.threshold), "gated": gated,
                     "predictor_threshold": float(ann.predictor.threshold) if gated else 0.0,
                     "predictor_relu": bool(ann.predictor.relu) if gated else True})
+    return out
+
+
+def rounded_ir(ir: ModelIR, dtype) -> ModelIR:
+    """The same model with every weight rounded to the artifact's dtype (kept in float32): the reference that an
+    artifact of that dtype is checked against."""
+    out = ir.clone()
+    for n in list(out.weights):
+        out.weights[n] = out.weights[n].to(dtype).float()
     return out
 
 
@@ -92,7 +102,8 @@ def lower_cuda(ir: ModelIR, cfg, outdir, ctx=None) -> dict:
         "library": LIBRARY if compiled else None, "source": "ffn.cu", "weights": "weights.safetensors",
         "arch_config": dataclasses.asdict(ir.config), "ffns": ffn_specs(ir),
         "kernel_shape": dataclasses.asdict(shape),
-        "dense_baseline": "load(dense=True): the same weights, every FFN dense through cuBLAS (no predictor)",
+        "dense_baseline": "load(dense=True): the same kernels and weights, every FFN dense (GEMV for act(gate) * up, "
+                          "cuBLAS for down), no predictor",
         "files": file_digests(outdir),
     }
     (outdir / "manifest.json").write_text(json.dumps(manifest, indent=1))

@@ -1,5 +1,10 @@
-"""The decoder on the GPU: attention, norms and the LM head in PyTorch, every decode FFN through the generated
-kernels (or cuBLAS for the dense baseline). Same function as tscompile/reference.py.
+"""The decoder on the GPU. Same function as tscompile/reference.py.
+
+A decode step (one token) runs on the generated kernels: per layer a GEMV for q/k/v with the input RMSNorm folded
+in, one attention kernel (rope, KV-cache write, split-KV attention), a GEMV for o_proj + residual, then the FFN:
+predictor + sparse_ffn with the post-attention RMSNorm folded in, or for the dense baseline a GEMV for
+act(gate) * up (norm folded in the same way) and cuBLAS for down + residual; the LM head is a GEMV with the final
+norm. Prompts (several tokens) run in PyTorch with the dense exact FFN.
 
 The KV cache has a fixed capacity and every tensor a decode step touches is allocated once, so the step
 (one token in at `pos`, logits and the greedy next token out) can be captured in a CUDA graph.
@@ -14,7 +19,7 @@ import torch.nn.functional as F
 from tscompile.ir import ArchConfig
 from tscompile.reference import activate, rope_inv_freq
 
-from .library import KernelLibrary, Workspace, default_grid
+from .library import AttentionWorkspace, KernelLibrary, Workspace, default_grid
 
 
 @dataclass
@@ -35,20 +40,19 @@ def layer_weight_names(i: int) -> dict[str, str]:
 
 
 class GPUDecoder:
-    """Weights on the GPU, a fixed-capacity KV cache, and forward(tokens, positions) for T >= 1 tokens."""
+    """Weights on the GPU, a fixed-capacity KV cache, and forward(tokens, positions) for T >= 1 tokens.
+    lib None: everything in PyTorch (CPU checks of this code). dense: the baseline, every FFN dense."""
 
     def __init__(self, cfg: ArchConfig, ffns: list[FFNSpec], weights: dict[str, torch.Tensor],
-                 lib: KernelLibrary | None, dtype: torch.dtype):
-        self.cfg, self.ffns, self.lib, self.dtype = cfg, ffns, lib, dtype
+                 lib: KernelLibrary | None, dtype: torch.dtype, dense: bool = False):
+        self.cfg, self.ffns, self.lib, self.dtype, self.dense = cfg, ffns, lib, dtype, dense
         self.w = weights
         self.dev = weights["embed"].device
         self.head = weights["embed"] if cfg.tie_word_embeddings else weights["lm_head"]
-        if lib is None:   # dense baseline: cuBLAS wants gate and up in one matrix and down in HF layout
+        if dense:   # cuBLAS computes down + residual from the HF layout [hidden, inter]
             for i in range(cfg.num_layers):
-                n = layer_weight_names(i)
-                self.w[f"layers.{i}.gate_up"] = torch.cat([self.w.pop(n["gate"]), self.w.pop(n["up"])])
-                self.w[f"layers.{i}.down"] = self.w.pop(n["down_t"]).T.contiguous()
-        else:
+                self.w[f"layers.{i}.down"] = self.w.pop(layer_weight_names(i)["down_t"]).T.contiguous()
+        elif lib is not None:
             ranks = [weights[layer_weight_names(i)["fc1"]].shape[0] for i, f in enumerate(ffns) if f.gated]
             self.ws = Workspace(lib, max(ranks, default=8), 1, self.dev)
             self.grid = default_grid(self.dev)
@@ -67,6 +71,8 @@ class GPUDecoder:
         self.cos = torch.cat([ang, ang], dim=-1).cos().float()          # [capacity, head_dim], HF rotate-half layout
         self.sin = torch.cat([-ang, ang], dim=-1).sin().float()         # signed: rope's [-x2, x1] = roll(x) * sign
         self.capacity = capacity
+        if self.lib is not None:
+            self.aws = AttentionWorkspace(self.lib, capacity, self.dev)
 
     def _norm(self, x, w):
         """RMSNorm, one fused kernel: float32 inside, one rounding to the model dtype at the end (as the reference;
@@ -95,31 +101,54 @@ class GPUDecoder:
         return out.view(nh, T, hd).transpose(0, 1).reshape(T, nh * hd)
 
     def _ffn_dense(self, i: int, x):
-        f, w = self.ffns[i], self.w
-        if self.lib is None:
-            g, u = F.linear(x, w[f"layers.{i}.gate_up"]).chunk(2, dim=-1)
-            down = w[f"layers.{i}.down"]
-        else:
-            n = layer_weight_names(i)
-            g, u, down = F.linear(x, w[n["gate"]]), F.linear(x, w[n["up"]]), None
-        h = activate(f.activation, g, u)
+        f, w, n = self.ffns[i], self.w, layer_weight_names(i)
+        h = activate(f.activation, F.linear(x, w[n["gate"]]), F.linear(x, w[n["up"]]))
         if f.threshold > 0:
             h = h * (h.abs() > f.threshold)
-        return F.linear(h, down) if down is not None else h @ w[layer_weight_names(i)["down_t"]]
+        return F.linear(h, w[f"layers.{i}.down"]) if self.dense else h @ w[n["down_t"]]
 
-    def _ffn_sparse_into(self, i: int, hn, residual) -> None:
-        """residual += FFN(hn) for one token, through the generated kernels."""
-        f, n, ws = self.ffns[i], layer_weight_names(i), self.ws
+    def _ffn_into(self, i: int, x) -> torch.Tensor:
+        """x + FFN(rmsnorm(x)) for one token x [1, hidden] through the kernels; the sparse path updates x in place."""
+        f, n, lib, eps = self.ffns[i], layer_weight_names(i), self.lib, self.cfg.rms_norm_eps
+        norm = self.w[n["post_norm"]]
+        if self.dense:
+            h = torch.empty(1, self.cfg.intermediate_size, dtype=self.dtype, device=self.dev)
+            lib.gemv(x, self.w[n["gate"]], h, norm=norm, eps=eps, up=self.w[n["up"]], activation=f.activation,
+                     threshold=f.threshold)
+            return torch.addmm(x, h, self.w[f"layers.{i}.down"].T)
+        ws = self.ws
+        active, count = ws.all_ids, ws.all_count
         if f.gated:
-            self.lib.predict(hn, self.w[n["fc1"]], self.w[n["fc2"]], f.predictor_relu, f.predictor_threshold, ws)
+            lib.predict(x, self.w[n["fc1"]], self.w[n["fc2"]], f.predictor_relu, f.predictor_threshold, ws,
+                        norm=norm, eps=eps)
             active, count = ws.active, ws.active_count
-        else:
-            active, count = ws.all_ids, ws.all_count
-        self.lib.sparse_ffn(hn, self.w[n["gate"]], self.w[n["up"]], self.w[n["down_t"]], f.activation,
-                            f.threshold, active, count, None, ws, residual, self.grid, residual=residual)
+        lib.sparse_ffn(x, self.w[n["gate"]], self.w[n["up"]], self.w[n["down_t"]], f.activation, f.threshold,
+                       active, count, None, ws, x, self.grid, residual=x, norm=norm, eps=eps)
+        return x
+
+    def _decode(self, token, pos):
+        """One token [1] at pos [1] through the generated kernels -> float32 logits [1, vocab]."""
+        c, lib, w = self.cfg, self.lib, self.w
+        x = w["embed"][token]                                                   # [1, hidden] residual stream
+        qkv = torch.empty((c.num_heads + 2 * c.num_kv_heads) * c.head_dim, dtype=self.dtype, device=self.dev)
+        att = torch.empty(c.num_heads * c.head_dim, dtype=self.dtype, device=self.dev)
+        for i in range(c.num_layers):
+            n = layer_weight_names(i)
+            lib.gemv(x, w[n["qkv"]], qkv, norm=w[n["input_norm"]], eps=c.rms_norm_eps, bias=w.get(n["qkv_bias"]))
+            lib.decode_attention(qkv, pos, self.cos, self.sin, self.k[i], self.v[i], c.sliding_window or 0,
+                                 self.aws, att)
+            lib.gemv(att, w[n["o"]], x, residual=x)                            # x += o_proj(att), in place
+            if self.capture is not None:
+                self.capture.append((i, self._norm(x, w[n["post_norm"]])))
+            x = self._ffn_into(i, x)
+        logits = torch.empty(1, c.vocab_size, dtype=torch.float32, device=self.dev)
+        lib.gemv(x, self.head, logits, norm=w["norm"], eps=c.rms_norm_eps)
+        return logits
 
     def forward(self, tokens, pos):
-        """tokens, pos [T] (device, int64) -> float32 logits [T, vocab]. T == 1 uses the sparse kernels."""
+        """tokens, pos [T] (device, int64) -> float32 logits [T, vocab]. T == 1 runs on the generated kernels."""
+        if self.lib is not None and tokens.shape[0] == 1:
+            return self._decode(tokens, pos)
         c = self.cfg
         kpos = torch.arange(self.capacity, device=self.dev)
         mask = kpos[None, :] <= pos[:, None]                                   # causal (positions = order)
@@ -129,7 +158,6 @@ class GPUDecoder:
         mask = torch.zeros(rows.shape, dtype=self.dtype, device=self.dev).masked_fill_(~rows, float("-inf"))
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]             # [T, 1, head_dim]
         x = self.w["embed"][tokens]
-        sparse = self.lib is not None and tokens.shape[0] == 1
         for i in range(c.num_layers):
             n = layer_weight_names(i)
             att = self._attention(i, self._norm(x, self.w[n["input_norm"]]), pos, cos, sin, mask)
@@ -137,8 +165,5 @@ class GPUDecoder:
             hn = self._norm(x, self.w[n["post_norm"]])
             if self.capture is not None:
                 self.capture.append((i, hn))
-            if sparse:
-                self._ffn_sparse_into(i, hn, x)
-            else:
-                x = x + self._ffn_dense(i, hn)
+            x = x + self._ffn_dense(i, hn)
         return F.linear(self._norm(x, self.w["norm"]), self.head).float()

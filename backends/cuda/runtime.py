@@ -29,7 +29,7 @@ def library_for_device(outdir: Path, manifest: dict):
 
 
 class CudaRunner:
-    """The Runner contract (tscompile/api.py) over a GPUDecoder; dense=True computes every FFN with cuBLAS."""
+    """The Runner contract (tscompile/api.py) over a GPUDecoder; a dense decoder computes every FFN densely."""
     prefill = "batched"
 
     def __init__(self, decoder):
@@ -134,6 +134,6 @@ def load_runner(outdir, dense: bool = False) -> CudaRunner:
     cfg = ArchConfig(**manifest["arch_config"])
     ffns = [FFNSpec(**f) for f in manifest["ffns"]]
     weights = load_file(str(outdir / "weights.safetensors"), device="cuda")
-    lib = None if dense else library_for_device(outdir, manifest)
+    lib = library_for_device(outdir, manifest)   # the dense baseline runs the same attention/GEMV kernels
     dtype = getattr(torch, manifest["dtype"])
-    return CudaRunner(GPUDecoder(cfg, ffns, weights, lib, dtype))
+    return CudaRunner(GPUDecoder(cfg, ffns, weights, lib, dtype, dense=dense))

@@ -1,5 +1,6 @@
 """The generated kernels against a float64 reference on the GPU: every activation kind, batches 1-8, fresh random
-inputs and active sets each run, outputs poisoned first. Skipped without a CUDA GPU."""
+inputs and active sets each run, outputs poisoned first; the decode-step GEMV and attention kernels likewise.
+Skipped without a CUDA GPU."""
 from __future__ import annotations
 
 import pytest
@@ -10,23 +11,33 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 import torch.nn.functional as F  # noqa: E402
 
 from tscompile.backends.cuda.kernels import BATCHES, KernelShape, compile_library, render_source  # noqa: E402
-from tscompile.backends.cuda.library import KernelLibrary, Workspace, default_grid  # noqa: E402
+from tscompile.backends.cuda.library import AttentionWorkspace, KernelLibrary, Workspace, default_grid  # noqa: E402
 from tscompile.reference import activate  # noqa: E402
 
 KINDS = ("swiglu", "geglu", "relu", "drelu")
-SHAPES = {"smollm2": (576, 1536), "odd": (200, 999)}   # odd: hidden not a multiple of 256, inter not of 32
+# hidden, inter, heads, kv_heads, head_dim; odd: hidden not a multiple of 256, inter not of 32, heads * head_dim
+# (192) != hidden
+SHAPES = {"smollm2": (576, 1536, 9, 3, 64), "odd": (200, 999, 6, 2, 32)}
 RANK = 64
+EPS = 1e-5
 
 
 @pytest.fixture(scope="module", params=[(s, d) for s in SHAPES for d in ("bfloat16", "float16")],
                 ids=lambda p: f"{p[0]}-{p[1]}")
 def lib(request, tmp_path_factory):
     name, dtype = request.param
-    hidden, inter = SHAPES[name]
+    hidden, inter, heads, kv_heads, head_dim = SHAPES[name]
     major, minor = torch.cuda.get_device_capability()
-    src = render_source(KernelShape(name, hidden, inter, dtype, KINDS, RANK))
+    src = render_source(KernelShape(name, hidden, inter, dtype, KINDS, RANK, heads=heads, kv_heads=kv_heads,
+                                    head_dim=head_dim))
     lib = KernelLibrary(compile_library(src, f"sm_{major}{minor}", tmp_path_factory.mktemp(name)))
     return lib, getattr(torch, dtype)
+
+
+def rms_normed(x, w):
+    """float64 RMSNorm of x [B, H] with weight w [H]."""
+    xd = x.double()
+    return xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + EPS) * w.double()
 
 
 def rel_err(got, want) -> float:
@@ -55,10 +66,11 @@ def test_sparse_ffn_matches_reference(lib, kind, batch):
         grid = [default_grid(), 7, 1][trial]
         y = torch.full((batch, H), float("nan"), device="cuda", dtype=dtype)
         residual = torch.randn(batch, H, device="cuda", generator=gen).to(dtype) if trial == 1 else None
+        norm = (1 + 0.2 * torch.randn(H, device="cuda", generator=gen)).to(dtype) if trial == 2 else None
         lib.sparse_ffn(x, *w, kind, threshold, active, count, None if mask is None else mask.to(torch.uint8),
-                       ws, y, grid, residual)
+                       ws, y, grid, residual, norm=norm, eps=EPS)
         torch.cuda.synchronize()
-        xd = x.double()
+        xd = x.double() if norm is None else rms_normed(x, norm)
         h = activate(kind, xd @ w[0].double().T, xd @ w[1].double().T)
         keep = torch.zeros(batch, I, dtype=torch.bool, device="cuda")
         keep[:, ids] = True
@@ -72,7 +84,7 @@ def test_sparse_ffn_matches_reference(lib, kind, batch):
             assert (y == 0).all()
         else:
             assert rel_err(y, want) <= 1e-2, (kind, batch, trial, n)
-        assert int(ws.blocks_done.item()) == 0 and float(ws.acc.abs().max()) == 0.0, "workspace left dirty"
+        assert int(ws.barrier.item()) & 0x7FFFFFFF == 0, "grid barrier counter left mid-count"
 
 
 @pytest.mark.parametrize("batch", BATCHES)
@@ -85,12 +97,13 @@ def test_predictor_selects_the_reference_set(lib, batch):
         fc1 = (torch.randn(rank, H, device="cuda", generator=gen) / H ** 0.5).to(dtype)
         fc2 = (torch.randn(I, rank, device="cuda", generator=gen) / rank ** 0.5).to(dtype)
         x = torch.randn(batch, H, device="cuda", generator=gen).to(dtype)
-        z = x.double() @ fc1.double().T
+        norm = (1 + 0.2 * torch.randn(H, device="cuda", generator=gen)).to(dtype) if trial == 1 else None
+        z = (x.double() if norm is None else rms_normed(x, norm)) @ fc1.double().T
         logits = (F.relu(z) if relu else z) @ fc2.double().T
         thr = float(logits.float().quantile(0.8))
         ws.active.fill_(-1)
         ws.active_count.fill_(12345)   # predict_hidden must reset it
-        lib.predict(x, fc1, fc2, relu, thr, ws)
+        lib.predict(x, fc1, fc2, relu, thr, ws, norm=norm, eps=EPS)
         torch.cuda.synchronize()
         n = int(ws.active_count.item())
         got = ws.active[:n].long()
@@ -103,3 +116,92 @@ def test_predictor_selects_the_reference_set(lib, batch):
         if batch > 1:
             tm = ws.token_mask[:batch].bool()
             assert ((tm != keep) <= near).all()
+
+
+@pytest.mark.parametrize("kind", (None,) + KINDS)
+def test_gemv_matches_reference(lib, kind):
+    """Every GEMV the decode step uses: q/k/v (norm + bias), o_proj (K = heads * head_dim, residual aliasing the
+    output), LM head (fp32 out), dense gate/up with each activation and a threshold."""
+    lib, dtype = lib
+    H, I = lib.hidden, lib.inter
+    cases = [dict(k=H, n=(lib.heads + 2 * lib.kv_heads) * lib.head_dim, norm=True, bias=True),
+             dict(k=lib.heads * lib.head_dim, n=H, residual=True),
+             dict(k=H, n=1000, norm=True, out=torch.float32)] if kind is None else \
+        [dict(k=H, n=I, norm=True, threshold=0.0), dict(k=H, n=I, norm=False, threshold=0.02)]
+    for t, case in enumerate(cases):
+        gen = torch.Generator(device="cuda").manual_seed(31 * t + len(kind or ""))
+        k, n = case["k"], case["n"]
+        w = (torch.randn(n, k, device="cuda", generator=gen) / k ** 0.5).to(dtype)
+        up = (torch.randn(n, k, device="cuda", generator=gen) / k ** 0.5).to(dtype) if kind else None
+        x = torch.randn(1, k, device="cuda", generator=gen).to(dtype)
+        norm = (1 + 0.2 * torch.randn(k, device="cuda", generator=gen)).to(dtype) if case.get("norm") else None
+        bias = torch.randn(n, device="cuda", generator=gen).to(dtype) if case.get("bias") else None
+        xd = x.double() if norm is None else rms_normed(x, norm)
+        want = xd @ w.double().T
+        if kind:
+            want = activate(kind, want, xd @ up.double().T)
+            want = want * (want.abs() > case["threshold"])
+        if bias is not None:
+            want = want + bias.double()
+        if case.get("residual"):
+            y = torch.randn(1, n, device="cuda", generator=gen).to(dtype)
+            want = want + y.double()
+            lib.gemv(x, w, y, residual=y)
+        else:
+            y = torch.full((1, n), float("nan"), device="cuda", dtype=case.get("out", dtype))
+            lib.gemv(x, w, y, norm=norm, eps=EPS, bias=bias, up=up, activation=kind,
+                     threshold=case.get("threshold", 0.0))
+        torch.cuda.synchronize()
+        assert rel_err(y, want) <= 1e-2, (kind, case)
+
+
+def attention_reference(qkv, pos, cos, sin, k_cache, v_cache, heads, kv_heads, window):
+    """float64 out [heads * hd] of one token at pos, and its roped k (rounded to the cache dtype) and v."""
+    hd = k_cache.shape[-1]
+    q = qkv[:heads * hd].view(heads, hd).double()
+    k = qkv[heads * hd:(heads + kv_heads) * hd].view(kv_heads, hd).double()
+    v = qkv[(heads + kv_heads) * hd:].view(kv_heads, hd)
+
+    def rope(t):
+        return t * cos[pos].double() + t.roll(hd // 2, dims=-1) * sin[pos].double()
+    k_new = rope(k).to(k_cache.dtype)
+    keys, values = k_cache.clone(), v_cache.clone()
+    keys[:, pos], values[:, pos] = k_new, v
+    lo = max(0, pos - window + 1) if window else 0
+    kk = keys[:, lo:pos + 1].double().repeat_interleave(heads // kv_heads, 0)      # [heads, S, hd]
+    vv = values[:, lo:pos + 1].double().repeat_interleave(heads // kv_heads, 0)
+    p = torch.softmax((rope(q)[:, None] * kk).sum(-1) / hd ** 0.5, dim=-1)         # [heads, S]
+    return (p[..., None] * vv).sum(1).flatten(), k_new, v
+
+
+@pytest.mark.parametrize("capacity,window", [(96, 0), (700, 0), (300, 40), (64, 5)])
+def test_decode_attention_matches_reference(lib, capacity, window):
+    """Fresh caches and positions each run (first, last, across split boundaries); the new k, v land in the cache
+    at pos and nowhere else; the per-head counters are left at zero."""
+    lib, dtype = lib
+    hd, nh, nkv = lib.head_dim, lib.heads, lib.kv_heads
+    aws = AttentionWorkspace(lib, capacity)
+    ang = torch.arange(capacity, device="cuda", dtype=torch.float64)[:, None] / \
+        (1e4 ** (torch.arange(0, hd, 2, device="cuda", dtype=torch.float64) / hd))
+    cos = torch.cat([ang, ang], -1).cos().float()
+    sin = torch.cat([-ang, ang], -1).sin().float()
+    split = lib.attention_split
+    positions = sorted({p for p in (0, split - 1, split, capacity // 2 + 3, capacity - 1) if p < capacity})
+    for t, pos in enumerate(positions):
+        gen = torch.Generator(device="cuda").manual_seed(1000 * capacity + t)
+        qkv = torch.randn((nh + 2 * nkv) * hd, device="cuda", generator=gen).to(dtype)
+        k_cache = torch.randn(nkv, capacity, hd, device="cuda", generator=gen).to(dtype)
+        v_cache = torch.randn(nkv, capacity, hd, device="cuda", generator=gen).to(dtype)
+        want, k_new, v_new = attention_reference(qkv, pos, cos, sin, k_cache, v_cache, nh, nkv, window)
+        before_k, before_v = k_cache.clone(), v_cache.clone()
+        out = torch.full((nh * hd,), float("nan"), device="cuda", dtype=dtype)
+        lib.decode_attention(qkv, torch.tensor([pos], device="cuda"), cos, sin, k_cache, v_cache, window, aws, out)
+        torch.cuda.synchronize()
+        assert rel_err(out, want) <= 1e-2, (capacity, window, pos)
+        # k: rope in fp32 there, fp64 here, so one rounding step apart at most
+        torch.testing.assert_close(k_cache[:, pos].float(), k_new.float(), rtol=8e-3, atol=1e-3)
+        assert torch.equal(v_cache[:, pos], v_new)
+        others = torch.arange(capacity, device="cuda") != pos
+        assert torch.equal(k_cache[:, others], before_k[:, others])
+        assert torch.equal(v_cache[:, others], before_v[:, others])
+        assert int(aws.heads_done.abs().max()) == 0, "counters left dirty"

@@ -10,6 +10,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 from golden_cases import CASES, PROMPT, STEPS, case_ir  # noqa: E402
 from tscompile.backends.cuda import BACKEND, CudaConfig  # noqa: E402
+from tscompile.backends.cuda.lower import rounded_ir  # noqa: E402
 from tscompile.verify import ReferenceRunner, compare_logits  # noqa: E402
 
 
@@ -25,14 +26,6 @@ def assert_same_greedy(got, want, want_logits, tie: float):
     assert gap <= tie * float(abs(row).max()), f"token {k}: {got[k]} instead of {want[k]}, logit gap {gap:.4f}"
 
 
-def rounded(ir, dtype):
-    """The same model with its weights rounded to the target dtype: the reference for that artifact."""
-    out = ir.clone()
-    for n in list(out.weights):
-        out.weights[n] = out.weights[n].to(dtype).float()
-    return out
-
-
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("name", CASES)
 def test_runner_matches_reference(name, dtype, tmp_path):
@@ -42,7 +35,7 @@ def test_runner_matches_reference(name, dtype, tmp_path):
     arch = "sm_{}{}".format(*torch.cuda.get_device_capability())
     BACKEND.lower(ir, CudaConfig(arch=arch, dtype=dtype), tmp_path)
     runner = BACKEND.load(tmp_path)
-    ref = ReferenceRunner(rounded(ir, getattr(torch, dtype)), "batched")
+    ref = ReferenceRunner(rounded_ir(ir, getattr(torch, dtype)), "batched")
     want_tokens = ref.generate(PROMPT, STEPS)
     tie = 0.02 if dtype == "bfloat16" else 0.005   # float16 has 3 more mantissa bits: tighter
 

@@ -7,6 +7,7 @@
 //   sparse_ffn       for the active neurons only:
 //                      h = act(x Wg[j]) * (x Wu[j]);  h = 0 where |h| <= threshold (or the token's predictor said no)
 //                      y = sum_j h_j Wd^T[j]          Wg, Wu, Wd^T [INTER, HIDDEN], one row per neuron
+// x may be given before its RMSNorm (norm weight [HIDDEN] and eps): every block then normalizes its own copy.
 // Weights are __nv_bfloat16; every sum is fp32. Buffers have fixed, worst-case sizes, so a step that calls these
 // kernels can be captured in a CUDA graph: the active count lives in device memory and is read by the kernels.
 #include <cuda_runtime.h>
@@ -17,7 +18,7 @@
 #define INTER 192
 #define HVEC (HIDDEN / 8)          // 16-byte vectors (8 weights) in one row of Wg, Wu, Wd^T
 #define MAX_BATCH 8
-#define ACC_REPLICAS 4             // copies of the fp32 accumulator: block i adds into copy i % 4 (less contention)
+#define ACC_REPLICAS 4             // MoE kernels: copies of the fp32 accumulator, block i adds into copy i % 4
 
 typedef __nv_bfloat16 weight_t;
 
@@ -104,6 +105,45 @@ __device__ __forceinline__ void load_columns(const weight_t* __restrict__ x, flo
         }
 }
 
+// The RMSNorm folded into a kernel: xr <- xr * norm_w / sqrt(mean(x^2) + eps) per token, on the columns this
+// thread holds. Every thread of the block calls it (two barriers).
+template <int B, int VPT, int THREADS>
+__device__ __forceinline__ void rms_normalize(float xr[B][VPT][8], const weight_t* __restrict__ norm_w, float eps) {
+    constexpr int WARPS = THREADS / 32;
+    __shared__ float sum_sq[B][WARPS];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+        float s = 0.f;
+#pragma unroll
+        for (int k = 0; k < VPT; ++k)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) s = fmaf(xr[b][k][e], xr[b][k][e], s);
+        s = warp_sum(s);
+        if (lane == 0) sum_sq[b][warp] = s;
+    }
+    __syncthreads();
+    float g[VPT][8];
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+        const int v = threadIdx.x + k * THREADS;
+        if (v < HVEC) unpack8(load_weights(norm_w + v * 8), g[k]);
+        else for (int e = 0; e < 8; ++e) g[k][e] = 0.f;
+    }
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+        float t = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) t += sum_sq[b][w];
+        const float scale = rsqrtf(t / HIDDEN + eps);
+#pragma unroll
+        for (int k = 0; k < VPT; ++k)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) xr[b][k][e] *= g[k][e] * scale;
+    }
+    __syncthreads();   // sum_sq is rewritten by the next call
+}
+
 // ---- sparse FFN -----------------------------------------------------------------------------------------------
 //
 // A persistent grid, one block per multiprocessor: block i takes list positions i, i+G, i+2G, ... < n of the n
@@ -114,9 +154,10 @@ __device__ __forceinline__ void load_columns(const weight_t* __restrict__ x, flo
 //   steps [0, cn)         (Wg[j], Wu[j])          -> per-warp partial dots -> shared part[]
 //   steps [cn, cn+cn/2)   (Wd^T[j], Wd^T[j+1])    -> out[b][cols] += h[j][b] * row
 // Each thread waits only for its own copies, so the ring needs no barrier; the down rows are already in flight
-// while the block turns the gate/up sums into h. The block then adds its partial y into one of ACC_REPLICAS fp32
-// accumulators (every block adding into one buffer serializes on its addresses in L2: ~2 us on an H200), and
-// the last block to finish sums the copies, writes y (+ residual) and leaves the copies and the counter at zero.
+// while the block turns the gate/up sums into h. The block then stores its partial y into its own fp32 row
+// (atomics into one shared accumulator serialize on its addresses in L2: ~2 us on an H200), all blocks meet at
+// a grid barrier, and each block sums and writes its 1/G slice of y (+ residual): the reduction is spread over
+// the grid instead of left to the last block.
 __device__ __forceinline__ void cp_async16(uint4* smem, const weight_t* gmem) {
     const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
     asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;" :: "r"(s), "l"(gmem) : "memory");
@@ -125,9 +166,26 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
 
+// All blocks of the grid meet here (every block is resident: the grid is capped at what fits). Block 0 adds
+// 2^31 - (G - 1), the others 1: the top bit of the counter flips when the last block arrives and the low bits are
+// back where they were, so the counter needs no reset between calls (cooperative groups' grid sync does the same).
+__device__ __forceinline__ void grid_barrier(unsigned* barrier) {
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const unsigned add = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1) : 1u;
+        const unsigned old = atomicAdd(barrier, add);
+        while (((old ^ *(volatile unsigned*)barrier) & 0x80000000u) == 0) __nanosleep(20);
+        __threadfence();
+    }
+    __syncthreads();
+}
+
 template <int B, int VPT, int THREADS, int CHUNK, int STAGES, int ACT>
 __global__ void __launch_bounds__(THREADS, 1) sparse_ffn(
-    const weight_t* __restrict__ x,          // [B, HIDDEN]  FFN input (after post_attention_layernorm)
+    const weight_t* __restrict__ x,          // [B, HIDDEN]  FFN input, or its input before the RMSNorm (norm_w)
+    const weight_t* __restrict__ norm_w,     // [HIDDEN]  post_attention_layernorm weight, or null
+    float eps,
     const weight_t* __restrict__ w_gate,     // [INTER, HIDDEN]
     const weight_t* __restrict__ w_up,       // [INTER, HIDDEN]
     const weight_t* __restrict__ w_down_t,   // [INTER, HIDDEN]  down_proj transposed
@@ -135,8 +193,8 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_ffn(
     const int32_t* __restrict__ active_count,// [1]
     const uint8_t* __restrict__ token_mask,  // [B, INTER]  1 where token b's predictor kept neuron j; null = all
     float threshold,                         // h = 0 where |h| <= threshold
-    float* __restrict__ acc,                 // [ACC_REPLICAS, B, HIDDEN]  fp32 workspace, zero on entry and on exit
-    unsigned* __restrict__ blocks_done,      // [1]  zero on entry and on exit
+    float* __restrict__ partials,            // [gridDim.x, B, HIDDEN]  fp32 partial y of each block
+    unsigned* barrier,                       // [1]  grid barrier counter (any value on entry)
     const weight_t* residual,                // [B, HIDDEN]  added to y, or null (may alias y)
     weight_t* y)                             // [B, HIDDEN]  output
 {
@@ -145,7 +203,6 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_ffn(
     __shared__ float part[WARPS][CHUNK][B][2];   // per-warp partial dot products (gate, up)
     __shared__ float h[CHUNK][B];                // activations of this chunk
     __shared__ int ids[CHUNK];                   // neuron ids of this chunk
-    __shared__ bool is_last;
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     allow_next_kernel();
@@ -198,6 +255,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_ffn(
         {
             float xr[B][VPT][8];
             load_columns<B, VPT, THREADS>(x, xr);
+            if (norm_w != nullptr) rms_normalize<B, VPT, THREADS>(xr, norm_w, eps);
 #pragma unroll 1
             for (int s = 0; s < cn; ++s) {
                 issue(s + STAGES - 1);
@@ -262,64 +320,55 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_ffn(
             }
         }
         cp_async_wait<0>();
+        // this block's partial y into its own row of the partials: a plain store (the first chunk) or add
+        float* row_y = partials + (size_t)blockIdx.x * B * HIDDEN;
 #pragma unroll
         for (int b = 0; b < B; ++b)
 #pragma unroll
             for (int k = 0; k < VPT; ++k) {
                 const int v = threadIdx.x + k * THREADS;
                 if (v < HVEC) {
-                    float* dst = acc + ((blockIdx.x % ACC_REPLICAS) * B + b) * HIDDEN + v * 8;
-                    atomic_add4(dst, out[b][k][0], out[b][k][1], out[b][k][2], out[b][k][3]);
-                    atomic_add4(dst + 4, out[b][k][4], out[b][k][5], out[b][k][6], out[b][k][7]);
+                    float4* dst = reinterpret_cast<float4*>(row_y + b * HIDDEN + v * 8);
+                    float4 lo = make_float4(out[b][k][0], out[b][k][1], out[b][k][2], out[b][k][3]);
+                    float4 hi = make_float4(out[b][k][4], out[b][k][5], out[b][k][6], out[b][k][7]);
+                    if (c0 > 0) {
+                        const float4 plo = dst[0], phi = dst[1];
+                        lo.x += plo.x; lo.y += plo.y; lo.z += plo.z; lo.w += plo.w;
+                        hi.x += phi.x; hi.y += phi.y; hi.z += phi.z; hi.w += phi.w;
+                    }
+                    dst[0] = lo;
+                    dst[1] = hi;
                 }
             }
         __syncthreads();   // ids[], part[] and h[] are rewritten by the next chunk
     }
 
-    // the last block to finish converts the sum and clears the workspace (threadFenceReduction pattern)
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) is_last = atomicAdd(blocks_done, 1u) == gridDim.x - 1;
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-    // 4 outputs per step, loads of a round all issued before its first store (y may alias residual, so the
-    // compiler would otherwise wait out one L2 round trip per element)
-    constexpr int N4 = B * HIDDEN / 4, PER = (N4 + THREADS - 1) / THREADS, ROUND = PER < 4 ? PER : 4;
-    float4* acc4 = reinterpret_cast<float4*>(acc);
-    for (int r0 = 0; r0 < PER; r0 += ROUND) {
-        float4 part_sum[ROUND][ACC_REPLICAS];
-        uint2 res[ROUND];
-#pragma unroll
-        for (int k = 0; k < ROUND; ++k) {
-            const int i = threadIdx.x + (r0 + k) * THREADS;
-            const bool in = r0 + k < PER && i < N4;
-#pragma unroll
-            for (int c = 0; c < ACC_REPLICAS; ++c)
-                part_sum[k][c] = in ? __ldcg(acc4 + c * N4 + i) : make_float4(0.f, 0.f, 0.f, 0.f);
-            res[k] = in && residual != nullptr ? *reinterpret_cast<const uint2*>(residual + 4 * i) : make_uint2(0, 0);
+    grid_barrier(barrier);
+
+    // each block sums its slice of y over the partial rows of the blocks that had neurons (one warp per group of
+    // 4 outputs, lanes over the rows: all loads of a slice in flight at once) and writes it (+ residual)
+    constexpr int N4 = B * HIDDEN / 4, WARPS_ALL = THREADS / 32;
+    const int rows = min(n, (int)gridDim.x);
+    const int per = (N4 + gridDim.x - 1) / gridDim.x, i_end = min(N4, (int)(blockIdx.x + 1) * per);
+    const float4* part4 = reinterpret_cast<const float4*>(partials);
+    for (int i = blockIdx.x * per + warp; i < i_end; i += WARPS_ALL) {
+        float4 t = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int r = lane; r < rows; r += 32) {
+            const float4 p = __ldcg(part4 + (size_t)r * N4 + i);
+            t.x += p.x; t.y += p.y; t.z += p.z; t.w += p.w;
         }
-#pragma unroll
-        for (int k = 0; k < ROUND; ++k) {
-            const int i = threadIdx.x + (r0 + k) * THREADS;
-            if (r0 + k < PER && i < N4) {
-                float4 t = part_sum[k][0];
-#pragma unroll
-                for (int c = 1; c < ACC_REPLICAS; ++c) {
-                    t.x += part_sum[k][c].x; t.y += part_sum[k][c].y;
-                    t.z += part_sum[k][c].z; t.w += part_sum[k][c].w;
-                }
-                const __nv_bfloat162* r = reinterpret_cast<const __nv_bfloat162*>(&res[k]);
+        t.x = warp_sum(t.x); t.y = warp_sum(t.y); t.z = warp_sum(t.z); t.w = warp_sum(t.w);
+        if (lane == 0) {
+            if (residual != nullptr) {
+                const uint2 raw = *reinterpret_cast<const uint2*>(residual + 4 * i);
+                const __nv_bfloat162* r = reinterpret_cast<const __nv_bfloat162*>(&raw);
                 const float2 r01 = __bfloat1622float2(r[0]), r23 = __bfloat1622float2(r[1]);
-                __nv_bfloat162 out[2] = {__floats2bfloat162_rn(t.x + r01.x, t.y + r01.y),
-                                       __floats2bfloat162_rn(t.z + r23.x, t.w + r23.y)};
-                *reinterpret_cast<uint2*>(y + 4 * i) = *reinterpret_cast<const uint2*>(out);
-#pragma unroll
-                for (int c = 0; c < ACC_REPLICAS; ++c) acc4[c * N4 + i] = make_float4(0.f, 0.f, 0.f, 0.f);
+                t.x += r01.x; t.y += r01.y; t.z += r23.x; t.w += r23.y;
             }
+            __nv_bfloat162 o[2] = {__floats2bfloat162_rn(t.x, t.y), __floats2bfloat162_rn(t.z, t.w)};
+            *reinterpret_cast<uint2*>(y + 4 * i) = *reinterpret_cast<const uint2*>(o);
         }
     }
-    if (threadIdx.x == 0) *blocks_done = 0;
 }
 
 // ---- predictor ------------------------------------------------------------------------------------------------
@@ -328,6 +377,8 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_ffn(
 template <int B, int VPT, int THREADS, int RPB>
 __global__ void __launch_bounds__(THREADS) predict_hidden(
     const weight_t* __restrict__ x,      // [B, HIDDEN]
+    const weight_t* __restrict__ norm_w, // [HIDDEN]  RMSNorm weight of x, or null (x is normalized)
+    float eps,
     const weight_t* __restrict__ fc1,    // [rank, HIDDEN]
     int rank, int relu,
     float* __restrict__ z,               // [B, rank]
@@ -336,12 +387,7 @@ __global__ void __launch_bounds__(THREADS) predict_hidden(
     constexpr int WARPS = THREADS / 32;
     __shared__ float part[WARPS][RPB][B];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    allow_next_kernel();
-    wait_for_previous_kernel();
-    if (blockIdx.x == 0 && threadIdx.x == 0) *active_count = 0;
-
-    float xr[B][VPT][8];
-    load_columns<B, VPT, THREADS>(x, xr);
+    // the weights never depend on the previous kernel: their loads are in flight before waiting for it
     const int r0 = blockIdx.x * RPB;
     uint4 w[RPB][VPT];
 #pragma unroll
@@ -352,6 +398,13 @@ __global__ void __launch_bounds__(THREADS) predict_hidden(
             w[i][k] = (v < HVEC && r0 + i < rank) ? load_weights(fc1 + (size_t)(r0 + i) * HIDDEN + v * 8)
                                                  : make_uint4(0, 0, 0, 0);
         }
+    allow_next_kernel();
+    wait_for_previous_kernel();
+    if (blockIdx.x == 0 && threadIdx.x == 0) *active_count = 0;
+
+    float xr[B][VPT][8];
+    load_columns<B, VPT, THREADS>(x, xr);
+    if (norm_w != nullptr) rms_normalize<B, VPT, THREADS>(xr, norm_w, eps);
 #pragma unroll
     for (int i = 0; i < RPB; ++i)
 #pragma unroll
@@ -386,11 +439,8 @@ __global__ void __launch_bounds__(256) predict_active(
 {
     const int lane = threadIdx.x % 32;
     const int j0 = (blockIdx.x * 8 + threadIdx.x / 32) * NPW;   // 8 warps a block
-    allow_next_kernel();
-    wait_for_previous_kernel();
-    if (j0 >= INTER) return;
     const int rvec = rank / 8;
-
+    // fc2 (the larger predictor matrix) streams in while predict_hidden still runs: loads before the wait
     uint4 w[NPW][RVEC_PER_LANE];
 #pragma unroll
     for (int i = 0; i < NPW; ++i)
@@ -399,6 +449,9 @@ __global__ void __launch_bounds__(256) predict_active(
             const int v = lane + 32 * k, j = j0 + i;
             w[i][k] = (v < rvec && j < INTER) ? load_weights(fc2 + (size_t)j * rank + v * 8) : make_uint4(0, 0, 0, 0);
         }
+    allow_next_kernel();
+    wait_for_previous_kernel();
+    if (j0 >= INTER) return;
     float mine[B];
 #pragma unroll
     for (int b = 0; b < B; ++b) {
@@ -442,7 +495,7 @@ __global__ void __launch_bounds__(256) predict_active(
 static int dependent_launch = -1;   // -1: not decided yet
 
 template <typename... Params, typename... Args>
-static cudaError_t launch(void (*kernel)(Params...), int grid, int threads, int smem, cudaStream_t stream,
+static cudaError_t launch(void (*kernel)(Params...), dim3 grid, int threads, int smem, cudaStream_t stream,
                           Args... args) {
     if (dependent_launch < 0) {
         int device = 0, major = 0;
@@ -454,7 +507,7 @@ static cudaError_t launch(void (*kernel)(Params...), int grid, int threads, int 
     attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr.val.programmaticStreamSerializationAllowed = 1;
     cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(grid);
+    cfg.gridDim = grid;
     cfg.blockDim = dim3(threads);
     cfg.dynamicSmemBytes = smem;
     cfg.stream = stream;
@@ -462,6 +515,19 @@ static cudaError_t launch(void (*kernel)(Params...), int grid, int threads, int 
     cfg.numAttrs = dependent_launch ? 1 : 0;
     cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, args...);
     return err != cudaSuccess ? err : cudaGetLastError();
+}
+
+// How many blocks of a grid-barrier kernel fit on the GPU at once (the grid is capped there: a block that is not
+// resident would never arrive); also allows its dynamic shared memory above 48 KB. Once per kernel.
+template <typename Kernel>
+static cudaError_t persistent_blocks(Kernel kernel, int threads, int smem, int* blocks) {
+    int device = 0, sms = 0, per_sm = 0;
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err == cudaSuccess) err = cudaGetDevice(&device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
+    *blocks = per_sm * sms;
+    return err;
 }
 
 extern "C" {
@@ -475,12 +541,15 @@ int tsc_max_batch(void) { return MAX_BATCH; }
 int tsc_accumulator_replicas(void) { return ACC_REPLICAS; }
 const char* tsc_error_string(int err) { return cudaGetErrorString((cudaError_t)err); }
 
-// y = FFN(x) (+ residual) over the active neurons. grid: blocks of the persistent grid (one per multiprocessor).
-int tsc_sparse_ffn(int batch, int activation, int grid, const void* x, const void* w_gate, const void* w_up,
-                   const void* w_down_t, const int32_t* active, const int32_t* active_count,
-                   const uint8_t* token_mask, float threshold, float* acc, unsigned* blocks_done,
-                   const void* residual, void* y, cudaStream_t stream) {
+// y = FFN(rmsnorm(x) if norm_w else x) (+ residual) over the active neurons. grid: blocks of the persistent grid
+// (one per multiprocessor), capped at partial_rows (rows of `partials`) and at the blocks that fit on the GPU at
+// once (the grid barrier needs every block resident).
+int tsc_sparse_ffn(int batch, int activation, int grid, const void* x, const void* norm_w, float eps,
+                   const void* w_gate, const void* w_up, const void* w_down_t, const int32_t* active,
+                   const int32_t* active_count, const uint8_t* token_mask, float threshold, float* partials,
+                   int partial_rows, unsigned* barrier, const void* residual, void* y, cudaStream_t stream) {
     const weight_t* xw = (const weight_t*)x;
+    const weight_t* nw = (const weight_t*)norm_w;
     const weight_t* wg = (const weight_t*)w_gate;
     const weight_t* wu = (const weight_t*)w_up;
     const weight_t* wd = (const weight_t*)w_down_t;
@@ -490,69 +559,72 @@ int tsc_sparse_ffn(int batch, int activation, int grid, const void* x, const voi
         // ring: 16 stages x 2 rows x 128 bytes
         auto kernel = sparse_ffn<1, 1, 32, 32, 16, 3>;
         const int ring_bytes = 16 * 2 * 1 * 32 * 16;
-        static bool ring_allowed = false;   // shared memory above 48 KB must be asked for once per kernel
-        if (!ring_allowed) {
-            cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, ring_bytes);
+        static int resident = 0;
+        if (resident == 0) {
+            cudaError_t err = persistent_blocks(kernel, 32, ring_bytes, &resident);
             if (err != cudaSuccess) return (int)err;
-            ring_allowed = true;
         }
-        return (int)launch(kernel, grid, 32, ring_bytes, stream, xw, wg, wu, wd, active, active_count,
-                           token_mask, threshold, acc, blocks_done, res, yw);
+        grid = min(grid, min(partial_rows, resident));
+        return (int)launch(kernel, grid, 32, ring_bytes, stream, xw, nw, eps, wg, wu, wd, active,
+                           active_count, token_mask, threshold, partials, barrier, res, yw);
     }
     if (batch == 2 && activation == 3) {
         // ring: 16 stages x 2 rows x 128 bytes
         auto kernel = sparse_ffn<2, 1, 32, 32, 16, 3>;
         const int ring_bytes = 16 * 2 * 1 * 32 * 16;
-        static bool ring_allowed = false;   // shared memory above 48 KB must be asked for once per kernel
-        if (!ring_allowed) {
-            cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, ring_bytes);
+        static int resident = 0;
+        if (resident == 0) {
+            cudaError_t err = persistent_blocks(kernel, 32, ring_bytes, &resident);
             if (err != cudaSuccess) return (int)err;
-            ring_allowed = true;
         }
-        return (int)launch(kernel, grid, 32, ring_bytes, stream, xw, wg, wu, wd, active, active_count,
-                           token_mask, threshold, acc, blocks_done, res, yw);
+        grid = min(grid, min(partial_rows, resident));
+        return (int)launch(kernel, grid, 32, ring_bytes, stream, xw, nw, eps, wg, wu, wd, active,
+                           active_count, token_mask, threshold, partials, barrier, res, yw);
     }
     if (batch == 4 && activation == 3) {
         // ring: 16 stages x 2 rows x 128 bytes
         auto kernel = sparse_ffn<4, 1, 32, 16, 16, 3>;
         const int ring_bytes = 16 * 2 * 1 * 32 * 16;
-        static bool ring_allowed = false;   // shared memory above 48 KB must be asked for once per kernel
-        if (!ring_allowed) {
-            cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, ring_bytes);
+        static int resident = 0;
+        if (resident == 0) {
+            cudaError_t err = persistent_blocks(kernel, 32, ring_bytes, &resident);
             if (err != cudaSuccess) return (int)err;
-            ring_allowed = true;
         }
-        return (int)launch(kernel, grid, 32, ring_bytes, stream, xw, wg, wu, wd, active, active_count,
-                           token_mask, threshold, acc, blocks_done, res, yw);
+        grid = min(grid, min(partial_rows, resident));
+        return (int)launch(kernel, grid, 32, ring_bytes, stream, xw, nw, eps, wg, wu, wd, active,
+                           active_count, token_mask, threshold, partials, barrier, res, yw);
     }
     if (batch == 8 && activation == 3) {
         // ring: 16 stages x 2 rows x 128 bytes
         auto kernel = sparse_ffn<8, 1, 32, 16, 16, 3>;
         const int ring_bytes = 16 * 2 * 1 * 32 * 16;
-        static bool ring_allowed = false;   // shared memory above 48 KB must be asked for once per kernel
-        if (!ring_allowed) {
-            cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, ring_bytes);
+        static int resident = 0;
+        if (resident == 0) {
+            cudaError_t err = persistent_blocks(kernel, 32, ring_bytes, &resident);
             if (err != cudaSuccess) return (int)err;
-            ring_allowed = true;
         }
-        return (int)launch(kernel, grid, 32, ring_bytes, stream, xw, wg, wu, wd, active, active_count,
-                           token_mask, threshold, acc, blocks_done, res, yw);
+        grid = min(grid, min(partial_rows, resident));
+        return (int)launch(kernel, grid, 32, ring_bytes, stream, xw, nw, eps, wg, wu, wd, active,
+                           active_count, token_mask, threshold, partials, barrier, res, yw);
     }
     return (int)cudaErrorInvalidValue;
 }
 
-// active = { j : fc2(relu(fc1 x))_j >= predictor_threshold for some token }, count in *active_count.
-int tsc_predict(int batch, const void* x, const void* fc1, const void* fc2, int rank, int relu,
+// active = { j : fc2(relu(fc1 x))_j >= predictor_threshold for some token }, count in *active_count
+// (x = rmsnorm(x) first when norm_w is given).
+int tsc_predict(int batch, const void* x, const void* norm_w, float eps, const void* fc1, const void* fc2,
+                int rank, int relu,
                 float predictor_threshold, float* z, int32_t* active, int32_t* active_count, uint8_t* token_mask,
                 cudaStream_t stream) {
     const weight_t* xw = (const weight_t*)x;
+    const weight_t* nw = (const weight_t*)norm_w;
     const weight_t* w1 = (const weight_t*)fc1;
     const weight_t* w2 = (const weight_t*)fc2;
     if (rank % 8 != 0 || rank > 8) return (int)cudaErrorInvalidValue;
     if (batch == 1) {
         cudaError_t err = launch(predict_hidden<1, 1, 32, 2>,
                                  (rank + 1) / 2, 32, 0, stream,
-                                 xw, w1, rank, relu, z, active_count);
+                                 xw, nw, eps, w1, rank, relu, z, active_count);
         if (err != cudaSuccess) return (int)err;
         return (int)launch(predict_active<1, 1, 8>,
                            (INTER + 63) / 64, 256, 0, stream,
@@ -561,7 +633,7 @@ int tsc_predict(int batch, const void* x, const void* fc1, const void* fc2, int 
     if (batch == 2) {
         cudaError_t err = launch(predict_hidden<2, 1, 32, 2>,
                                  (rank + 1) / 2, 32, 0, stream,
-                                 xw, w1, rank, relu, z, active_count);
+                                 xw, nw, eps, w1, rank, relu, z, active_count);
         if (err != cudaSuccess) return (int)err;
         return (int)launch(predict_active<2, 1, 8>,
                            (INTER + 63) / 64, 256, 0, stream,
@@ -570,7 +642,7 @@ int tsc_predict(int batch, const void* x, const void* fc1, const void* fc2, int 
     if (batch == 4) {
         cudaError_t err = launch(predict_hidden<4, 1, 32, 1>,
                                  (rank + 0) / 1, 32, 0, stream,
-                                 xw, w1, rank, relu, z, active_count);
+                                 xw, nw, eps, w1, rank, relu, z, active_count);
         if (err != cudaSuccess) return (int)err;
         return (int)launch(predict_active<4, 1, 8>,
                            (INTER + 63) / 64, 256, 0, stream,
@@ -579,7 +651,7 @@ int tsc_predict(int batch, const void* x, const void* fc1, const void* fc2, int 
     if (batch == 8) {
         cudaError_t err = launch(predict_hidden<8, 1, 32, 1>,
                                  (rank + 0) / 1, 32, 0, stream,
-                                 xw, w1, rank, relu, z, active_count);
+                                 xw, nw, eps, w1, rank, relu, z, active_count);
         if (err != cudaSuccess) return (int)err;
         return (int)launch(predict_active<8, 1, 8>,
                            (INTER + 63) / 64, 256, 0, stream,
@@ -589,3 +661,432 @@ int tsc_predict(int batch, const void* x, const void* fc1, const void* fc2, int 
 }
 
 }  // extern "C"
+
+// ---- the rest of a decode step: GEMV with the RMSNorm folded in, fused rope + cache write + attention ----------
+//
+// One decode step of one layer, one token (4 query heads, 2 KV heads of 16):
+//   gemv              qkv = W_qkv rmsnorm(x) (+ bias)              W_qkv [(HEADS + 2 KV_HEADS) * HEAD_DIM, HIDDEN]
+//   decode_attention  rope(q), rope(k) at pos; k, v -> cache[pos];  out = softmax(q K^T / sqrt(HEAD_DIM)) V
+//                                                                  K, V cache [KV_HEADS, capacity, HEAD_DIM]
+//   gemv              x += W_o out                                  W_o [HIDDEN, HEADS * HEAD_DIM]
+//   FFN               sparse: predict_hidden, predict_active, sparse_ffn (above), RMSNorm folded in
+//                     dense baseline: gemv gated h = act(Wg rmsnorm(x), Wu rmsnorm(x)), then cuBLAS for down
+//   gemv              logits = W_head rmsnorm(x)  (fp32)
+// rmsnorm(x) = x * w / sqrt(mean(x^2) + eps). A GEMV computes (W (x * w)) / sqrt(mean(x^2) + eps): the scale is
+// one number per token, so it is applied to the dot products and the normalized x is never written out.
+
+#define HEADS 4
+#define KV_HEADS 2
+#define HEAD_DIM 16
+#define GROUP (HEADS / KV_HEADS)    // query heads that share one KV head
+#define HVPR (HEAD_DIM / 8)         // 16-byte vectors in one cached k or v row
+#define SPLIT 64                    // cached positions per attention block (two per lane of a warp)
+#define MAX_SPLITS 1024             // blocks per KV head: up to 65536 cached positions
+#define ATT_THREADS 128
+#define GEMV_THREADS 256            // 8 warps, one output row each
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+__device__ __forceinline__ void store_out(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_out(weight_t* p, float v) { *p = weight_t(v); }
+
+// ---- GEMV -------------------------------------------------------------------------------------------------------
+//
+// y[r] = scale * (w[r] . (x * norm_w)) (+ bias[r]) (+ residual[r]) for r < n; scale = 1/sqrt(mean(x^2) + eps)
+// when norm_w is given, else 1 (and x is used as is). A warp streams two rows at once: rows 2q and 2q + 1 of w,
+// or with ACT >= 0 row q of w (gate) and of w2 (up), writing y[q] = act(gate, up), zero where |y| <= threshold
+// (one row per warp reached ~2.6 TB/s on the 50 MB q/k/v matrix of a 7B model, two rows ~4.2 TB/s on gate/up).
+// 3 blocks per multiprocessor (<= 85 registers): a 7B model's q/k/v and o_proj rows fit in one wave of warps.
+// Each warp issues its first weight loads before waiting for the previous kernel (weights never depend on it),
+// so the DRAM latency of the first rows overlaps the previous kernel's tail. x is staged in shared memory as fp32.
+template <int K, int ACT, typename OUT>
+__global__ void __launch_bounds__(GEMV_THREADS, 3) gemv(
+    const weight_t* __restrict__ x,        // [K]
+    const weight_t* __restrict__ norm_w,   // [K]  RMSNorm weight, or null: no norm
+    float eps,
+    const weight_t* __restrict__ w,        // [n, K]
+    const weight_t* __restrict__ w2,       // [n, K]  up rows (ACT >= 0), else null
+    const weight_t* __restrict__ bias,     // [n] or null
+    const weight_t* residual,              // [n] or null; may alias y
+    float threshold,
+    int n,
+    OUT* y)                                // [n]
+{
+    constexpr int KV = K / 8, NV = (KV + 31) / 32;                 // 16-byte vectors per row, per lane
+    constexpr int CHUNK = NV < 4 ? NV : 4;                          // vectors per row and lane in flight
+    constexpr int WARPS = GEMV_THREADS / 32;
+    extern __shared__ float4 x_stage[];                             // [K / 4]  x * norm_w as fp32
+    __shared__ float sum_sq[WARPS];
+    float* xs = reinterpret_cast<float*>(x_stage);
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int q = blockIdx.x * WARPS + warp;
+    const int ra = ACT >= 0 ? q : 2 * q, rb = ACT >= 0 ? q : 2 * q + 1;     // the two rows' indices
+    const bool has_a = ra < n, has_b = rb < n;
+    const weight_t* row_a = w + (size_t)ra * K;
+    const weight_t* row_b = (ACT >= 0 ? w2 : w) + (size_t)rb * K;
+    uint4 wa[CHUNK], wb[CHUNK];
+    auto fetch = [&](int c) {   // this lane's vectors c .. c + CHUNK - 1 of the two rows
+#pragma unroll
+        for (int j = 0; j < CHUNK; ++j) {
+            const int v = lane + 32 * (c + j);
+            const bool in = c + j < NV && v < KV;
+            wa[j] = in && has_a ? load_weights(row_a + v * 8) : make_uint4(0, 0, 0, 0);
+            wb[j] = in && has_b ? load_weights(row_b + v * 8) : make_uint4(0, 0, 0, 0);
+        }
+    };
+    fetch(0);
+    allow_next_kernel();
+    wait_for_previous_kernel();
+
+    float ss = 0.f;
+    for (int v = threadIdx.x; v < KV; v += GEMV_THREADS) {
+        float xv[8], g[8];
+        const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(x) + v);
+        unpack8(raw, xv);
+        if (norm_w != nullptr) unpack8(load_weights(norm_w + v * 8), g);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            ss = fmaf(xv[e], xv[e], ss);
+            xs[v * 8 + e] = norm_w != nullptr ? xv[e] * g[e] : xv[e];
+        }
+    }
+    ss = warp_sum(ss);
+    if (lane == 0) sum_sq[warp] = ss;
+    __syncthreads();
+    float scale = 1.f;
+    if (norm_w != nullptr) {
+        float t = 0.f;
+#pragma unroll
+        for (int i = 0; i < WARPS; ++i) t += sum_sq[i];
+        scale = rsqrtf(t / K + eps);
+    }
+
+    float a = 0.f, b = 0.f;
+#pragma unroll
+    for (int c = 0; c < NV; c += CHUNK) {
+        if (c > 0) fetch(c);
+#pragma unroll
+        for (int j = 0; j < CHUNK; ++j) {
+            const int v = lane + 32 * (c + j);
+            if (c + j < NV && v < KV) {
+                const float4 x0 = x_stage[2 * v], x1 = x_stage[2 * v + 1];
+                const float xv[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+                a += dot8(wa[j], xv);
+                b += dot8(wb[j], xv);
+            }
+        }
+    }
+    a = warp_sum(a);
+    b = warp_sum(b);
+    if (lane != 0) return;
+    if constexpr (ACT >= 0) {
+        if (!has_a) return;
+        float h = activate<ACT>(a * scale, b * scale);
+        if (fabsf(h) <= threshold) h = 0.f;
+        store_out(y + q, h);
+    } else {
+        const float out[2] = {a * scale, b * scale};
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int r = 2 * q + i;
+            if (r >= n) break;
+            float v = out[i];
+            if (bias != nullptr) v += float(bias[r]);
+            if (residual != nullptr) v += float(residual[r]);
+            store_out(y + r, v);
+        }
+    }
+}
+
+// ---- attention of one new token (flash-decoding) -----------------------------------------------------------------
+//
+// Block (g, s) takes KV head g and the cached positions [s * SPLIT, s * SPLIT + SPLIT) that the token sees
+// ([pos - window + 1, pos], or [0, pos] without a sliding window), for the GROUP query heads of g. Thread t owns
+// 16-byte column vector t % HVPR of positions t / HVPR, + POS_GROUPS, ...: every k and v load of the block is issued
+// at once, before any arithmetic. Each block applies rope to its queries and to the new k itself and reads the new
+// k, v from qkv (not from the cache), so no block waits for another; the block that holds `pos` writes them into
+// the cache. A block leaves its partial softmax (max, sum of exp, sum of exp * v) per head; the last block of head
+// g to finish merges the partials of g and leaves the counter at zero.
+#define POS_GROUPS (ATT_THREADS / HVPR < SPLIT ? ATT_THREADS / HVPR : SPLIT)
+#define PPT ((SPLIT + POS_GROUPS - 1) / POS_GROUPS)   // positions per thread
+
+__global__ void __launch_bounds__(ATT_THREADS) decode_attention(
+    const weight_t* __restrict__ qkv,      // [(HEADS + 2 KV_HEADS) * HEAD_DIM]  q, k, v of the new token, before rope
+    const int64_t* __restrict__ position,  // [1]  pos: the new token's position
+    const float* __restrict__ cos_table,   // [capacity, HEAD_DIM]
+    const float* __restrict__ sin_table,   // [capacity, HEAD_DIM]  signed: rope(x)[d] = x[d] cos[d] + x[d ^ half] sin[d]
+    weight_t* k_cache,                     // [KV_HEADS, capacity, HEAD_DIM]
+    weight_t* v_cache,                     // [KV_HEADS, capacity, HEAD_DIM]
+    int capacity, int window,              // window: sliding-window length, 0 = none
+    float* part_o,                         // [HEADS, splits, HEAD_DIM]  sum of exp * v per block
+    float* part_ml,                        // [HEADS, splits, 2]  max score and sum of exp per block
+    unsigned* heads_done,                  // [KV_HEADS]  zero on entry and on exit
+    weight_t* out)                         // [HEADS * HEAD_DIM]
+{
+    __shared__ float q[GROUP][HEAD_DIM];                  // roped queries, pre-scaled by 1/sqrt(HEAD_DIM)
+    __shared__ __align__(16) weight_t kv_new[2][HEAD_DIM];  // the new token's roped k and its v
+    __shared__ float score[GROUP][SPLIT];                 // scores, then exp(score - max)
+    __shared__ float o_stage[POS_GROUPS][GROUP][HEAD_DIM];  // partial sums of exp * v per position group
+    __shared__ float head_max[GROUP], head_sum[GROUP];
+    __shared__ bool is_last;
+
+    const int g = blockIdx.x, s = blockIdx.y, splits = gridDim.y;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int c = threadIdx.x % HVPR, pg = threadIdx.x / HVPR;
+    allow_next_kernel();
+    wait_for_previous_kernel();
+    // loads that do not need pos go out together with it: every cached row of this block's span (in bounds
+    // whatever pos is; the row at pos is stale and replaced by the new k, v below) and this group's q, k, v
+    const int pos_loaded = (int)__ldcg(position);
+    const size_t head_base = (size_t)g * capacity * HEAD_DIM;
+    uint4 kr[PPT], vr[PPT];
+#pragma unroll
+    for (int j = 0; j < PPT; ++j) {
+        const int p = s * SPLIT + pg + j * POS_GROUPS;
+        const bool in = pg < POS_GROUPS && pg + j * POS_GROUPS < SPLIT && p < capacity;
+        kr[j] = in ? __ldcg(reinterpret_cast<const uint4*>(k_cache + head_base + (size_t)p * HEAD_DIM) + c)
+                   : make_uint4(0, 0, 0, 0);
+        vr[j] = in ? __ldcg(reinterpret_cast<const uint4*>(v_cache + head_base + (size_t)p * HEAD_DIM) + c)
+                   : make_uint4(0, 0, 0, 0);
+    }
+    // rope on this group's queries and on the new k (rows r < GROUP: queries, GROUP: k, GROUP + 1: v)
+    constexpr int ROPE_ITEMS = ((GROUP + 2) * HEAD_DIM + ATT_THREADS - 1) / ATT_THREADS;
+    float xd[ROPE_ITEMS], xe[ROPE_ITEMS], cd[ROPE_ITEMS], sd[ROPE_ITEMS];
+#pragma unroll
+    for (int k = 0; k < ROPE_ITEMS; ++k) {
+        const int i = threadIdx.x + k * ATT_THREADS, r = i / HEAD_DIM, d = i % HEAD_DIM;
+        const int head = r < GROUP ? g * GROUP + r : r == GROUP ? HEADS + g : HEADS + KV_HEADS + g;
+        const bool in = i < (GROUP + 2) * HEAD_DIM;
+        xd[k] = in ? float(qkv[head * HEAD_DIM + d]) : 0.f;
+        xe[k] = in ? float(qkv[head * HEAD_DIM + (d + HEAD_DIM / 2) % HEAD_DIM]) : 0.f;
+    }
+    const int pos = pos_loaded;
+    const int lo = window > 0 ? max(0, pos - window + 1) : 0;
+    bool valid[PPT];
+#pragma unroll
+    for (int j = 0; j < PPT; ++j) {
+        const int p = s * SPLIT + pg + j * POS_GROUPS;
+        valid[j] = pg < POS_GROUPS && pg + j * POS_GROUPS < SPLIT && p >= lo && p <= pos;
+    }
+    const float* cs = cos_table + (size_t)pos * HEAD_DIM;
+    const float* sn = sin_table + (size_t)pos * HEAD_DIM;
+#pragma unroll
+    for (int k = 0; k < ROPE_ITEMS; ++k) {
+        const int d = (threadIdx.x + k * ATT_THREADS) % HEAD_DIM;
+        const bool in = threadIdx.x + k * ATT_THREADS < (GROUP + 2) * HEAD_DIM;
+        cd[k] = in ? cs[d] : 0.f;
+        sd[k] = in ? sn[d] : 0.f;
+    }
+    const float q_scale = rsqrtf((float)HEAD_DIM);
+#pragma unroll
+    for (int k = 0; k < ROPE_ITEMS; ++k) {
+        const int i = threadIdx.x + k * ATT_THREADS, r = i / HEAD_DIM, d = i % HEAD_DIM;
+        if (i >= (GROUP + 2) * HEAD_DIM) break;
+        const float roped = xd[k] * cd[k] + xe[k] * sd[k];
+        if (r < GROUP) q[r][d] = roped * q_scale;
+        else if (r == GROUP) kv_new[0][d] = weight_t(roped);
+        else kv_new[1][d] = weight_t(xd[k]);
+    }
+    __syncthreads();
+    if (pos / SPLIT == s)
+        for (int d = threadIdx.x; d < HEAD_DIM; d += ATT_THREADS) {
+            k_cache[head_base + (size_t)pos * HEAD_DIM + d] = kv_new[0][d];
+            v_cache[head_base + (size_t)pos * HEAD_DIM + d] = kv_new[1][d];
+        }
+
+    // scores: the HVPR threads of one position hold its partial dots, summed across those lanes
+#pragma unroll
+    for (int j = 0; j < PPT; ++j) {
+        const int p = s * SPLIT + pg + j * POS_GROUPS;
+        float kf[8];
+        unpack8(p == pos ? reinterpret_cast<const uint4*>(kv_new[0])[c] : kr[j], kf);
+#pragma unroll
+        for (int r = 0; r < GROUP; ++r) {
+            float t = 0.f;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) t = fmaf(q[r][c * 8 + e], kf[e], t);
+#pragma unroll
+            for (int o = HVPR / 2; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+            if (c == 0 && pg < POS_GROUPS && pg + j * POS_GROUPS < SPLIT)
+                score[r][pg + j * POS_GROUPS] = valid[j] ? t : -INFINITY;
+        }
+    }
+    __syncthreads();
+    // softmax statistics of this block: one warp per head, two positions per lane
+    for (int r = warp; r < GROUP; r += ATT_THREADS / 32) {
+        const float v0 = score[r][lane], v1 = score[r][lane + 32];
+        const float m = warp_max(fmaxf(v0, v1));
+        const float e0 = v0 == -INFINITY ? 0.f : __expf(v0 - m), e1 = v1 == -INFINITY ? 0.f : __expf(v1 - m);
+        const float l = warp_sum(e0 + e1);
+        score[r][lane] = e0;
+        score[r][lane + 32] = e1;
+        if (lane == 0) { head_max[r] = m; head_sum[r] = l; }
+    }
+    __syncthreads();
+    // partial outputs: sum over this thread's positions, then over the position groups
+    {
+        float acc[GROUP][8];
+#pragma unroll
+        for (int r = 0; r < GROUP; ++r)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[r][e] = 0.f;
+#pragma unroll
+        for (int j = 0; j < PPT; ++j) {
+            if (!valid[j]) continue;
+            const int p = s * SPLIT + pg + j * POS_GROUPS;
+            float vf[8];
+            unpack8(p == pos ? reinterpret_cast<const uint4*>(kv_new[1])[c] : vr[j], vf);
+#pragma unroll
+            for (int r = 0; r < GROUP; ++r) {
+                const float pr = score[r][pg + j * POS_GROUPS];
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[r][e] = fmaf(pr, vf[e], acc[r][e]);
+            }
+        }
+        if (pg < POS_GROUPS)
+#pragma unroll
+            for (int r = 0; r < GROUP; ++r)
+#pragma unroll
+                for (int e = 0; e < 8; ++e) o_stage[pg][r][c * 8 + e] = acc[r][e];
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < GROUP * HEAD_DIM; i += ATT_THREADS) {
+        const int r = i / HEAD_DIM, d = i % HEAD_DIM, h = g * GROUP + r;
+        float t = 0.f;
+#pragma unroll
+        for (int k = 0; k < POS_GROUPS; ++k) t += o_stage[k][r][d];
+        part_o[((size_t)h * splits + s) * HEAD_DIM + d] = t;
+        if (d == 0) {
+            part_ml[((size_t)h * splits + s) * 2] = head_max[r];
+            part_ml[((size_t)h * splits + s) * 2 + 1] = head_sum[r];
+        }
+    }
+
+    // the last block of head g merges the partials of the splits that hold positions
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) is_last = atomicAdd(heads_done + g, 1u) == (unsigned)splits - 1;
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    // weight of split t for head r: exp(max_t - max) / sum over splits of exp(max_t - max) * sum_t (in smem,
+    // over o_stage); then each thread merges 4 outputs of one head with float4 loads, all splits' in flight
+    const int s_lo = lo / SPLIT, nsp = pos / SPLIT - s_lo + 1;
+    float* split_w = &o_stage[0][0][0];   // [GROUP][nsp]
+    for (int i = threadIdx.x; i < GROUP * nsp; i += ATT_THREADS) {
+        const int r = i / nsp, t = i % nsp;
+        split_w[i] = __ldcg(part_ml + ((size_t)(g * GROUP + r) * splits + s_lo + t) * 2);
+    }
+    __syncthreads();
+    for (int r = warp; r < GROUP; r += ATT_THREADS / 32) {
+        const float* ml = part_ml + ((size_t)(g * GROUP + r) * splits + s_lo) * 2;
+        float m = -INFINITY;
+        for (int t = lane; t < nsp; t += 32) m = fmaxf(m, split_w[r * nsp + t]);
+        m = warp_max(m);
+        float den = 0.f;
+        for (int t = lane; t < nsp; t += 32) {
+            const float wt = __expf(split_w[r * nsp + t] - m);
+            split_w[r * nsp + t] = wt;
+            den = fmaf(wt, __ldcg(ml + 2 * t + 1), den);
+        }
+        den = warp_sum(den);
+        if (lane == 0) head_sum[r] = 1.f / den;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < GROUP * HEAD_DIM / 4; i += ATT_THREADS) {
+        const int r = i / (HEAD_DIM / 4), d4 = i % (HEAD_DIM / 4), h = g * GROUP + r;
+        const float4* po = reinterpret_cast<const float4*>(part_o + ((size_t)h * splits + s_lo) * HEAD_DIM) + d4;
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+        for (int t = 0; t < nsp; ++t) {
+            const float4 p = __ldcg(po + (size_t)t * (HEAD_DIM / 4));
+            const float wt = split_w[r * nsp + t];
+            acc.x = fmaf(wt, p.x, acc.x); acc.y = fmaf(wt, p.y, acc.y);
+            acc.z = fmaf(wt, p.z, acc.z); acc.w = fmaf(wt, p.w, acc.w);
+        }
+        const float inv = head_sum[r];
+        weight_t* o = out + h * HEAD_DIM + 4 * d4;
+        o[0] = weight_t(acc.x * inv); o[1] = weight_t(acc.y * inv);
+        o[2] = weight_t(acc.z * inv); o[3] = weight_t(acc.w * inv);
+    }
+    if (threadIdx.x == 0) heads_done[g] = 0;
+}
+
+extern "C" {
+
+int tsc_num_heads(void) { return HEADS; }
+int tsc_num_kv_heads(void) { return KV_HEADS; }
+int tsc_head_dim(void) { return HEAD_DIM; }
+int tsc_attention_split(void) { return SPLIT; }
+int tsc_attention_max_positions(void) { return SPLIT * MAX_SPLITS; }
+
+// y [n] = W [n, k] rmsnorm(x) (+ bias) (+ residual); act >= 0: y = act(W rmsnorm(x), W2 rmsnorm(x)) zeroed where
+// |y| <= threshold. norm_w null: no norm. y_float: y is fp32 (logits), else the model dtype.
+int tsc_gemv(int k, int act, int n, const void* x, const void* norm_w, float eps, const void* w, const void* w2,
+             const void* bias, const void* residual, float threshold, int y_float, void* y, cudaStream_t stream) {
+    const weight_t* xw = (const weight_t*)x;
+    const weight_t* nw = (const weight_t*)norm_w;
+    const weight_t* w1 = (const weight_t*)w;
+    const weight_t* wu = (const weight_t*)w2;
+    const weight_t* bw = (const weight_t*)bias;
+    const weight_t* res = (const weight_t*)residual;
+    const int rows_per_block = (act >= 0 ? 1 : 2) * GEMV_THREADS / 32;
+    const int grid = (n + rows_per_block - 1) / rows_per_block;
+    if (k == 64 && act == -1 && y_float == 0) {
+        auto kernel = gemv<64, -1, weight_t>;
+        const int smem = 64 * 4;   // x staged as fp32
+        static bool smem_allowed = false;   // above 48 KB must be asked for once per kernel
+        if (!smem_allowed) {
+            cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+            if (err != cudaSuccess) return (int)err;
+            smem_allowed = true;
+        }
+        return (int)launch(kernel, grid, GEMV_THREADS, smem, stream, xw, nw, eps, w1, wu, bw, res, threshold, n,
+                           (weight_t*)y);
+    }
+    if (k == 64 && act == -1 && y_float == 1) {
+        auto kernel = gemv<64, -1, float>;
+        const int smem = 64 * 4;   // x staged as fp32
+        static bool smem_allowed = false;   // above 48 KB must be asked for once per kernel
+        if (!smem_allowed) {
+            cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+            if (err != cudaSuccess) return (int)err;
+            smem_allowed = true;
+        }
+        return (int)launch(kernel, grid, GEMV_THREADS, smem, stream, xw, nw, eps, w1, wu, bw, res, threshold, n,
+                           (float*)y);
+    }
+    if (k == 64 && act == 3 && y_float == 0) {
+        auto kernel = gemv<64, 3, weight_t>;
+        const int smem = 64 * 4;   // x staged as fp32
+        static bool smem_allowed = false;   // above 48 KB must be asked for once per kernel
+        if (!smem_allowed) {
+            cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+            if (err != cudaSuccess) return (int)err;
+            smem_allowed = true;
+        }
+        return (int)launch(kernel, grid, GEMV_THREADS, smem, stream, xw, nw, eps, w1, wu, bw, res, threshold, n,
+                           (weight_t*)y);
+    }
+    return (int)cudaErrorInvalidValue;
+}
+
+// out = attention of the token at *position over the cache (see decode_attention); grid KV_HEADS x splits,
+// splits = ceil(capacity / SPLIT).
+int tsc_decode_attention(const void* qkv, const int64_t* position, const float* cos_table, const float* sin_table,
+                         void* k_cache, void* v_cache, int capacity, int window, float* part_o, float* part_ml,
+                         unsigned* heads_done, void* out, cudaStream_t stream) {
+    const int splits = (capacity + SPLIT - 1) / SPLIT;
+    if (splits > MAX_SPLITS) return (int)cudaErrorInvalidValue;
+    return (int)launch(decode_attention, dim3(KV_HEADS, splits), ATT_THREADS, 0, stream, (const weight_t*)qkv,
+                       position, cos_table, sin_table, (weight_t*)k_cache, (weight_t*)v_cache, capacity, window,
+                       part_o, part_ml, heads_done, (weight_t*)out);
+}
+
+}  // extern "C"
+
