@@ -1,5 +1,6 @@
-"""The cuda target: generated sparse-FFN CUDA kernels (predictor, fused gate/up/down) compiled with nvcc, and a
-PyTorch runtime that calls them for every FFN and replays the decode step as a CUDA graph.
+"""The cuda target: generated CUDA kernels (predictor, fused sparse gate/up/down, and the rest of a decode step:
+GEMVs with the RMSNorm folded in, fused rope + KV-cache write + split-KV attention) compiled with nvcc, and a
+runtime that runs each decode step on them (prompts in PyTorch) and replays the step as a CUDA graph.
 
     targets: {cuda: {arch: sm_90, dtype: bfloat16}}
 
