@@ -77,8 +77,6 @@ PATHS = {   # path -> (backend, load options)
 }
 # rel-L2 bound per path: the cuda target computes in bfloat16 (0.006-0.023 measured on an H200), the others in fp32
 REL_L2 = {"cuda": 3e-2}
-# path -> why it skips mixture-of-experts cases (the CUDA MoE lowering removes its entry when it lands)
-MOE_UNSUPPORTED = {"cuda": "the cuda target does not lower mixture-of-experts models yet"}
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +103,6 @@ def lowered(tmp_path_factory):
 def test_backend_matches_reference(case, path, lowered):
     from tscompile import registry
     backend_name, opts = PATHS[path]
-    if case_ir(case).config.is_moe and path in MOE_UNSUPPORTED:
-        pytest.skip(MOE_UNSUPPORTED[path])
     runner = registry.backend(backend_name).load(lowered(case, backend_name), **opts)
     tokens, want = reference_outputs(case, runner.prefill)
     got = runner.logits(PROMPT, tokens[:-1])

@@ -15,11 +15,11 @@ import json
 import logging
 from pathlib import Path
 
-from tscompile.errors import UserError
 from tscompile.ir import ModelIR, ffn_names, predictor_names
 
 from .kernels import LIBRARY, KernelShape, check_shape, compile_library, nvcc_path, render_source
 from .model import layer_weight_names
+from .moe import moe_shape, moe_weights, render_moe_source
 
 log = logging.getLogger("tscompile")
 
@@ -36,14 +36,17 @@ def kernel_shape(ir: ModelIR, cfg) -> KernelShape:
     return shape
 
 
+def ffn_spec(ann) -> dict:
+    gated = ann.mode == "predictor" and ann.predictor is not None
+    return {"activation": ann.activation, "threshold": float(ann.threshold), "gated": gated,
+            "predictor_threshold": float(ann.predictor.threshold) if gated else 0.0,
+            "predictor_relu": bool(ann.predictor.relu) if gated else True}
+
+
 def ffn_specs(ir: ModelIR) -> list[dict]:
-    out = []
-    for ann in ir.layers:
-        gated = ann.mode == "predictor" and ann.predictor is not None
-        out.append({"activation": ann.activation, "threshold": float(ann.threshold), "gated": gated,
-                    "predictor_threshold": float(ann.predictor.threshold) if gated else 0.0,
-                    "predictor_relu": bool(ann.predictor.relu) if gated else True})
-    return out
+    """One spec per layer; an MoE layer's also lists its experts' specs (backends/cuda/moe.py)."""
+    return [ffn_spec(ann) | ({"experts": [ffn_spec(a) for a in ann.experts]} if ann.experts is not None else {})
+            for ann in ir.layers]
 
 
 def rounded_ir(ir: ModelIR, dtype) -> ModelIR:
@@ -70,6 +73,9 @@ def gpu_weights(ir: ModelIR, dtype) -> dict:
         if c.attention_bias:
             out[n["qkv_bias"]] = torch.cat([w[f"{p}.self_attn.{k}_proj.bias"] for k in "qkv"])
         out[n["o"]] = w[f"{p}.self_attn.o_proj.weight"]
+        if ann.experts is not None:   # router and stacked experts (backends/cuda/moe.py)
+            out.update(moe_weights(ir, i))
+            continue
         gate, up, down = ffn_names(i)
         out[n["gate"]], out[n["up"]], out[n["down_t"]] = w[gate], w[up], w[down].T
         if ann.mode == "predictor" and ann.predictor is not None:
@@ -84,12 +90,14 @@ def lower_cuda(ir: ModelIR, cfg, outdir, ctx=None) -> dict:
     import torch
     from safetensors.torch import save_file
     from tscompile.verify import file_digests
-    if ir.config.is_moe:
-        raise UserError("targets.cuda: mixture-of-experts models (mixtral) are not supported by the cuda target")
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    shape = kernel_shape(ir, cfg)
-    source = render_source(shape)
+    if ir.config.is_moe:
+        shape = moe_shape(ir, cfg)
+        source = render_moe_source(shape)
+    else:
+        shape = kernel_shape(ir, cfg)
+        source = render_source(shape)
     (outdir / "ffn.cu").write_text(source)
     compiled = nvcc_path() is not None
     if compiled:

@@ -20,6 +20,7 @@ from tscompile.ir import ArchConfig
 from tscompile.reference import activate, rope_inv_freq
 
 from .library import AttentionWorkspace, KernelLibrary, Workspace, default_grid
+from .moe import moe_layers
 
 
 @dataclass
@@ -30,6 +31,11 @@ class FFNSpec:
     gated: bool                  # mode "predictor": the predictor picks the neurons at decode
     predictor_threshold: float = 0.0
     predictor_relu: bool = True
+    experts: list | None = None  # an MoE layer: one FFNSpec (or its dict) per expert; the fields above are unused
+
+    def __post_init__(self):
+        if self.experts is not None:
+            self.experts = [e if isinstance(e, FFNSpec) else FFNSpec(**e) for e in self.experts]
 
 
 def layer_weight_names(i: int) -> dict[str, str]:
@@ -49,7 +55,9 @@ class GPUDecoder:
         self.w = weights
         self.dev = weights["embed"].device
         self.head = weights["embed"] if cfg.tie_word_embeddings else weights["lm_head"]
-        if dense:   # cuBLAS computes down + residual from the HF layout [hidden, inter]
+        if cfg.is_moe:   # every FFN is a mixture of experts (backends/cuda/moe.py)
+            self.moe = moe_layers(self)
+        elif dense:   # cuBLAS computes down + residual from the HF layout [hidden, inter]
             for i in range(cfg.num_layers):
                 self.w[f"layers.{i}.down"] = self.w.pop(layer_weight_names(i)["down_t"]).T.contiguous()
         elif lib is not None:
@@ -101,6 +109,8 @@ class GPUDecoder:
         return out.view(nh, T, hd).transpose(0, 1).reshape(T, nh * hd)
 
     def _ffn_dense(self, i: int, x):
+        if self.cfg.is_moe:
+            return self.moe[i].dense(x)
         f, w, n = self.ffns[i], self.w, layer_weight_names(i)
         h = activate(f.activation, F.linear(x, w[n["gate"]]), F.linear(x, w[n["up"]]))
         if f.threshold > 0:
@@ -111,6 +121,8 @@ class GPUDecoder:
         """x + FFN(rmsnorm(x)) for one token x [1, hidden] through the kernels; the sparse path updates x in place."""
         f, n, lib, eps = self.ffns[i], layer_weight_names(i), self.lib, self.cfg.rms_norm_eps
         norm = self.w[n["post_norm"]]
+        if self.cfg.is_moe:
+            return self.moe[i].decode_into(self._norm(x, norm), x)
         if self.dense:
             h = torch.empty(1, self.cfg.intermediate_size, dtype=self.dtype, device=self.dev)
             lib.gemv(x, self.w[n["gate"]], h, norm=norm, eps=eps, up=self.w[n["up"]], activation=f.activation,
