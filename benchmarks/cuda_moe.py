@@ -31,8 +31,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cuda_ffn import copy_bandwidth, time_graph, warm_up_clocks
-from tscompile.backends.cuda.kernels import compile_library
-from tscompile.backends.cuda.library import KernelLibrary
+from tscompile.backends.cuda.kernels import KernelShape, compile_library, render_source
+from tscompile.backends.cuda.library import KernelLibrary, Workspace
 from tscompile.backends.cuda.model import FFNSpec
 from tscompile.backends.cuda.moe import (
     CublasExperts,
@@ -74,6 +74,34 @@ def rel_err(out, ref) -> float:
     return float((out - ref).norm() / ref.norm())
 
 
+def same_rows_through_sparse_ffn(ffn_lib, w, x, lists, n, grid) -> dict:
+    """Where the time goes: the rows the grouped kernel reads for each input (its routed experts' active lists),
+    through the dense model's sparse_ffn (one FFN, no routing weights) as one list of 2n rows, (a) in the stacked
+    8-expert weights and (b) copied into compact 2-expert weights: us per call."""
+    dev, ws = x.device, Workspace(ffn_lib, 8, 1, x.device)
+    rows = torch.zeros(SETS, I, dtype=torch.int32, device=dev)           # rows in the stacked weights
+    compact_rows = torch.zeros(SETS, I, dtype=torch.int32, device=dev)   # the same rows in the compact copy
+    compact = {k: [] for k in ("gate", "up", "down_t")}
+    for s in range(SETS):
+        experts = F.linear(x[s], w["router"]).float()[0].topk(K).indices.tolist()
+        rows[s, : K * n] = torch.cat([e * I + lists[s, e, :n] for e in experts])
+        compact_rows[s, : K * n] = torch.cat([k * I + lists[s, e, :n] for k, e in enumerate(experts)])
+        for name, copies in compact.items():
+            copies.append(torch.cat([w[name][e * I:(e + 1) * I] for e in experts]))
+    count = torch.full((1,), K * n, dtype=torch.int32, device=dev)
+    y = torch.empty(1, H, device=dev, dtype=x.dtype)
+
+    def stacked():
+        for s in range(SETS):
+            ffn_lib.sparse_ffn(x[s], w["gate"], w["up"], w["down_t"], "swiglu", 0.0, rows[s], count, None, ws, y, grid)
+
+    def compacted():
+        for s in range(SETS):
+            ffn_lib.sparse_ffn(x[s], compact["gate"][s], compact["up"][s], compact["down_t"][s], "swiglu", 0.0,
+                               compact_rows[s], count, None, ws, y, grid)
+    return {"stacked_8_experts_us": time_graph(stacked, SETS), "compact_2_experts_us": time_graph(compacted, SETS)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/cuda_moe.json")
@@ -85,7 +113,9 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         major, minor = torch.cuda.get_device_capability()
         src = render_moe_source(MoEShape("mixtral-8x7b-moe", H, I, E, K, "bfloat16", ("swiglu",), RANK))
-        kernels = MoEKernels(KernelLibrary(compile_library(src, f"sm_{major}{minor}", Path(tmp))))
+        kernels = MoEKernels(KernelLibrary(compile_library(src, f"sm_{major}{minor}", Path(tmp) / "moe")))
+        ffn_src = render_source(KernelShape("mixtral-expert-rows", H, I, "bfloat16", ("swiglu",), batches=(1,)))
+        ffn_lib = KernelLibrary(compile_library(ffn_src, f"sm_{major}{minor}", Path(tmp) / "ffn"))
 
     warm_up_clocks()
     bw = copy_bandwidth()
@@ -155,12 +185,15 @@ def main():
         for s in range(SETS):
             kernels.route(x[s], w["router"], ws)
     sparse_us, route_us = time_graph(sparse_lists, SETS), time_graph(route_only, SETS)
+    probe = same_rows_through_sparse_ffn(ffn_lib, w, x, lists, n, sms)
+    print(f"the same rows through the dense model's sparse_ffn (unweighted): {probe}", flush=True)
     sparse_bytes = K * 3 * n * H * 2 + E * H * 2
     sparse = {"active_per_expert": n, "max_rel_err": max(errs), "distinct_routings": len(routings),
               "us": sparse_us, "route_us": route_us, "bytes": sparse_bytes,
               "speedup_vs_dense_runtime": dense["runtime_us"] / sparse_us,
               "speedup_vs_fixed_experts_cublas": dense["fixed_experts_cublas_us"] / sparse_us,
-              "bytes_floor_speedup": dense_bytes / sparse_bytes, "achieved_GBps": sparse_bytes / sparse_us / 1e3}
+              "bytes_floor_speedup": dense_bytes / sparse_bytes, "achieved_GBps": sparse_bytes / sparse_us / 1e3,
+              "same_rows_through_sparse_ffn_us": probe}
     print(json.dumps(sparse), flush=True)
 
     # ---- sparse with rank-256 predictors -----------------------------------------------------------------------------

@@ -127,7 +127,7 @@ class MoEKernels:
         c = lib.lib
         c.tsc_moe_route.argtypes = [_P] * 4
         c.tsc_moe_predict.argtypes = [_P, _P, _P, _I, _P, _P, _P, _P, _P, _P]
-        c.tsc_moe_experts.argtypes = [_I, _I] + [_P] * 13
+        c.tsc_moe_experts.argtypes = [_I, _I] + [_P] * 9 + [_I] + [_P] * 4
         self.experts, self.top_k = c.tsc_num_experts(), c.tsc_top_k()
 
     def route(self, x, router, ws: MoEWorkspace) -> None:
@@ -155,7 +155,7 @@ class MoEKernels:
         self.lib._check(self.lib.lib.tsc_moe_experts(
             ACTIVATION_ENUM[activation], grid, x.data_ptr(), gate.data_ptr(), up.data_ptr(), down_t.data_ptr(),
             params.data_ptr(), ws.logits.data_ptr(), lists.data_ptr(),
-            counts.data_ptr(), ws.acc.data_ptr(), ws.blocks_done.data_ptr(),
+            counts.data_ptr(), ws.partials.data_ptr(), ws.partials.shape[0], ws.barrier.data_ptr(),
             None if residual is None else residual.data_ptr(), y.data_ptr(), torch.cuda.current_stream().cuda_stream),
             "moe_experts")
 
@@ -170,9 +170,10 @@ class MoEWorkspace:
         self.z = torch.zeros(K, max(max_rank, 8), dtype=torch.float32, device=device)
         self.lists = torch.zeros(E, lib.inter, dtype=torch.int32, device=device)
         self.counts = torch.zeros(E, dtype=torch.int32, device=device)
-        # fp32 accumulator copies and the blocks-finished counter: zero between calls
-        self.acc = torch.zeros(lib.acc_replicas, lib.hidden, dtype=torch.float32, device=device)
-        self.blocks_done = torch.zeros(1, dtype=torch.int32, device=device)
+        # moe_experts: each block's fp32 partial y (a grid of up to 2 blocks per multiprocessor), the barrier counter
+        blocks = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        self.partials = torch.zeros(blocks, lib.hidden, dtype=torch.float32, device=device)
+        self.barrier = torch.zeros(1, dtype=torch.int32, device=device)
 
 
 # ---- cuBLAS (the dense baseline's decode step) ------------------------------------------------------------------

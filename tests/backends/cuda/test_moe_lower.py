@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from golden_cases import PROMPT
 from tscompile.backends.cuda import CudaConfig
 from tscompile.backends.cuda.kernels import LIBRARY, compile_library, nvcc_path
 from tscompile.backends.cuda.lower import ffn_specs, gpu_weights, lower_cuda
 from tscompile.backends.cuda.model import FFNSpec, GPUDecoder
 from tscompile.backends.cuda.moe import MoEShape, render_moe_source
+
 from tscompile.errors import UserError
 from tscompile.ir import Predictor, ffn_names, predictor_names
 from tscompile.reference import KVCache, ReferenceModel

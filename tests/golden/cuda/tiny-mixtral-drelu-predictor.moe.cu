@@ -219,8 +219,8 @@ __global__ void __launch_bounds__(256) moe_predict_active(
 // The routed experts' FFNs as one list of rows: routed expert k owns list positions [first[k], first[k + 1]), and
 // block i takes positions i, i+G, i+2G, ... Each row's h is thresholded with its expert's threshold and scaled by
 // its expert's routing weight, so the down rows of all k experts add into one sum. The weight streaming (shared-
-// memory ring of cp.async copies, two rows a step), the fp32 accumulator copies and the last block's conversion
-// follow sparse_ffn above (see its comment), for one token.
+// memory ring of cp.async copies, two rows a step), the per-block partial rows of y, the grid barrier and the
+// reduction spread over the grid follow sparse_ffn above (see its comment), for one token.
 template <int VPT, int THREADS, int CHUNK, int STAGES, int ACT>
 __global__ void __launch_bounds__(THREADS, 1) moe_experts(
     const weight_t* __restrict__ x,              // [HIDDEN]  MoE input (after post_attention_layernorm)
@@ -231,8 +231,8 @@ __global__ void __launch_bounds__(THREADS, 1) moe_experts(
     const float* __restrict__ logits,            // [NUM_EXPERTS]  router logits
     const int32_t* __restrict__ lists,           // [NUM_EXPERTS, INTER]  expert e's neurons: the first counts[e]
     const int32_t* __restrict__ counts,          // [NUM_EXPERTS]
-    float* __restrict__ acc,                     // [ACC_REPLICAS, HIDDEN]  fp32 workspace, zero on entry and on exit
-    unsigned* __restrict__ blocks_done,          // [1]  zero on entry and on exit
+    float* __restrict__ partials,                // [gridDim.x, HIDDEN]  fp32 partial y of each block
+    unsigned* barrier,                           // [1]  grid barrier counter (any value on entry)
     const weight_t* residual,                    // [HIDDEN]  added to y, or null (may alias y)
     weight_t* y)                                 // [HIDDEN]  output
 {
@@ -244,18 +244,21 @@ __global__ void __launch_bounds__(THREADS, 1) moe_experts(
     __shared__ int slot[CHUNK];                  // routed expert k of each row
     __shared__ int first[TOP_K + 1], expert[TOP_K];
     __shared__ float weight[TOP_K], threshold[TOP_K];
-    __shared__ bool listed[TOP_K], is_last;
+    __shared__ bool listed[TOP_K];
+    __shared__ ExpertParams all_params[NUM_EXPERTS];
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int e = threadIdx.x; e < NUM_EXPERTS; e += THREADS) all_params[e] = params[e];   // constants: no wait
     allow_next_kernel();
     wait_for_previous_kernel();
+    __syncthreads();
     if (threadIdx.x == 0) {
         route(logits, expert, weight);
         int n = 0;
 #pragma unroll
         for (int k = 0; k < TOP_K; ++k) {
             const int e = expert[k];
-            const ExpertParams p = params[e];
+            const ExpertParams p = all_params[e];
             threshold[k] = p.threshold;
             listed[k] = p.has_predictor != 0.f;
             first[k] = n;
@@ -366,58 +369,52 @@ __global__ void __launch_bounds__(THREADS, 1) moe_experts(
             }
         }
         cp_async_wait<0>();
+        // this block's partial y into its own row of the partials: a plain store (the first chunk) or add
+        float4* row_y = reinterpret_cast<float4*>(partials + (size_t)blockIdx.x * HIDDEN);
 #pragma unroll
         for (int c = 0; c < VPT; ++c) {
             const int v = threadIdx.x + c * THREADS;
             if (v < HVEC) {
-                float* dst = acc + (blockIdx.x % ACC_REPLICAS) * HIDDEN + v * 8;
-                atomic_add4(dst, out[c][0], out[c][1], out[c][2], out[c][3]);
-                atomic_add4(dst + 4, out[c][4], out[c][5], out[c][6], out[c][7]);
+                float4 lo = make_float4(out[c][0], out[c][1], out[c][2], out[c][3]);
+                float4 hi = make_float4(out[c][4], out[c][5], out[c][6], out[c][7]);
+                if (c0 > 0) {
+                    const float4 plo = row_y[2 * v], phi = row_y[2 * v + 1];
+                    lo.x += plo.x; lo.y += plo.y; lo.z += plo.z; lo.w += plo.w;
+                    hi.x += phi.x; hi.y += phi.y; hi.z += phi.z; hi.w += phi.w;
+                }
+                row_y[2 * v] = lo;
+                row_y[2 * v + 1] = hi;
             }
         }
         __syncthreads();   // ids[], slot[], part[] and h[] are rewritten by the next chunk
     }
 
-    // the last block to finish converts the sum and clears the workspace (threadFenceReduction pattern)
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) is_last = atomicAdd(blocks_done, 1u) == gridDim.x - 1;
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-    // 4 outputs per step; a round's loads are all issued before its first store (y may alias residual)
-    constexpr int N4 = HIDDEN / 4, PER = (N4 + THREADS - 1) / THREADS, ROUND = PER < 4 ? PER : 4;
-    float4* acc4 = reinterpret_cast<float4*>(acc);
-    for (int r0 = 0; r0 < PER; r0 += ROUND) {
-        float4 sum[ROUND];
-        uint2 res[ROUND];
-#pragma unroll
-        for (int k = 0; k < ROUND; ++k) {
-            const int i = threadIdx.x + (r0 + k) * THREADS;
-            const bool in = r0 + k < PER && i < N4;
-            sum[k] = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-            for (int c = 0; c < ACC_REPLICAS; ++c) {
-                const float4 a = in ? __ldcg(acc4 + c * N4 + i) : make_float4(0.f, 0.f, 0.f, 0.f);
-                sum[k].x += a.x; sum[k].y += a.y; sum[k].z += a.z; sum[k].w += a.w;
-            }
-            res[k] = in && residual != nullptr ? *reinterpret_cast<const uint2*>(residual + 4 * i) : make_uint2(0, 0);
+    grid_barrier(barrier);
+
+    // each block sums its slice of y over the partial rows of the blocks that had rows (one warp per group of 4
+    // outputs, lanes over the partial rows) and writes it (+ residual)
+    constexpr int N4 = HIDDEN / 4;
+    const int rows = min(n, (int)gridDim.x);
+    const int per = (N4 + gridDim.x - 1) / gridDim.x, i_end = min(N4, (int)(blockIdx.x + 1) * per);
+    const float4* part4 = reinterpret_cast<const float4*>(partials);
+    for (int i = blockIdx.x * per + warp; i < i_end; i += WARPS) {
+        float4 t = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int r = lane; r < rows; r += 32) {
+            const float4 p = __ldcg(part4 + (size_t)r * N4 + i);
+            t.x += p.x; t.y += p.y; t.z += p.z; t.w += p.w;
         }
-#pragma unroll
-        for (int k = 0; k < ROUND; ++k) {
-            const int i = threadIdx.x + (r0 + k) * THREADS;
-            if (r0 + k < PER && i < N4) {
-                const __nv_bfloat162* r = reinterpret_cast<const __nv_bfloat162*>(&res[k]);
+        t.x = warp_sum(t.x); t.y = warp_sum(t.y); t.z = warp_sum(t.z); t.w = warp_sum(t.w);
+        if (lane == 0) {
+            if (residual != nullptr) {
+                const uint2 raw = *reinterpret_cast<const uint2*>(residual + 4 * i);
+                const __nv_bfloat162* r = reinterpret_cast<const __nv_bfloat162*>(&raw);
                 const float2 r01 = __bfloat1622float2(r[0]), r23 = __bfloat1622float2(r[1]);
-                __nv_bfloat162 o[2] = {__floats2bfloat162_rn(sum[k].x + r01.x, sum[k].y + r01.y),
-                                     __floats2bfloat162_rn(sum[k].z + r23.x, sum[k].w + r23.y)};
-                *reinterpret_cast<uint2*>(y + 4 * i) = *reinterpret_cast<const uint2*>(o);
-#pragma unroll
-                for (int c = 0; c < ACC_REPLICAS; ++c) acc4[c * N4 + i] = make_float4(0.f, 0.f, 0.f, 0.f);
+                t.x += r01.x; t.y += r01.y; t.z += r23.x; t.w += r23.y;
             }
+            __nv_bfloat162 o[2] = {__floats2bfloat162_rn(t.x, t.y), __floats2bfloat162_rn(t.z, t.w)};
+            *reinterpret_cast<uint2*>(y + 4 * i) = *reinterpret_cast<const uint2*>(o);
         }
     }
-    if (threadIdx.x == 0) *blocks_done = 0;
 }
 
 // ---- C entry points of the MoE kernels (loaded with ctypes; same conventions as above) --------------------------
@@ -447,24 +444,34 @@ int tsc_moe_predict(const void* x, const void* fc1, const void* fc2, int rank, c
                        (const float*)z, (const weight_t*)fc2, rank, p, logits, lists, counts);
 }
 
-// y = residual + sum over the routed experts of weight * FFN_e(x). grid: blocks of the persistent grid.
+// y = residual + sum over the routed experts of weight * FFN_e(x). grid: blocks of the persistent grid (one per
+// multiprocessor), capped at partial_rows (rows of `partials`) and at the blocks that fit on the GPU at once (the
+// grid barrier needs every block resident). The block asks for more than half a multiprocessor's shared memory
+// (the ring uses the first ring_bytes): launched early (programmatic dependent launch) beside the previous kernels,
+// a grid that could fit two blocks per multiprocessor was placed two to some and none to others (route + experts
+// 35.4 us, one block per multiprocessor 29.5 us on an H200; backends/cuda/NOTES.md).
 int tsc_moe_experts(int activation, int grid, const void* x, const void* w_gate, const void* w_up,
-                    const void* w_down_t, const void* params, const float* logits,
-                    const int32_t* lists, const int32_t* counts, float* acc, unsigned* blocks_done,
+                    const void* w_down_t, const void* params, const float* logits, const int32_t* lists,
+                    const int32_t* counts, float* partials, int partial_rows, unsigned* barrier,
                     const void* residual, void* y, cudaStream_t stream) {
     if (activation == 3) {
         // ring: 16 stages x 2 rows x 128 bytes
         auto kernel = moe_experts<1, 32, 32, 16, 3>;
         const int ring_bytes = 16 * 2 * 1 * 32 * 16;
-        static bool ring_allowed = false;   // shared memory above 48 KB must be asked for once per kernel
-        if (!ring_allowed) {
-            cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, ring_bytes);
+        static int resident = 0, smem = 0;
+        if (resident == 0) {
+            int device = 0, per_sm = 0;
+            cudaError_t err = cudaGetDevice(&device);
+            if (err == cudaSuccess)
+                err = cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
+            smem = max(ring_bytes, per_sm / 2 + 1);
+            if (err == cudaSuccess) err = persistent_blocks(kernel, 32, smem, &resident);
             if (err != cudaSuccess) return (int)err;
-            ring_allowed = true;
         }
-        return (int)launch(kernel, grid, 32, ring_bytes, stream, (const weight_t*)x,
+        grid = min(grid, min(partial_rows, resident));
+        return (int)launch(kernel, grid, 32, smem, stream, (const weight_t*)x,
                            (const weight_t*)w_gate, (const weight_t*)w_up, (const weight_t*)w_down_t,
-                           (const ExpertParams*)params, logits, lists, counts, acc, blocks_done,
+                           (const ExpertParams*)params, logits, lists, counts, partials, barrier,
                            (const weight_t*)residual, (weight_t*)y);
     }
     return (int)cudaErrorInvalidValue;
