@@ -91,6 +91,19 @@ __device__ __forceinline__ void route(const float* __restrict__ logits, int expe
     for (int k = 0; k < TOP_K; ++k) weight[k] /= sum;
 }
 
+// The k-th routed expert, routed by thread 0 and shared with the block (every thread of the block calls this).
+__device__ __forceinline__ int routed_expert(const float* __restrict__ logits, int k) {
+    __shared__ int routed;
+    if (threadIdx.x == 0) {
+        int expert[TOP_K];
+        float weight[TOP_K];
+        route(logits, expert, weight);
+        routed = expert[k];
+    }
+    __syncthreads();
+    return routed;
+}
+
 // z[k][r] = relu(fc1_e[r] . x) for RPB rows per block, blocks [k * (rank / RPB), ...) for routed expert k; resets
 // the active count of each routed expert that has a predictor (moe_predict_active appends to it).
 template <int VPT, int THREADS, int RPB>
@@ -105,20 +118,12 @@ __global__ void __launch_bounds__(THREADS) moe_predict_hidden(
 {
     constexpr int WARPS = THREADS / 32;
     __shared__ float part[WARPS][RPB];
-    __shared__ int routed;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int blocks_per_expert = (rank + RPB - 1) / RPB;
     const int k = blockIdx.x / blocks_per_expert, r0 = (blockIdx.x % blocks_per_expert) * RPB;
     allow_next_kernel();
     wait_for_previous_kernel();
-    if (threadIdx.x == 0) {
-        int expert[TOP_K];
-        float weight[TOP_K];
-        route(logits, expert, weight);
-        routed = expert[k];
-    }
-    __syncthreads();
-    const int e = routed;
+    const int e = routed_expert(logits, k);
     const ExpertParams p = params[e];
     if (p.has_predictor == 0.f) return;
     if (r0 == 0 && threadIdx.x == 0) counts[e] = 0;
@@ -165,19 +170,11 @@ __global__ void __launch_bounds__(256) moe_predict_active(
     int32_t* __restrict__ counts)                // [NUM_EXPERTS]  zero on entry for the routed experts
 {
     constexpr int BLOCKS_PER_EXPERT = (INTER + 8 * NPW - 1) / (8 * NPW);   // 8 warps a block
-    __shared__ int routed;
     const int lane = threadIdx.x % 32, k = blockIdx.x / BLOCKS_PER_EXPERT;
     const int j0 = ((blockIdx.x % BLOCKS_PER_EXPERT) * 8 + threadIdx.x / 32) * NPW;
     allow_next_kernel();
     wait_for_previous_kernel();
-    if (threadIdx.x == 0) {
-        int expert[TOP_K];
-        float weight[TOP_K];
-        route(logits, expert, weight);
-        routed = expert[k];
-    }
-    __syncthreads();
-    const int e = routed;
+    const int e = routed_expert(logits, k);
     const ExpertParams p = params[e];
     if (p.has_predictor == 0.f || j0 >= INTER) return;   // uniform over the warp
     const int rvec = rank / 8;
