@@ -13,15 +13,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from golden_cases import CASES, PROMPT, STEPS, case_ir
+from golden_cases import CASES, PROMPT, STEPS, assert_same_greedy, case_ir
 from tscompile.verify import ReferenceRunner, compare_logits
 
 GOLDEN = Path(__file__).parent / "golden" / "reference.json"
 UPDATE = os.environ.get("TSCOMPILE_UPDATE_GOLDENS") == "1"
 
 
-def reference_outputs(name: str, prefill: str):
-    ref = ReferenceRunner(case_ir(name), prefill)
+def reference_outputs(name: str, prefill: str, dtype: str | None = None):
+    """Greedy tokens and teacher-forced logits of the reference; `dtype`: over weights rounded to it."""
+    ir = case_ir(name)
+    if dtype:
+        import torch
+        from tscompile.backends.cuda.lower import rounded_ir
+        ir = rounded_ir(ir, getattr(torch, dtype))
+    ref = ReferenceRunner(ir, prefill)
     tokens = ref.generate(PROMPT, STEPS)
     return tokens, ref.logits(PROMPT, tokens[:-1])
 
@@ -75,8 +81,12 @@ PATHS = {   # path -> (backend, load options)
     "arm64-host": ("arm64", {"where": "host"}),
     "cuda": ("cuda", {}),
 }
-# rel-L2 bound per path: the cuda target computes in bfloat16 (0.006-0.023 measured on an H200), the others in fp32
+# The cuda target computes in bfloat16 (the others in fp32): it is checked against the reference over
+# bf16-rounded weights, with a rel-L2 bound for bf16 activations (0.006-0.023 measured on an H200) and
+# greedy tokens equal up to a near-tie (2% of the row's largest logit) that bf16 rounding may break.
 REL_L2 = {"cuda": 3e-2}
+WEIGHT_DTYPE = {"cuda": "bfloat16"}
+TIE = {"cuda": 0.02}
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +114,9 @@ def test_backend_matches_reference(case, path, lowered):
     from tscompile import registry
     backend_name, opts = PATHS[path]
     runner = registry.backend(backend_name).load(lowered(case, backend_name), **opts)
-    tokens, want = reference_outputs(case, runner.prefill)
+    tokens, want = reference_outputs(case, runner.prefill, WEIGHT_DTYPE.get(path))
     got = runner.logits(PROMPT, tokens[:-1])
     assert got.shape == want.shape and got.dtype == np.float32
     m = compare_logits(got, want)
     assert m["rel_l2"] <= REL_L2.get(path, 1e-4), m
-    assert runner.generate(PROMPT, STEPS) == tokens
+    assert_same_greedy(runner.generate(PROMPT, STEPS), tokens, want, TIE.get(path, 0.0))

@@ -8,22 +8,10 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-from golden_cases import CASES, PROMPT, STEPS, case_ir  # noqa: E402
+from golden_cases import CASES, PROMPT, STEPS, assert_same_greedy, case_ir  # noqa: E402
 from tscompile.backends.cuda import BACKEND, CudaConfig  # noqa: E402
 from tscompile.backends.cuda.lower import rounded_ir  # noqa: E402
 from tscompile.verify import ReferenceRunner, compare_logits  # noqa: E402
-
-
-def assert_same_greedy(got, want, want_logits, tie: float):
-    """Greedy tokens equal; where they part, the reference's logits for the two tokens must be within `tie` of
-    each other (a near-tie that the target dtype's rounding may break either way), and the runs stop there."""
-    k = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), None)
-    if k is None:
-        assert len(got) == len(want)
-        return
-    row = want_logits[k]
-    gap = float(row[want[k]] - row[got[k]])
-    assert gap <= tie * float(abs(row).max()), f"token {k}: {got[k]} instead of {want[k]}, logit gap {gap:.4f}"
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
