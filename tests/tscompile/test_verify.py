@@ -67,3 +67,16 @@ def test_goal_out_of_reach_exits_1(tiny_build, tmp_path):
     assert r.returncode == 1
     missed = [line for line in r.stderr.splitlines() if line.strip().startswith("max_rel_err")]
     assert missed and "onnx" in missed[0] and "1e-12" in missed[0]
+
+
+def test_max_rel_err_per_target():
+    """A bf16 target gets its own bound; a target the mapping leaves out is not judged on it."""
+    from tscompile.spec import Goals
+    from tscompile.verify import check_goals
+    res = {"targets": {t: {"tampered": [], "outputs_ok": True, "top1": 1.0, "rel_l2": e}
+                       for t, e in [("onnx", 2e-7), ("cuda", 0.013), ("arm64", 0.5)]}}
+    rows = check_goals(Goals(max_rel_err={"onnx": 1e-3, "cuda": 3e-2}), res)
+    judged = {r["target"]: (r["limit"], r["ok"]) for r in rows if r["goal"] == "max_rel_err"}
+    assert judged == {"onnx": (1e-3, True), "cuda": (3e-2, True)}
+    rows = check_goals(Goals(max_rel_err=1e-3), res)
+    assert [r["ok"] for r in rows if r["goal"] == "max_rel_err"] == [True, False, False]
