@@ -20,15 +20,15 @@ class KernelLibrary:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.lib = ctypes.CDLL(str(self.path))
-        self.lib.tsc_sparse_ffn.argtypes = [_I, _I, _I, _P, _P, _F, _P, _P, _P, _P, _P, _P, _F, _P, _I, _P, _P, _P,
-                                            _P]
+        if hasattr(self.lib, "tsc_sparse_ffn"):   # not in an MoE model's library (no dense FFN kernel)
+            self.lib.tsc_sparse_ffn.argtypes = [_I, _I, _I, _P, _P, _F, _P, _P, _P, _P, _P, _P, _F, _P, _I, _P, _P,
+                                                _P, _P]
         self.lib.tsc_predict.argtypes = [_I, _P, _P, _F, _P, _P, _I, _I, _F, _P, _P, _P, _P, _P]
         self.lib.tsc_error_string.restype = ctypes.c_char_p
         self.lib.tsc_set_dependent_launch.argtypes = [_I]
         self.hidden = self.lib.tsc_hidden_size()
         self.inter = self.lib.tsc_intermediate_size()
         self.max_batch = self.lib.tsc_max_batch()
-        self.acc_replicas = self.lib.tsc_accumulator_replicas()   # of the MoE kernels' accumulator
         self.has_decode_kernels = hasattr(self.lib, "tsc_gemv")   # built from a shape with attention heads
         if self.has_decode_kernels:
             self.lib.tsc_gemv.argtypes = [_I, _I, _I, _P, _P, _F, _P, _P, _P, _P, _F, _I, _P, _P]

@@ -8,14 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from golden_cases import CASES, PROMPT, case_ir
+from cpu_decoder import decode_on_cpu
+from golden_cases import CASES, case_ir
 from tscompile.backends.cuda import BACKEND, CudaConfig
 from tscompile.backends.cuda.kernels import LIBRARY, KernelShape, compile_library, nvcc_path, render_source
-from tscompile.backends.cuda.lower import ffn_specs, gpu_weights, lower_cuda
-from tscompile.backends.cuda.model import FFNSpec, GPUDecoder
+from tscompile.backends.cuda.lower import lower_cuda
 from tscompile.errors import UserError
-from tscompile.reference import KVCache, ReferenceModel
 from tscompile.tiny import make_tiny_ir
 
 GOLDEN = Path(__file__).parents[2] / "golden" / "cuda" / "tiny-drelu-predictor.cu"
@@ -86,17 +84,6 @@ def test_available_says_why_not_without_a_gpu():
 @pytest.mark.parametrize("name", CASES)
 def test_decoder_matches_reference_on_cpu(name):
     """The runtime's attention/norm/rope/FFN code (dense path, float32, CPU) against the reference."""
-    ir = case_ir(name)
-    dec = GPUDecoder(ir.config, [FFNSpec(**f) for f in ffn_specs(ir)], gpu_weights(ir, torch.float32), None,
-                     torch.float32)
-    dec.reset(16)
-    ref, cache = ReferenceModel.from_ir(ir), KVCache.empty(ir.config.num_layers)
-    ids = torch.tensor(PROMPT)
-    with torch.no_grad():
-        got = [dec.forward(ids, torch.arange(len(ids)))]
-        want = [ref(ids[None], cache=cache, gating="exact")[0]]
-        for t in (5, 77):   # two decode steps
-            got.append(dec.forward(torch.tensor([t]), torch.tensor([cache.length])))
-            want.append(ref(torch.tensor([[t]]), cache=cache, gating="exact")[0])
+    got, want = decode_on_cpu(case_ir(name), (5, 77), gating="exact")   # prompt, then two decode steps
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5)

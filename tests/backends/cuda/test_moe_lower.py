@@ -5,20 +5,20 @@ from __future__ import annotations
 
 import ctypes
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from golden_cases import PROMPT
+from cpu_decoder import decode_on_cpu
 from tscompile.backends.cuda import CudaConfig
-from tscompile.backends.cuda.kernels import LIBRARY, compile_library, nvcc_path
-from tscompile.backends.cuda.lower import ffn_specs, gpu_weights, lower_cuda
-from tscompile.backends.cuda.model import FFNSpec, GPUDecoder
+from tscompile.backends.cuda.kernels import (LIBRARY, KernelShape, compile_library, nvcc_command, nvcc_path,
+                                             render_source)
+from tscompile.backends.cuda.lower import lower_cuda
 from tscompile.backends.cuda.moe import MoEShape, render_moe_source
 
 from tscompile.errors import UserError
 from tscompile.ir import Predictor, ffn_names, predictor_names
-from tscompile.reference import KVCache, ReferenceModel
 from tscompile.tiny import add_random_predictors, make_tiny_ir
 
 GOLDEN = Path(__file__).parents[2] / "golden" / "cuda" / "tiny-mixtral-drelu-predictor.moe.cu"
@@ -56,7 +56,7 @@ def test_generated_moe_source_matches_golden(lowered):
     assert moe == GOLDEN.read_text(), "generated MoE CUDA changed: review, then TSCOMPILE_UPDATE_GOLDENS=1"
     assert "#define NUM_EXPERTS 4" in moe and "#define TOP_K 2" in moe and "#define HIDDEN 64" in src
     assert "moe_experts<1, 32, 32, 16, 3>" in moe          # only the activation the model uses (drelu = 3)
-    assert "sparse_ffn<1," not in src                       # no dense FFN kernel instantiated
+    assert "sparse_ffn<1," not in src and "tsc_sparse_ffn" not in src   # no dense FFN kernel, no empty entry point
 
 
 def test_lowering_stacks_experts_and_pads_predictors(lowered):
@@ -99,6 +99,21 @@ def test_moe_library_is_built_and_loads_without_a_gpu(lowered, tmp_path, monkeyp
     assert (lib80.tsc_num_experts(), lib80.tsc_top_k()) == (5, 3)
 
 
+@needs_nvcc
+def test_generated_sources_compile_without_warnings(lowered, tmp_path):
+    """The dense model's source and the MoE model's (FFN helpers and decode kernels, no dense FFN kernel) under
+    -Werror for sm_90 and sm_80: no unused variables, no empty entry points."""
+    out, _ = lowered
+    dense = render_source(KernelShape("tiny", 64, 192, "bfloat16", ("drelu", "swiglu"), 8, heads=4, kv_heads=2,
+                                      head_dim=16))
+    for name, src in {"dense.cu": dense, "moe.cu": (out / "ffn.cu").read_text()}.items():
+        (tmp_path / name).write_text(src)
+        cmd = nvcc_command(nvcc_path(), "sm_90", tmp_path / name, tmp_path / f"{name}.so")
+        proc = subprocess.run(cmd + ["-gencode=arch=compute_80,code=sm_80", "-Werror", "all-warnings"],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0 and not proc.stderr.strip(), f"{name}: {proc.stderr[-2000:]}"
+
+
 def test_moe_models_the_kernels_cannot_run_are_refused(tmp_path):
     ir = make_tiny_ir("mixtral", "swiglu", experts=4, top_k=2)
     ir.layers[1].experts[2].activation = "drelu"
@@ -114,16 +129,6 @@ def test_moe_decoder_matches_reference_on_cpu():
     for layer in ir.layers:
         for e, ann in enumerate(layer.experts):
             ann.mode, ann.threshold = "exact", [0.0, 0.01, 0.03, 0.1][e]
-    dec = GPUDecoder(ir.config, [FFNSpec(**f) for f in ffn_specs(ir)], gpu_weights(ir, torch.float32), None,
-                     torch.float32)
-    dec.reset(16)
-    ref, cache = ReferenceModel.from_ir(ir), KVCache.empty(ir.config.num_layers)
-    ids = torch.tensor(PROMPT)
-    with torch.no_grad():
-        got = [dec.forward(ids, torch.arange(len(ids)))]
-        want = [ref(ids[None], cache=cache)[0]]
-        for t in (5, 77, 300):   # decode steps
-            got.append(dec.forward(torch.tensor([t]), torch.tensor([cache.length])))
-            want.append(ref(torch.tensor([[t]]), cache=cache)[0])
+    got, want = decode_on_cpu(ir, (5, 77, 300))   # prompt, then three decode steps
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5)

@@ -18,7 +18,6 @@
 #define INTER 192
 #define HVEC (HIDDEN / 8)          // 16-byte vectors (8 weights) in one row of Wg, Wu, Wd^T
 #define MAX_BATCH 8
-#define ACC_REPLICAS 4             // MoE kernels: copies of the fp32 accumulator, block i adds into copy i % 4
 
 typedef __nv_bfloat16 weight_t;
 
@@ -58,16 +57,6 @@ __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
-}
-
-// acc[0..3] += v[0..3] in global memory: one vector reduction on sm_90, four scalar atomics before.
-__device__ __forceinline__ void atomic_add4(float* acc, float a, float b, float c, float d) {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("red.global.add.v4.f32 [%0], { %1, %2, %3, %4};" :: "l"(acc), "f"(a), "f"(b), "f"(c), "f"(d)
-                 : "memory");
-#else
-    atomicAdd(acc, a); atomicAdd(acc + 1, b); atomicAdd(acc + 2, c); atomicAdd(acc + 3, d);
-#endif
 }
 
 // Programmatic dependent launch (sm_90): a kernel may be launched before the one ahead of it in the stream has
@@ -147,7 +136,7 @@ __device__ __forceinline__ void rms_normalize(float xr[B][VPT][8], const weight_
 // ---- sparse FFN -----------------------------------------------------------------------------------------------
 //
 // A persistent grid, one block per multiprocessor: block i takes list positions i, i+G, i+2G, ... < n of the n
-// active neurons (its first chunk of ids is loaded together with n: one memory round trip instead of two).
+// listed rows (sparse_ffn loads its first chunk of ids together with n: one memory round trip instead of two).
 // Each thread owns the same VPT 16-byte column vectors of every row, so x and the partial y stay in registers
 // and no thread ever reads another thread's weights. Weight rows stream through a shared-memory ring
 // with cp.async, STAGES steps in flight; a step copies two rows:
@@ -181,41 +170,40 @@ __device__ __forceinline__ void grid_barrier(unsigned* barrier) {
     __syncthreads();
 }
 
-template <int B, int VPT, int THREADS, int CHUNK, int STAGES, int ACT>
-__global__ void __launch_bounds__(THREADS, 1) sparse_ffn(
+// The body of sparse_ffn (below) and moe_experts (moe.cu.j2): y = sum over the n listed rows j of h_j Wd^T[j]
+// (+ residual), h_j from the gate and up dot products of row j. The two kernels differ only in where the rows come
+// from and how a row's h is made, given as two functions (inlined; the code is the same as with the two written
+// out, same registers and PTX instruction counts):
+//   row_of(i)                  the weight row of this block's i-th list position (position blockIdx.x + i * G);
+//                              called by thread i % CHUNK, before a barrier
+//   h_of(t, row, b, g, u)      h of the chunk's t-th row for token b from its gate and up dot products
+template <int B, int VPT, int THREADS, int CHUNK, int STAGES, typename RowOf, typename HOf>
+__device__ __forceinline__ void stream_rows(
+    int n,                                   // listed rows, over all blocks
     const weight_t* __restrict__ x,          // [B, HIDDEN]  FFN input, or its input before the RMSNorm (norm_w)
-    const weight_t* __restrict__ norm_w,     // [HIDDEN]  post_attention_layernorm weight, or null
+    const weight_t* __restrict__ norm_w,     // [HIDDEN]  RMSNorm weight, or null
     float eps,
-    const weight_t* __restrict__ w_gate,     // [INTER, HIDDEN]
-    const weight_t* __restrict__ w_up,       // [INTER, HIDDEN]
-    const weight_t* __restrict__ w_down_t,   // [INTER, HIDDEN]  down_proj transposed
-    const int32_t* __restrict__ active,      // [INTER]  neuron ids, the first *active_count are valid
-    const int32_t* __restrict__ active_count,// [1]
-    const uint8_t* __restrict__ token_mask,  // [B, INTER]  1 where token b's predictor kept neuron j; null = all
-    float threshold,                         // h = 0 where |h| <= threshold
+    const weight_t* __restrict__ w_gate,     // [rows, HIDDEN]
+    const weight_t* __restrict__ w_up,       // [rows, HIDDEN]
+    const weight_t* __restrict__ w_down_t,   // [rows, HIDDEN]  down_proj transposed
     float* __restrict__ partials,            // [gridDim.x, B, HIDDEN]  fp32 partial y of each block
     unsigned* barrier,                       // [1]  grid barrier counter (any value on entry)
     const weight_t* residual,                // [B, HIDDEN]  added to y, or null (may alias y)
-    weight_t* y)                             // [B, HIDDEN]  output
+    weight_t* y,                             // [B, HIDDEN]  output
+    RowOf row_of, HOf h_of)
 {
     constexpr int WARPS = THREADS / 32;
     extern __shared__ uint4 ring[];              // [STAGES][2 rows][VPT][THREADS]  each thread's slices of 2 rows
     __shared__ float part[WARPS][CHUNK][B][2];   // per-warp partial dot products (gate, up)
     __shared__ float h[CHUNK][B];                // activations of this chunk
-    __shared__ int ids[CHUNK];                   // neuron ids of this chunk
+    __shared__ int ids[CHUNK];                   // weight rows of this chunk
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    allow_next_kernel();
-    wait_for_previous_kernel();
-    const int n = *active_count;
-    const int p0 = blockIdx.x + threadIdx.x * gridDim.x;          // the list has room for INTER ids: no fault
-    const int first_id = threadIdx.x < CHUNK && p0 < INTER ? active[p0] : 0;
     const int mine = n > (int)blockIdx.x ? (n - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
 
     for (int c0 = 0; c0 < mine; c0 += CHUNK) {
         const int cn = min(CHUNK, mine - c0);
-        if (threadIdx.x < cn)
-            ids[threadIdx.x] = c0 == 0 ? first_id : active[blockIdx.x + (c0 + threadIdx.x) * gridDim.x];
+        if (threadIdx.x < cn) ids[threadIdx.x] = row_of(c0 + threadIdx.x);
         __syncthreads();
         const int steps = cn + (cn + 1) / 2;
 
@@ -283,10 +271,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_ffn(
             float g = 0.f, u = 0.f;
 #pragma unroll
             for (int w = 0; w < WARPS; ++w) { g += part[w][j][b][0]; u += part[w][j][b][1]; }
-            float a = activate<ACT>(g, u);
-            if (fabsf(a) <= threshold) a = 0.f;
-            if (token_mask != nullptr && !token_mask[b * INTER + ids[j]]) a = 0.f;
-            h[j][b] = a;
+            h[j][b] = h_of(j, ids[j], b, g, u);
         }
         __syncthreads();
 
@@ -340,18 +325,18 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_ffn(
                     dst[1] = hi;
                 }
             }
-        __syncthreads();   // ids[], part[] and h[] are rewritten by the next chunk
+        __syncthreads();   // ids[], part[] and h[] (and what row_of noted) are rewritten by the next chunk
     }
 
     grid_barrier(barrier);
 
-    // each block sums its slice of y over the partial rows of the blocks that had neurons (one warp per group of
+    // each block sums its slice of y over the partial rows of the blocks that had rows (one warp per group of
     // 4 outputs, lanes over the rows: all loads of a slice in flight at once) and writes it (+ residual)
-    constexpr int N4 = B * HIDDEN / 4, WARPS_ALL = THREADS / 32;
+    constexpr int N4 = B * HIDDEN / 4;
     const int rows = min(n, (int)gridDim.x);
     const int per = (N4 + gridDim.x - 1) / gridDim.x, i_end = min(N4, (int)(blockIdx.x + 1) * per);
     const float4* part4 = reinterpret_cast<const float4*>(partials);
-    for (int i = blockIdx.x * per + warp; i < i_end; i += WARPS_ALL) {
+    for (int i = blockIdx.x * per + warp; i < i_end; i += WARPS) {
         float4 t = make_float4(0.f, 0.f, 0.f, 0.f);
         for (int r = lane; r < rows; r += 32) {
             const float4 p = __ldcg(part4 + (size_t)r * N4 + i);
@@ -369,6 +354,41 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_ffn(
             *reinterpret_cast<uint2*>(y + 4 * i) = *reinterpret_cast<const uint2*>(o);
         }
     }
+}
+
+// y = FFN(x) over the active neurons: row j of the weights is neuron j; h = 0 where |h| <= threshold or where
+// token b's predictor did not keep the neuron.
+template <int B, int VPT, int THREADS, int CHUNK, int STAGES, int ACT>
+__global__ void __launch_bounds__(THREADS, 1) sparse_ffn(
+    const weight_t* __restrict__ x,          // [B, HIDDEN]  FFN input, or its input before the RMSNorm (norm_w)
+    const weight_t* __restrict__ norm_w,     // [HIDDEN]  post_attention_layernorm weight, or null
+    float eps,
+    const weight_t* __restrict__ w_gate,     // [INTER, HIDDEN]
+    const weight_t* __restrict__ w_up,       // [INTER, HIDDEN]
+    const weight_t* __restrict__ w_down_t,   // [INTER, HIDDEN]  down_proj transposed
+    const int32_t* __restrict__ active,      // [INTER]  neuron ids, the first *active_count are valid
+    const int32_t* __restrict__ active_count,// [1]
+    const uint8_t* __restrict__ token_mask,  // [B, INTER]  1 where token b's predictor kept neuron j; null = all
+    float threshold,                         // h = 0 where |h| <= threshold
+    float* __restrict__ partials,            // [gridDim.x, B, HIDDEN]  fp32 partial y of each block
+    unsigned* barrier,                       // [1]  grid barrier counter (any value on entry)
+    const weight_t* residual,                // [B, HIDDEN]  added to y, or null (may alias y)
+    weight_t* y)                             // [B, HIDDEN]  output
+{
+    allow_next_kernel();
+    wait_for_previous_kernel();
+    const int n = *active_count;
+    const int p0 = blockIdx.x + threadIdx.x * gridDim.x;          // the list has room for INTER ids: no fault
+    const int first_id = threadIdx.x < CHUNK && p0 < INTER ? active[p0] : 0;
+    stream_rows<B, VPT, THREADS, CHUNK, STAGES>(
+        n, x, norm_w, eps, w_gate, w_up, w_down_t, partials, barrier, residual, y,
+        [&](int i) { return i < CHUNK ? first_id : active[blockIdx.x + i * gridDim.x]; },
+        [&](int, int id, int b, float g, float u) {
+            float a = activate<ACT>(g, u);
+            if (fabsf(a) <= threshold) a = 0.f;
+            if (token_mask != nullptr && !token_mask[b * INTER + id]) a = 0.f;
+            return a;
+        });
 }
 
 // ---- predictor ------------------------------------------------------------------------------------------------
@@ -538,7 +558,6 @@ void tsc_set_dependent_launch(int on) { dependent_launch = on ? -1 : 0; }
 int tsc_hidden_size(void) { return HIDDEN; }
 int tsc_intermediate_size(void) { return INTER; }
 int tsc_max_batch(void) { return MAX_BATCH; }
-int tsc_accumulator_replicas(void) { return ACC_REPLICAS; }
 const char* tsc_error_string(int err) { return cudaGetErrorString((cudaError_t)err); }
 
 // y = FFN(rmsnorm(x) if norm_w else x) (+ residual) over the active neurons. grid: blocks of the persistent grid

@@ -215,9 +215,9 @@ __global__ void __launch_bounds__(256) moe_predict_active(
 
 // The routed experts' FFNs as one list of rows: routed expert k owns list positions [first[k], first[k + 1]), and
 // block i takes positions i, i+G, i+2G, ... Each row's h is thresholded with its expert's threshold and scaled by
-// its expert's routing weight, so the down rows of all k experts add into one sum. The weight streaming (shared-
-// memory ring of cp.async copies, two rows a step), the per-block partial rows of y, the grid barrier and the
-// reduction spread over the grid follow sparse_ffn above (see its comment), for one token.
+// its expert's routing weight, so the down rows of all k experts add into one sum. The rows stream through
+// stream_rows, sparse_ffn's body (shared-memory ring of cp.async copies, per-block partial rows of y, grid barrier,
+// reduction spread over the grid; see its comment), for one token.
 template <int VPT, int THREADS, int CHUNK, int STAGES, int ACT>
 __global__ void __launch_bounds__(THREADS, 1) moe_experts(
     const weight_t* __restrict__ x,              // [HIDDEN]  MoE input (after post_attention_layernorm)
@@ -233,18 +233,12 @@ __global__ void __launch_bounds__(THREADS, 1) moe_experts(
     const weight_t* residual,                    // [HIDDEN]  added to y, or null (may alias y)
     weight_t* y)                                 // [HIDDEN]  output
 {
-    constexpr int WARPS = THREADS / 32;
-    extern __shared__ uint4 ring[];              // [STAGES][2 rows][VPT][THREADS]  each thread's slices of 2 rows
-    __shared__ float part[WARPS][CHUNK][2];      // per-warp partial dot products (gate, up)
-    __shared__ float h[CHUNK];                   // routing weight * activation of this chunk's rows
-    __shared__ int ids[CHUNK];                   // rows (e * INTER + j) of this chunk
-    __shared__ int slot[CHUNK];                  // routed expert k of each row
+    __shared__ int slot[CHUNK];                  // routed expert k of each row of the chunk (noted by row_of)
     __shared__ int first[TOP_K + 1], expert[TOP_K];
     __shared__ float weight[TOP_K], threshold[TOP_K];
     __shared__ bool listed[TOP_K];
     __shared__ ExpertParams all_params[NUM_EXPERTS];
 
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int e = threadIdx.x; e < NUM_EXPERTS; e += THREADS) all_params[e] = params[e];   // constants: no wait
     allow_next_kernel();
     wait_for_previous_kernel();
@@ -264,154 +258,20 @@ __global__ void __launch_bounds__(THREADS, 1) moe_experts(
         first[TOP_K] = n;
     }
     __syncthreads();
-    const int n = first[TOP_K];
-    const int mine = n > (int)blockIdx.x ? (n - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
-
-    for (int c0 = 0; c0 < mine; c0 += CHUNK) {
-        const int cn = min(CHUNK, mine - c0);
-        if (threadIdx.x < cn) {
-            const int pos = blockIdx.x + (c0 + threadIdx.x) * gridDim.x;
+    stream_rows<1, VPT, THREADS, CHUNK, STAGES>(
+        first[TOP_K], x, nullptr, 0.f, w_gate, w_up, w_down_t, partials, barrier, residual, y,
+        [&](int i) {
+            const int pos = blockIdx.x + i * gridDim.x;
             int k = 0;
             while (k + 1 < TOP_K && pos >= first[k + 1]) ++k;
-            const int e = expert[k], q = pos - first[k];
-            ids[threadIdx.x] = e * INTER + (listed[k] ? lists[e * INTER + q] : q);
             slot[threadIdx.x] = k;
-        }
-        __syncthreads();
-        const int steps = cn + (cn + 1) / 2;
-
-        // copy the rows of step s into ring slot s % STAGES; past the end, commit an empty group
-        auto issue = [&](int s) {
-            if (s < steps) {
-                const weight_t *r0, *r1;
-                if (s < cn) {
-                    r0 = w_gate + (size_t)ids[s] * HIDDEN;
-                    r1 = w_up + (size_t)ids[s] * HIDDEN;
-                } else {
-                    const int j = 2 * (s - cn);
-                    r0 = w_down_t + (size_t)ids[j] * HIDDEN;
-                    r1 = j + 1 < cn ? w_down_t + (size_t)ids[j + 1] * HIDDEN : nullptr;
-                }
-                uint4* ring_slot = ring + (size_t)(s % STAGES) * 2 * VPT * THREADS;
-#pragma unroll
-                for (int c = 0; c < VPT; ++c) {
-                    const int v = threadIdx.x + c * THREADS;
-                    if (v < HVEC) {
-                        cp_async16(ring_slot + c * THREADS + threadIdx.x, r0 + v * 8);
-                        if (r1 != nullptr) cp_async16(ring_slot + (VPT + c) * THREADS + threadIdx.x, r1 + v * 8);
-                    }
-                }
-            }
-            cp_async_commit();
-        };
-        // this thread's 16 bytes of row m (0, 1) of step s, column vector c
-        auto row = [&](int s, int m, int c) {
-            return ring[(size_t)(s % STAGES) * 2 * VPT * THREADS + (m * VPT + c) * THREADS + threadIdx.x];
-        };
-
-#pragma unroll 1
-        for (int s = 0; s < STAGES - 1; ++s) issue(s);
-
-        // gate and up: x lives in registers for this loop only
-        {
-            float xr[1][VPT][8];
-            load_columns<1, VPT, THREADS>(x, xr);
-#pragma unroll 1
-            for (int s = 0; s < cn; ++s) {
-                issue(s + STAGES - 1);
-                cp_async_wait<STAGES - 1>();
-                float g = 0.f, u = 0.f;
-#pragma unroll
-                for (int c = 0; c < VPT; ++c) {
-                    const int v = threadIdx.x + c * THREADS;
-                    if (v < HVEC) { g += dot8(row(s, 0, c), xr[0][c]); u += dot8(row(s, 1, c), xr[0][c]); }
-                }
-                g = warp_sum(g);
-                u = warp_sum(u);
-                if (lane == 0) { part[warp][s][0] = g; part[warp][s][1] = u; }
-            }
-        }
-        __syncthreads();
-        for (int t = threadIdx.x; t < cn; t += THREADS) {
-            float g = 0.f, u = 0.f;
-#pragma unroll
-            for (int w = 0; w < WARPS; ++w) { g += part[w][t][0]; u += part[w][t][1]; }
+            const int e = expert[k], q = pos - first[k];
+            return e * INTER + (listed[k] ? lists[e * INTER + q] : q);
+        },
+        [&](int t, int, int, float g, float u) {
             const float a = activate<ACT>(g, u);
-            h[t] = fabsf(a) <= threshold[slot[t]] ? 0.f : a * weight[slot[t]];
-        }
-        __syncthreads();
-
-        // down: the partial y lives in registers for this loop only
-        float out[VPT][8];
-#pragma unroll
-        for (int c = 0; c < VPT; ++c)
-#pragma unroll
-            for (int i = 0; i < 8; ++i) out[c][i] = 0.f;
-#pragma unroll 1
-        for (int s = cn; s < steps; ++s) {
-            issue(s + STAGES - 1);
-            cp_async_wait<STAGES - 1>();
-#pragma unroll
-            for (int m = 0; m < 2; ++m) {
-                const int j = 2 * (s - cn) + m;
-                if (j >= cn) break;
-                const float hj = h[j];
-#pragma unroll
-                for (int c = 0; c < VPT; ++c) {
-                    float w[8];
-                    unpack8(row(s, m, c), w);
-#pragma unroll
-                    for (int i = 0; i < 8; ++i) out[c][i] = fmaf(hj, w[i], out[c][i]);
-                }
-            }
-        }
-        cp_async_wait<0>();
-        // this block's partial y into its own row of the partials: a plain store (the first chunk) or add
-        float4* row_y = reinterpret_cast<float4*>(partials + (size_t)blockIdx.x * HIDDEN);
-#pragma unroll
-        for (int c = 0; c < VPT; ++c) {
-            const int v = threadIdx.x + c * THREADS;
-            if (v < HVEC) {
-                float4 lo = make_float4(out[c][0], out[c][1], out[c][2], out[c][3]);
-                float4 hi = make_float4(out[c][4], out[c][5], out[c][6], out[c][7]);
-                if (c0 > 0) {
-                    const float4 plo = row_y[2 * v], phi = row_y[2 * v + 1];
-                    lo.x += plo.x; lo.y += plo.y; lo.z += plo.z; lo.w += plo.w;
-                    hi.x += phi.x; hi.y += phi.y; hi.z += phi.z; hi.w += phi.w;
-                }
-                row_y[2 * v] = lo;
-                row_y[2 * v + 1] = hi;
-            }
-        }
-        __syncthreads();   // ids[], slot[], part[] and h[] are rewritten by the next chunk
-    }
-
-    grid_barrier(barrier);
-
-    // each block sums its slice of y over the partial rows of the blocks that had rows (one warp per group of 4
-    // outputs, lanes over the partial rows) and writes it (+ residual)
-    constexpr int N4 = HIDDEN / 4;
-    const int rows = min(n, (int)gridDim.x);
-    const int per = (N4 + gridDim.x - 1) / gridDim.x, i_end = min(N4, (int)(blockIdx.x + 1) * per);
-    const float4* part4 = reinterpret_cast<const float4*>(partials);
-    for (int i = blockIdx.x * per + warp; i < i_end; i += WARPS) {
-        float4 t = make_float4(0.f, 0.f, 0.f, 0.f);
-        for (int r = lane; r < rows; r += 32) {
-            const float4 p = __ldcg(part4 + (size_t)r * N4 + i);
-            t.x += p.x; t.y += p.y; t.z += p.z; t.w += p.w;
-        }
-        t.x = warp_sum(t.x); t.y = warp_sum(t.y); t.z = warp_sum(t.z); t.w = warp_sum(t.w);
-        if (lane == 0) {
-            if (residual != nullptr) {
-                const uint2 raw = *reinterpret_cast<const uint2*>(residual + 4 * i);
-                const __nv_bfloat162* r = reinterpret_cast<const __nv_bfloat162*>(&raw);
-                const float2 r01 = __bfloat1622float2(r[0]), r23 = __bfloat1622float2(r[1]);
-                t.x += r01.x; t.y += r01.y; t.z += r23.x; t.w += r23.y;
-            }
-            __nv_bfloat162 o[2] = {__floats2bfloat162_rn(t.x, t.y), __floats2bfloat162_rn(t.z, t.w)};
-            *reinterpret_cast<uint2*>(y + 4 * i) = *reinterpret_cast<const uint2*>(o);
-        }
-    }
+            return fabsf(a) <= threshold[slot[t]] ? 0.f : a * weight[slot[t]];
+        });
 }
 
 // ---- C entry points of the MoE kernels (loaded with ctypes; same conventions as above) --------------------------
