@@ -85,7 +85,8 @@ class DataSpec(Strict):
 
 class Goals(Strict):
     min_top1: float | None = Field(None, ge=0, le=1)      # greedy top-1 agreement with the reference
-    max_rel_err: PositiveFloat | dict[str, PositiveFloat] | None = None   # rel. L2 error of logits (or per target)
+    max_rel_err: PositiveFloat | None = None              # relative L2 error of logits
+    max_rel_err_by_target: dict[str, PositiveFloat] = {}  # target -> its own bound (e.g. a bf16 target)
     max_ppl_ratio: PositiveFloat | None = None            # perplexity of the built model / source model
     min_speedup: dict[str, PositiveFloat] = {}               # target -> decode speed vs its dense build
 

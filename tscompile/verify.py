@@ -172,7 +172,7 @@ def check_goals(goals, results: dict[str, Any]) -> list[dict[str, Any]]:
         row("outputs", name, r["outputs_ok"], True, r["outputs_ok"])
         if goals.min_top1 is not None:
             row("min_top1", name, r["top1"], goals.min_top1, r["top1"] >= goals.min_top1)
-        limit = goals.max_rel_err.get(name) if isinstance(goals.max_rel_err, dict) else goals.max_rel_err
+        limit = goals.max_rel_err_by_target.get(name, goals.max_rel_err)
         if limit is not None:
             row("max_rel_err", name, r["rel_l2"], limit, r["rel_l2"] <= limit)
         limit = (goals.min_speedup or {}).get(name)
