@@ -7,8 +7,6 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
-from tscompile.errors import UserError
-
 from .kernels import ACTIVATION_ENUM
 
 _P = ctypes.c_void_p
@@ -32,10 +30,9 @@ class KernelLibrary:
         self.has_decode_kernels = hasattr(self.lib, "tsc_gemv")   # built from a shape with attention heads
         if self.has_decode_kernels:
             self.lib.tsc_gemv.argtypes = [_I, _I, _I, _P, _P, _F, _P, _P, _P, _P, _F, _I, _P, _P]
-            self.lib.tsc_decode_attention.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _P, _P, _P, _P, _P]
+            self.lib.tsc_decode_attention.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _P, _P]
             self.heads, self.kv_heads = self.lib.tsc_num_heads(), self.lib.tsc_num_kv_heads()
             self.head_dim, self.attention_split = self.lib.tsc_head_dim(), self.lib.tsc_attention_split()
-            self.max_positions = self.lib.tsc_attention_max_positions()
 
     def set_dependent_launch(self, on: bool) -> None:
         """Programmatic dependent launch on sm_90+ (on by default); off gives plain launches, for comparison."""
@@ -81,35 +78,18 @@ class KernelLibrary:
             w.shape[1], act, w.shape[0], x.data_ptr(), _ptr(norm), eps, w.data_ptr(), _ptr(up), _ptr(bias),
             _ptr(residual), float(threshold), int(y.dtype == torch.float32), y.data_ptr(), stream), "gemv")
 
-    def decode_attention(self, qkv, pos, cos, sin, k_cache, v_cache, window: int, aws: "AttentionWorkspace",
-                         out) -> None:
+    def decode_attention(self, qkv, pos, cos, sin, k_cache, v_cache, window: int, out) -> None:
         """One token at pos [1] (int64): rope, k/v into the caches [kv_heads, capacity, head_dim] at pos, and
         out [heads * head_dim] = attention over positions [pos - window + 1 (or 0), pos]."""
         import torch
         stream = torch.cuda.current_stream().cuda_stream
         self._check(self.lib.tsc_decode_attention(
             qkv.data_ptr(), pos.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-            k_cache.shape[1], int(window or 0), aws.part_o.data_ptr(), aws.part_ml.data_ptr(),
-            aws.heads_done.data_ptr(), out.data_ptr(), stream), "decode_attention")
+            k_cache.shape[1], int(window or 0), out.data_ptr(), stream), "decode_attention")
 
 
 def _ptr(t):
     return None if t is None else t.data_ptr()
-
-
-class AttentionWorkspace:
-    """Partial softmax results of decode_attention for a cache of `capacity` positions (fp32), and the per-KV-head
-    counters of blocks finished (zero between calls)."""
-
-    def __init__(self, lib: KernelLibrary, capacity: int, device="cuda"):
-        import torch
-        if capacity > lib.max_positions:
-            raise UserError(f"{lib.path.name}: a context of {capacity} positions is longer than the attention "
-                            f"kernel supports ({lib.max_positions})")
-        splits = -(-capacity // lib.attention_split)
-        self.part_o = torch.zeros(lib.heads, splits, lib.head_dim, dtype=torch.float32, device=device)
-        self.part_ml = torch.zeros(lib.heads, splits, 2, dtype=torch.float32, device=device)
-        self.heads_done = torch.zeros(lib.kv_heads, dtype=torch.int32, device=device)
 
 
 class Workspace:

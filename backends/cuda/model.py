@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tscompile.ir import ArchConfig
 from tscompile.reference import activate, rope_inv_freq
 
-from .library import AttentionWorkspace, KernelLibrary, Workspace, default_grid
+from .library import KernelLibrary, Workspace, default_grid
 from .moe import moe_layers
 
 
@@ -79,8 +79,6 @@ class GPUDecoder:
         self.cos = torch.cat([ang, ang], dim=-1).cos().float()          # [capacity, head_dim], HF rotate-half layout
         self.sin = torch.cat([-ang, ang], dim=-1).sin().float()         # signed: rope's [-x2, x1] = roll(x) * sign
         self.capacity = capacity
-        if self.lib is not None:
-            self.aws = AttentionWorkspace(self.lib, capacity, self.dev)
 
     def _norm(self, x, w):
         """RMSNorm, one fused kernel: float32 inside, one rounding to the model dtype at the end (as the reference;
@@ -147,8 +145,7 @@ class GPUDecoder:
         for i in range(c.num_layers):
             n = layer_weight_names(i)
             lib.gemv(x, w[n["qkv"]], qkv, norm=w[n["input_norm"]], eps=c.rms_norm_eps, bias=w.get(n["qkv_bias"]))
-            lib.decode_attention(qkv, pos, self.cos, self.sin, self.k[i], self.v[i], c.sliding_window or 0,
-                                 self.aws, att)
+            lib.decode_attention(qkv, pos, self.cos, self.sin, self.k[i], self.v[i], c.sliding_window or 0, att)
             lib.gemv(att, w[n["o"]], x, residual=x)                            # x += o_proj(att), in place
             if self.capture is not None:
                 self.capture.append((i, self._norm(x, w[n["post_norm"]])))

@@ -694,14 +694,15 @@ int tsc_predict(int batch, const void* x, const void* norm_w, float eps, const v
 // rmsnorm(x) = x * w / sqrt(mean(x^2) + eps). A GEMV computes (W (x * w)) / sqrt(mean(x^2) + eps): the scale is
 // one number per token, so it is applied to the dot products and the normalized x is never written out.
 
+#include <cooperative_groups.h>
+
 #define HEADS 4
 #define KV_HEADS 2
 #define HEAD_DIM 16
 #define GROUP (HEADS / KV_HEADS)    // query heads that share one KV head
 #define HVPR (HEAD_DIM / 8)         // 16-byte vectors in one cached k or v row
-#define SPLIT 64                    // cached positions per attention block (two per lane of a warp)
-#define MAX_SPLITS 1024             // blocks per KV head: up to 65536 cached positions
-#define ATT_THREADS 128
+#define SPLIT 64                    // cached positions per attention chunk (two per lane of a warp)
+#define ATT_THREADS (GROUP <= 4 ? 256 : 128)   // attention block; o_stage stays <= 32 KB
 #define GEMV_THREADS 256            // 8 warps, one output row each
 
 __device__ __forceinline__ float warp_max(float v) {
@@ -822,17 +823,46 @@ __global__ void __launch_bounds__(GEMV_THREADS, 3) gemv(
     }
 }
 
-// ---- attention of one new token (flash-decoding) -----------------------------------------------------------------
+// ---- attention of one new token (flash-decoding, one thread-block cluster per KV head) ---------------------------
 //
-// Block (g, s) takes KV head g and the cached positions [s * SPLIT, s * SPLIT + SPLIT) that the token sees
-// ([pos - window + 1, pos], or [0, pos] without a sliding window), for the GROUP query heads of g. Thread t owns
-// 16-byte column vector t % HVPR of positions t / HVPR, + POS_GROUPS, ...: every k and v load of the block is issued
-// at once, before any arithmetic. Each block applies rope to its queries and to the new k itself and reads the new
-// k, v from qkv (not from the cache), so no block waits for another; the block that holds `pos` writes them into
-// the cache. A block leaves its partial softmax (max, sum of exp, sum of exp * v) per head; the last block of head
-// g to finish merges the partials of g and leaves the counter at zero.
+// KV head g gets a cluster of nb blocks (grid nb x KV_HEADS; nb = min(ATT_CLUSTER, chunks of the cache) on sm_90+,
+// 1 before). The token sees positions [lo, pos] (lo = pos - window + 1 with a sliding window, else 0); block b
+// walks the SPLIT-position chunks lo / SPLIT + b, + nb, ... up to pos / SPLIT, keeping a running softmax (max, sum
+// of exp, sum of exp * v) for the GROUP query heads of g. Thread t owns 16-byte column vector t % HVPR of the
+// chunk's positions t / HVPR, + POS_GROUPS, ...: every k and v load of a chunk is issued at once.
+// Before waiting for the previous kernel a block already loads pos, its first chunk's cached rows and the cos/sin
+// rows at pos: none of them is written by the kernels of this step (the row at pos is stale and never read: each
+// block ropes the new k itself and uses it and v straight from qkv there), so the DRAM latency overlaps the q/k/v
+// GEMV's tail and only the qkv load (L2) follows the wait. The block whose chunk holds pos writes k, v into the
+// cache. The partials are merged through distributed shared memory: block b of the cluster combines outputs
+// [b * per, (b + 1) * per) of the GROUP heads from every block's partial (no global round trips, no counters).
+#define ATT_CLUSTER 16              // blocks per KV head at most (clusters above 8 need the non-portable size)
 #define POS_GROUPS (ATT_THREADS / HVPR < SPLIT ? ATT_THREADS / HVPR : SPLIT)
-#define PPT ((SPLIT + POS_GROUPS - 1) / POS_GROUPS)   // positions per thread
+#define PPT ((SPLIT + POS_GROUPS - 1) / POS_GROUPS)   // positions per thread in one chunk
+#define ROPE_ITEMS (((GROUP + 2) * HEAD_DIM + ATT_THREADS - 1) / ATT_THREADS)   // q, k, v elements per thread
+
+struct AttentionStats {             // one block's running softmax over its chunks, for the GROUP heads of g
+    float max[GROUP];               // largest score so far (-inf: no chunk)
+    float sum[GROUP];               // sum of exp(score - max)
+};
+
+// the same shared variable in block `rank` of this cluster (itself before sm_90, where a KV head has one block)
+template <typename T>
+__device__ __forceinline__ const T* in_cluster_block(const T* mine, int rank) {
+#if __CUDA_ARCH__ >= 900
+    return cooperative_groups::this_cluster().map_shared_rank(mine, rank);
+#else
+    return mine;
+#endif
+}
+
+__device__ __forceinline__ void cluster_sync() {
+#if __CUDA_ARCH__ >= 900
+    cooperative_groups::this_cluster().sync();
+#else
+    __syncthreads();
+#endif
+}
 
 __global__ void __launch_bounds__(ATT_THREADS) decode_attention(
     const weight_t* __restrict__ qkv,      // [(HEADS + 2 KV_HEADS) * HEAD_DIM]  q, k, v of the new token, before rope
@@ -842,122 +872,122 @@ __global__ void __launch_bounds__(ATT_THREADS) decode_attention(
     weight_t* k_cache,                     // [KV_HEADS, capacity, HEAD_DIM]
     weight_t* v_cache,                     // [KV_HEADS, capacity, HEAD_DIM]
     int capacity, int window,              // window: sliding-window length, 0 = none
-    float* part_o,                         // [HEADS, splits, HEAD_DIM]  sum of exp * v per block
-    float* part_ml,                        // [HEADS, splits, 2]  max score and sum of exp per block
-    unsigned* heads_done,                  // [KV_HEADS]  zero on entry and on exit
     weight_t* out)                         // [HEADS * HEAD_DIM]
 {
     __shared__ float q[GROUP][HEAD_DIM];                  // roped queries, pre-scaled by 1/sqrt(HEAD_DIM)
     __shared__ __align__(16) weight_t kv_new[2][HEAD_DIM];  // the new token's roped k and its v
-    __shared__ float score[GROUP][SPLIT];                 // scores, then exp(score - max)
-    __shared__ float o_stage[POS_GROUPS][GROUP][HEAD_DIM];  // partial sums of exp * v per position group
-    __shared__ float head_max[GROUP], head_sum[GROUP];
-    __shared__ bool is_last;
+    __shared__ float score[GROUP][SPLIT];                 // scores of a chunk, then exp(score - max)
+    __shared__ float o_stage[POS_GROUPS][GROUP][HEAD_DIM];  // sums of exp * v per position group, then in [0]
+    __shared__ float rescale[GROUP];                      // exp(old max - new max) after a chunk
+    __shared__ AttentionStats part;                       // with o_stage[0]: this block's partial for the merge
 
-    const int g = blockIdx.x, s = blockIdx.y, splits = gridDim.y;
+    const int b = blockIdx.x, nb = gridDim.x, g = blockIdx.y;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int c = threadIdx.x % HVPR, pg = threadIdx.x / HVPR;
-    allow_next_kernel();
-    wait_for_previous_kernel();
-    // loads that do not need pos go out together with it: every cached row of this block's span (in bounds
-    // whatever pos is; the row at pos is stale and replaced by the new k, v below) and this group's q, k, v
-    const int pos_loaded = (int)__ldcg(position);
     const size_t head_base = (size_t)g * capacity * HEAD_DIM;
-    uint4 kr[PPT], vr[PPT];
-#pragma unroll
-    for (int j = 0; j < PPT; ++j) {
-        const int p = s * SPLIT + pg + j * POS_GROUPS;
-        const bool in = pg < POS_GROUPS && pg + j * POS_GROUPS < SPLIT && p < capacity;
-        kr[j] = in ? __ldcg(reinterpret_cast<const uint4*>(k_cache + head_base + (size_t)p * HEAD_DIM) + c)
-                   : make_uint4(0, 0, 0, 0);
-        vr[j] = in ? __ldcg(reinterpret_cast<const uint4*>(v_cache + head_base + (size_t)p * HEAD_DIM) + c)
-                   : make_uint4(0, 0, 0, 0);
-    }
-    // rope on this group's queries and on the new k (rows r < GROUP: queries, GROUP: k, GROUP + 1: v)
-    constexpr int ROPE_ITEMS = ((GROUP + 2) * HEAD_DIM + ATT_THREADS - 1) / ATT_THREADS;
-    float xd[ROPE_ITEMS], xe[ROPE_ITEMS], cd[ROPE_ITEMS], sd[ROPE_ITEMS];
-#pragma unroll
-    for (int k = 0; k < ROPE_ITEMS; ++k) {
-        const int i = threadIdx.x + k * ATT_THREADS, r = i / HEAD_DIM, d = i % HEAD_DIM;
-        const int head = r < GROUP ? g * GROUP + r : r == GROUP ? HEADS + g : HEADS + KV_HEADS + g;
-        const bool in = i < (GROUP + 2) * HEAD_DIM;
-        xd[k] = in ? float(qkv[head * HEAD_DIM + d]) : 0.f;
-        xe[k] = in ? float(qkv[head * HEAD_DIM + (d + HEAD_DIM / 2) % HEAD_DIM]) : 0.f;
-    }
-    const int pos = pos_loaded;
+
+    const int pos = (int)__ldcg(position);
     const int lo = window > 0 ? max(0, pos - window + 1) : 0;
-    bool valid[PPT];
+    const int first = lo / SPLIT + b, last = pos / SPLIT;   // this block's first chunk, the span's last chunk
+    uint4 kr[PPT], vr[PPT];
+    auto fetch_rows = [&](int chunk) {   // this thread's k and v vectors of the chunk's cached rows
 #pragma unroll
-    for (int j = 0; j < PPT; ++j) {
-        const int p = s * SPLIT + pg + j * POS_GROUPS;
-        valid[j] = pg < POS_GROUPS && pg + j * POS_GROUPS < SPLIT && p >= lo && p <= pos;
-    }
-    const float* cs = cos_table + (size_t)pos * HEAD_DIM;
-    const float* sn = sin_table + (size_t)pos * HEAD_DIM;
+        for (int j = 0; j < PPT; ++j) {
+            const int p = chunk * SPLIT + pg + j * POS_GROUPS;
+            const bool in = pg < POS_GROUPS && pg + j * POS_GROUPS < SPLIT && p < capacity;
+            const size_t row = head_base + (size_t)p * HEAD_DIM;
+            kr[j] = in ? __ldcg(reinterpret_cast<const uint4*>(k_cache + row) + c) : make_uint4(0, 0, 0, 0);
+            vr[j] = in ? __ldcg(reinterpret_cast<const uint4*>(v_cache + row) + c) : make_uint4(0, 0, 0, 0);
+        }
+    };
+    if (first <= last) fetch_rows(first);
+    float cd[ROPE_ITEMS], sd[ROPE_ITEMS];
 #pragma unroll
     for (int k = 0; k < ROPE_ITEMS; ++k) {
         const int d = (threadIdx.x + k * ATT_THREADS) % HEAD_DIM;
         const bool in = threadIdx.x + k * ATT_THREADS < (GROUP + 2) * HEAD_DIM;
-        cd[k] = in ? cs[d] : 0.f;
-        sd[k] = in ? sn[d] : 0.f;
+        cd[k] = in ? cos_table[(size_t)pos * HEAD_DIM + d] : 0.f;
+        sd[k] = in ? sin_table[(size_t)pos * HEAD_DIM + d] : 0.f;
     }
+    allow_next_kernel();
+    wait_for_previous_kernel();
+
+    // rope on this group's queries and on the new k (rows r < GROUP: queries, GROUP: k, GROUP + 1: v)
     const float q_scale = rsqrtf((float)HEAD_DIM);
 #pragma unroll
     for (int k = 0; k < ROPE_ITEMS; ++k) {
         const int i = threadIdx.x + k * ATT_THREADS, r = i / HEAD_DIM, d = i % HEAD_DIM;
         if (i >= (GROUP + 2) * HEAD_DIM) break;
-        const float roped = xd[k] * cd[k] + xe[k] * sd[k];
+        const int head = r < GROUP ? g * GROUP + r : r == GROUP ? HEADS + g : HEADS + KV_HEADS + g;
+        const float xd = float(qkv[head * HEAD_DIM + d]), xe = float(qkv[head * HEAD_DIM + (d + HEAD_DIM / 2) % HEAD_DIM]);
+        const float roped = xd * cd[k] + xe * sd[k];
         if (r < GROUP) q[r][d] = roped * q_scale;
         else if (r == GROUP) kv_new[0][d] = weight_t(roped);
-        else kv_new[1][d] = weight_t(xd[k]);
+        else kv_new[1][d] = weight_t(xd);
+    }
+    if (threadIdx.x < GROUP) {
+        part.max[threadIdx.x] = -INFINITY;
+        part.sum[threadIdx.x] = 0.f;
     }
     __syncthreads();
-    if (pos / SPLIT == s)
+    if (last >= first && (last - first) % nb == 0)   // pos is in one of this block's chunks
         for (int d = threadIdx.x; d < HEAD_DIM; d += ATT_THREADS) {
             k_cache[head_base + (size_t)pos * HEAD_DIM + d] = kv_new[0][d];
             v_cache[head_base + (size_t)pos * HEAD_DIM + d] = kv_new[1][d];
         }
 
-    // scores: the HVPR threads of one position hold its partial dots, summed across those lanes
+    float acc[GROUP][8];   // this thread's sums of exp * v for its column vector over its positions
 #pragma unroll
-    for (int j = 0; j < PPT; ++j) {
-        const int p = s * SPLIT + pg + j * POS_GROUPS;
-        float kf[8];
-        unpack8(p == pos ? reinterpret_cast<const uint4*>(kv_new[0])[c] : kr[j], kf);
+    for (int r = 0; r < GROUP; ++r)
 #pragma unroll
-        for (int r = 0; r < GROUP; ++r) {
-            float t = 0.f;
+        for (int e = 0; e < 8; ++e) acc[r][e] = 0.f;
+    for (int chunk = first; chunk <= last; chunk += nb) {
+        if (chunk != first) fetch_rows(chunk);
+        bool valid[PPT];
+        // scores: the HVPR threads of one position hold its partial dots, summed across those lanes
 #pragma unroll
-            for (int e = 0; e < 8; ++e) t = fmaf(q[r][c * 8 + e], kf[e], t);
+        for (int j = 0; j < PPT; ++j) {
+            const int p = chunk * SPLIT + pg + j * POS_GROUPS;
+            valid[j] = pg < POS_GROUPS && pg + j * POS_GROUPS < SPLIT && p >= lo && p <= pos;
+            float kf[8];
+            unpack8(p == pos ? reinterpret_cast<const uint4*>(kv_new[0])[c] : kr[j], kf);
 #pragma unroll
-            for (int o = HVPR / 2; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
-            if (c == 0 && pg < POS_GROUPS && pg + j * POS_GROUPS < SPLIT)
-                score[r][pg + j * POS_GROUPS] = valid[j] ? t : -INFINITY;
+            for (int r = 0; r < GROUP; ++r) {
+                float t = 0.f;
+#pragma unroll
+                for (int e = 0; e < 8; ++e) t = fmaf(q[r][c * 8 + e], kf[e], t);
+#pragma unroll
+                for (int o = HVPR / 2; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+                if (c == 0 && pg < POS_GROUPS && pg + j * POS_GROUPS < SPLIT)
+                    score[r][pg + j * POS_GROUPS] = valid[j] ? t : -INFINITY;
+            }
         }
-    }
-    __syncthreads();
-    // softmax statistics of this block: one warp per head, two positions per lane
-    for (int r = warp; r < GROUP; r += ATT_THREADS / 32) {
-        const float v0 = score[r][lane], v1 = score[r][lane + 32];
-        const float m = warp_max(fmaxf(v0, v1));
-        const float e0 = v0 == -INFINITY ? 0.f : __expf(v0 - m), e1 = v1 == -INFINITY ? 0.f : __expf(v1 - m);
-        const float l = warp_sum(e0 + e1);
-        score[r][lane] = e0;
-        score[r][lane + 32] = e1;
-        if (lane == 0) { head_max[r] = m; head_sum[r] = l; }
-    }
-    __syncthreads();
-    // partial outputs: sum over this thread's positions, then over the position groups
-    {
-        float acc[GROUP][8];
+        __syncthreads();
+        // running softmax: one warp per head, two positions per lane; every chunk walked holds a visible position,
+        // so the new max is finite
+        for (int r = warp; r < GROUP; r += ATT_THREADS / 32) {
+            const float v0 = score[r][lane], v1 = score[r][lane + 32];
+            const float m = fmaxf(part.max[r], warp_max(fmaxf(v0, v1)));
+            const float e0 = v0 == -INFINITY ? 0.f : __expf(v0 - m), e1 = v1 == -INFINITY ? 0.f : __expf(v1 - m);
+            const float l = warp_sum(e0 + e1);
+            score[r][lane] = e0;
+            score[r][lane + 32] = e1;
+            if (lane == 0) {
+                const float scale = __expf(part.max[r] - m);   // 0 after no chunk (max -inf)
+                rescale[r] = scale;
+                part.sum[r] = part.sum[r] * scale + l;
+                part.max[r] = m;
+            }
+        }
+        __syncthreads();
 #pragma unroll
         for (int r = 0; r < GROUP; ++r)
 #pragma unroll
-            for (int e = 0; e < 8; ++e) acc[r][e] = 0.f;
+            for (int e = 0; e < 8; ++e) acc[r][e] *= rescale[r];
 #pragma unroll
         for (int j = 0; j < PPT; ++j) {
             if (!valid[j]) continue;
-            const int p = s * SPLIT + pg + j * POS_GROUPS;
+            const int p = chunk * SPLIT + pg + j * POS_GROUPS;
             float vf[8];
             unpack8(p == pos ? reinterpret_cast<const uint4*>(kv_new[1])[c] : vr[j], vf);
 #pragma unroll
@@ -967,73 +997,50 @@ __global__ void __launch_bounds__(ATT_THREADS) decode_attention(
                 for (int e = 0; e < 8; ++e) acc[r][e] = fmaf(pr, vf[e], acc[r][e]);
             }
         }
-        if (pg < POS_GROUPS)
-#pragma unroll
-            for (int r = 0; r < GROUP; ++r)
-#pragma unroll
-                for (int e = 0; e < 8; ++e) o_stage[pg][r][c * 8 + e] = acc[r][e];
+        __syncthreads();   // score and rescale are rewritten by the next chunk
     }
+    if (pg < POS_GROUPS)
+#pragma unroll
+        for (int r = 0; r < GROUP; ++r)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) o_stage[pg][r][c * 8 + e] = acc[r][e];
     __syncthreads();
-    for (int i = threadIdx.x; i < GROUP * HEAD_DIM; i += ATT_THREADS) {
-        const int r = i / HEAD_DIM, d = i % HEAD_DIM, h = g * GROUP + r;
+    for (int i = threadIdx.x; i < GROUP * HEAD_DIM; i += ATT_THREADS) {   // in place: the block's sums in [0]
+        const int r = i / HEAD_DIM, d = i % HEAD_DIM;
         float t = 0.f;
 #pragma unroll
         for (int k = 0; k < POS_GROUPS; ++k) t += o_stage[k][r][d];
-        part_o[((size_t)h * splits + s) * HEAD_DIM + d] = t;
-        if (d == 0) {
-            part_ml[((size_t)h * splits + s) * 2] = head_max[r];
-            part_ml[((size_t)h * splits + s) * 2 + 1] = head_sum[r];
-        }
+        o_stage[0][r][d] = t;
     }
 
-    // the last block of head g merges the partials of the splits that hold positions
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) is_last = atomicAdd(heads_done + g, 1u) == (unsigned)splits - 1;
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-    // weight of split t for head r: exp(max_t - max) / sum over splits of exp(max_t - max) * sum_t (in smem,
-    // over o_stage); then each thread merges 4 outputs of one head with float4 loads, all splits' in flight
-    const int s_lo = lo / SPLIT, nsp = pos / SPLIT - s_lo + 1;
-    float* split_w = &o_stage[0][0][0];   // [GROUP][nsp]
-    for (int i = threadIdx.x; i < GROUP * nsp; i += ATT_THREADS) {
-        const int r = i / nsp, t = i % nsp;
-        split_w[i] = __ldcg(part_ml + ((size_t)(g * GROUP + r) * splits + s_lo + t) * 2);
-    }
-    __syncthreads();
-    for (int r = warp; r < GROUP; r += ATT_THREADS / 32) {
-        const float* ml = part_ml + ((size_t)(g * GROUP + r) * splits + s_lo) * 2;
-        float m = -INFINITY;
-        for (int t = lane; t < nsp; t += 32) m = fmaxf(m, split_w[r * nsp + t]);
-        m = warp_max(m);
-        float den = 0.f;
-        for (int t = lane; t < nsp; t += 32) {
-            const float wt = __expf(split_w[r * nsp + t] - m);
-            split_w[r * nsp + t] = wt;
-            den = fmaf(wt, __ldcg(ml + 2 * t + 1), den);
+    // merge: out = sum_b exp(max_b - M) o_b / sum_b exp(max_b - M) sum_b, M = max_b max_b (block 0 always has a
+    // chunk, so M is finite); every block's loads of the others' partials are issued together
+    cluster_sync();
+    const int per = (GROUP * HEAD_DIM + nb - 1) / nb;
+    for (int i = b * per + threadIdx.x; i < min((b + 1) * per, GROUP * HEAD_DIM); i += ATT_THREADS) {
+        const int r = i / HEAD_DIM, d = i % HEAD_DIM;
+        float m[ATT_CLUSTER], l[ATT_CLUSTER], o[ATT_CLUSTER];
+#pragma unroll
+        for (int t = 0; t < ATT_CLUSTER; ++t) {
+            const AttentionStats* stats = in_cluster_block(&part, t < nb ? t : 0);
+            const float* sums = in_cluster_block(&o_stage[0][r][d], t < nb ? t : 0);
+            m[t] = t < nb ? stats->max[r] : -INFINITY;
+            l[t] = t < nb ? stats->sum[r] : 0.f;
+            o[t] = t < nb ? *sums : 0.f;
         }
-        den = warp_sum(den);
-        if (lane == 0) head_sum[r] = 1.f / den;
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < GROUP * HEAD_DIM / 4; i += ATT_THREADS) {
-        const int r = i / (HEAD_DIM / 4), d4 = i % (HEAD_DIM / 4), h = g * GROUP + r;
-        const float4* po = reinterpret_cast<const float4*>(part_o + ((size_t)h * splits + s_lo) * HEAD_DIM) + d4;
-        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 8
-        for (int t = 0; t < nsp; ++t) {
-            const float4 p = __ldcg(po + (size_t)t * (HEAD_DIM / 4));
-            const float wt = split_w[r * nsp + t];
-            acc.x = fmaf(wt, p.x, acc.x); acc.y = fmaf(wt, p.y, acc.y);
-            acc.z = fmaf(wt, p.z, acc.z); acc.w = fmaf(wt, p.w, acc.w);
+        float top = m[0];
+#pragma unroll
+        for (int t = 1; t < ATT_CLUSTER; ++t) top = fmaxf(top, m[t]);
+        float num = 0.f, den = 0.f;
+#pragma unroll
+        for (int t = 0; t < ATT_CLUSTER; ++t) {
+            const float wt = __expf(m[t] - top);
+            num = fmaf(wt, o[t], num);
+            den = fmaf(wt, l[t], den);
         }
-        const float inv = head_sum[r];
-        weight_t* o = out + h * HEAD_DIM + 4 * d4;
-        o[0] = weight_t(acc.x * inv); o[1] = weight_t(acc.y * inv);
-        o[2] = weight_t(acc.z * inv); o[3] = weight_t(acc.w * inv);
+        out[(g * GROUP + r) * HEAD_DIM + d] = weight_t(num / den);
     }
-    if (threadIdx.x == 0) heads_done[g] = 0;
+    cluster_sync();   // no block exits while another may still read its shared memory
 }
 
 extern "C" {
@@ -1042,7 +1049,6 @@ int tsc_num_heads(void) { return HEADS; }
 int tsc_num_kv_heads(void) { return KV_HEADS; }
 int tsc_head_dim(void) { return HEAD_DIM; }
 int tsc_attention_split(void) { return SPLIT; }
-int tsc_attention_max_positions(void) { return SPLIT * MAX_SPLITS; }
 
 // y [n] = W [n, k] rmsnorm(x) (+ bias) (+ residual); act >= 0: y = act(W rmsnorm(x), W2 rmsnorm(x)) zeroed where
 // |y| <= threshold. norm_w null: no norm. y_float: y is fp32 (logits), else the model dtype.
@@ -1095,16 +1101,39 @@ int tsc_gemv(int k, int act, int n, const void* x, const void* norm_w, float eps
     return (int)cudaErrorInvalidValue;
 }
 
-// out = attention of the token at *position over the cache (see decode_attention); grid KV_HEADS x splits,
-// splits = ceil(capacity / SPLIT).
+// Blocks per KV head (one cluster): ATT_CLUSTER on sm_90+, capped by the cache's chunks; 1 before sm_90.
+static int attention_cluster_max = -1;   // -1: not decided yet
+
+// out = attention of the token at *position over the cache (see decode_attention).
 int tsc_decode_attention(const void* qkv, const int64_t* position, const float* cos_table, const float* sin_table,
-                         void* k_cache, void* v_cache, int capacity, int window, float* part_o, float* part_ml,
-                         unsigned* heads_done, void* out, cudaStream_t stream) {
-    const int splits = (capacity + SPLIT - 1) / SPLIT;
-    if (splits > MAX_SPLITS) return (int)cudaErrorInvalidValue;
-    return (int)launch(decode_attention, dim3(KV_HEADS, splits), ATT_THREADS, 0, stream, (const weight_t*)qkv,
-                       position, cos_table, sin_table, (weight_t*)k_cache, (weight_t*)v_cache, capacity, window,
-                       part_o, part_ml, heads_done, (weight_t*)out);
+                         void* k_cache, void* v_cache, int capacity, int window, void* out, cudaStream_t stream) {
+    if (attention_cluster_max < 0) {
+        int device = 0, major = 0;
+        cudaError_t err = cudaGetDevice(&device);
+        if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+        if (err == cudaSuccess && major >= 9)
+            err = cudaFuncSetAttribute(decode_attention, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+        if (err != cudaSuccess) return (int)err;
+        attention_cluster_max = major >= 9 ? ATT_CLUSTER : 1;
+    }
+    const int nb = min(attention_cluster_max, (capacity + SPLIT - 1) / SPLIT);
+    cudaLaunchAttribute attrs[2];
+    attrs[0].id = cudaLaunchAttributeClusterDimension;
+    attrs[0].val.clusterDim.x = nb;
+    attrs[0].val.clusterDim.y = 1;
+    attrs[0].val.clusterDim.z = 1;
+    attrs[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attrs[1].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(nb, KV_HEADS);
+    cfg.blockDim = dim3(ATT_THREADS);
+    cfg.stream = stream;
+    cfg.attrs = attrs;
+    cfg.numAttrs = attention_cluster_max > 1 ? 1 + (dependent_launch != 0) : 0;
+    cudaError_t err = cudaLaunchKernelEx(&cfg, decode_attention, (const weight_t*)qkv, position, cos_table,
+                                         sin_table, (weight_t*)k_cache, (weight_t*)v_cache, capacity, window,
+                                         (weight_t*)out);
+    return (int)(err != cudaSuccess ? err : cudaGetLastError());
 }
 
 }  // extern "C"
