@@ -44,6 +44,9 @@ RUNNER = textwrap.dedent('''
     sd = full_state_dict(model)
     if int(os.environ.get("RANK", "0")) == 0:
         save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(work, "final.safetensors"))
+    if world > 1:   # leave together: a rank exiting with a live gloo group can abort ("terminate called ...")
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 ''')
 
 CONFIG = {"stages": [{"name": "recover", "steps": 4, "lr": 3e-3, "warmup": 1},
