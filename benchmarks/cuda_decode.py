@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # relufy_gpu: the carried SmolLM2 pieces
-from tscompile.backends.cuda.kernels import KernelShape, compile_library, render_source  # noqa: E402
+from tscompile.backends.cuda.kernels import KernelShape, compile_library, device_arch, render_source  # noqa: E402
 from tscompile.backends.cuda.library import KernelLibrary  # noqa: E402
 from tscompile.backends.cuda.lower import rounded_ir  # noqa: E402
 from tscompile.backends.cuda.model import FFNSpec, GPUDecoder, layer_weight_names  # noqa: E402
@@ -111,11 +111,10 @@ def kernel_census(runner, prompt: list[int]) -> dict:
 
 
 def kernel_library(cfg: ArchConfig, rank: int, name: str) -> KernelLibrary:
-    major, minor = torch.cuda.get_device_capability()
     shape = KernelShape(name, cfg.hidden_size, cfg.intermediate_size, "bfloat16", ("swiglu",), rank, batches=(1,),
                         heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
     with tempfile.TemporaryDirectory() as tmp:
-        return KernelLibrary(compile_library(render_source(shape), f"sm_{major}{minor}", Path(tmp)))
+        return KernelLibrary(compile_library(render_source(shape), device_arch(), Path(tmp)))
 
 
 def decode_active_fractions(runner, prompt: list[int]) -> list[float]:
@@ -217,7 +216,7 @@ def bench_real_smollm2(repeats: int) -> list[dict]:
         logits = f.predictor(f.capture[0][0][0, -256:]).detach()
         ann.predictor.threshold = float(torch.quantile(logits.flatten(), 1 - ACTIVE))
     rows = []
-    arch = "sm_{}{}".format(*torch.cuda.get_device_capability())
+    arch = device_arch()
     for label, model in (("as imported (exact FFNs)", ir), ("random rank-64 predictors, 10% active", gated)):
         with tempfile.TemporaryDirectory() as tmp:
             BACKEND.lower(model, CudaConfig(arch=arch), Path(tmp))

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tscompile.backends.cuda.kernels import KernelShape, compile_library, render_source  # noqa: E402
+from tscompile.backends.cuda.kernels import KernelShape, compile_library, device_arch, render_source  # noqa: E402
 from tscompile.backends.cuda.library import KernelLibrary, Workspace  # noqa: E402
 
 H, I, RANK = 4096, 14336, 256
@@ -166,8 +166,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         shape = KernelShape("mistral-7b-ffn", H, I, "bfloat16", ("swiglu",), RANK, heads=32, kv_heads=8,
                             head_dim=128)
-        major, minor = torch.cuda.get_device_capability()
-        lib = KernelLibrary(compile_library(render_source(shape), f"sm_{major}{minor}", Path(tmp)))
+        lib = KernelLibrary(compile_library(render_source(shape), device_arch(), Path(tmp)))
 
     warm_up_clocks()
     bw = copy_bandwidth()

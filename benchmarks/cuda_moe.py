@@ -31,7 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cuda_ffn import copy_bandwidth, time_graph, warm_up_clocks
-from tscompile.backends.cuda.kernels import KernelShape, compile_library, render_source
+from tscompile.backends.cuda.kernels import KernelShape, compile_library, device_arch, render_source
 from tscompile.backends.cuda.library import KernelLibrary, Workspace
 from tscompile.backends.cuda.model import FFNSpec
 from tscompile.backends.cuda.moe import (
@@ -111,11 +111,10 @@ def main():
     props = torch.cuda.get_device_properties(dev)
     sms = props.multi_processor_count
     with tempfile.TemporaryDirectory() as tmp:
-        major, minor = torch.cuda.get_device_capability()
         src = render_moe_source(MoEShape("mixtral-8x7b-moe", H, I, E, K, "bfloat16", ("swiglu",), RANK))
-        kernels = MoEKernels(KernelLibrary(compile_library(src, f"sm_{major}{minor}", Path(tmp) / "moe")))
+        kernels = MoEKernels(KernelLibrary(compile_library(src, device_arch(), Path(tmp) / "moe")))
         ffn_src = render_source(KernelShape("mixtral-expert-rows", H, I, "bfloat16", ("swiglu",), batches=(1,)))
-        ffn_lib = KernelLibrary(compile_library(ffn_src, f"sm_{major}{minor}", Path(tmp) / "ffn"))
+        ffn_lib = KernelLibrary(compile_library(ffn_src, device_arch(), Path(tmp) / "ffn"))
 
     warm_up_clocks()
     bw = copy_bandwidth()

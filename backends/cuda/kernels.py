@@ -122,6 +122,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TSCOMPILE_CACHE") or Path.home() / ".cache" / "tscompile") / "cuda"
 
 
+def device_arch() -> str:
+    """nvcc's -arch for the GPU torch sees here (e.g. sm_90)."""
+    import torch
+    return "sm_{}{}".format(*torch.cuda.get_device_capability())
+
+
 def compile_library(source: str, arch: str, dest: Path | None = None) -> Path:
     """Compile `source` for `arch` (through the cache) and copy the library to dest/libtscffn.so; without dest,
     return the cached library itself. Raises UserError without nvcc."""

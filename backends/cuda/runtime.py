@@ -15,10 +15,9 @@ CAPACITY_STEP = 256   # KV cache capacity grows in these steps (each growth re-c
 
 def library_for_device(outdir: Path, manifest: dict):
     """The artifact's kernel library, rebuilt from its ffn.cu when it was built for another GPU or won't load."""
-    import torch
-    from .kernels import LIBRARY, compile_library
+    from .kernels import LIBRARY, compile_library, device_arch
     from .library import KernelLibrary
-    arch = "sm_{}{}".format(*torch.cuda.get_device_capability())
+    arch = device_arch()
     lib_path = outdir / LIBRARY
     if lib_path.exists() and manifest["arch"] == arch:
         try:

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 import torch.nn.functional as F  # noqa: E402
 
-from tscompile.backends.cuda.kernels import BATCHES, KernelShape, compile_library, render_source  # noqa: E402
+from tscompile.backends.cuda.kernels import BATCHES, KernelShape, compile_library, device_arch, render_source  # noqa: E402
 from tscompile.backends.cuda.library import KernelLibrary, Workspace, default_grid  # noqa: E402
 from tscompile.reference import activate  # noqa: E402
 
@@ -27,10 +27,9 @@ EPS = 1e-5
 def lib(request, tmp_path_factory):
     name, dtype = request.param
     hidden, inter, heads, kv_heads, head_dim = SHAPES[name]
-    major, minor = torch.cuda.get_device_capability()
     src = render_source(KernelShape(name, hidden, inter, dtype, KINDS, RANK, heads=heads, kv_heads=kv_heads,
                                     head_dim=head_dim))
-    lib = KernelLibrary(compile_library(src, f"sm_{major}{minor}", tmp_path_factory.mktemp(name)))
+    lib = KernelLibrary(compile_library(src, device_arch(), tmp_path_factory.mktemp(name)))
     return lib, getattr(torch, dtype)
 
 

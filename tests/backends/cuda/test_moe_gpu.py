@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 import torch.nn.functional as F
-from tscompile.backends.cuda.kernels import compile_library
+from tscompile.backends.cuda.kernels import compile_library, device_arch
 from tscompile.backends.cuda.library import KernelLibrary, default_grid
 from tscompile.backends.cuda.model import FFNSpec
 from tscompile.backends.cuda.moe import (
@@ -36,9 +36,8 @@ RANK = 64
 def moe(request, tmp_path_factory):
     name, dtype = request.param
     H, I, E, K = SHAPES[name]
-    major, minor = torch.cuda.get_device_capability()
     src = render_moe_source(MoEShape(name, H, I, E, K, dtype, KINDS, RANK))
-    lib = KernelLibrary(compile_library(src, f"sm_{major}{minor}", tmp_path_factory.mktemp(name)))
+    lib = KernelLibrary(compile_library(src, device_arch(), tmp_path_factory.mktemp(name)))
     return MoEKernels(lib), getattr(torch, dtype)
 
 

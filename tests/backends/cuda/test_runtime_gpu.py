@@ -10,6 +10,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 from golden_cases import CASES, PROMPT, STEPS, assert_same_greedy, case_ir  # noqa: E402
 from tscompile.backends.cuda import BACKEND, CudaConfig  # noqa: E402
+from tscompile.backends.cuda.kernels import device_arch  # noqa: E402
 from tscompile.backends.cuda.lower import rounded_ir  # noqa: E402
 from tscompile.verify import ReferenceRunner, compare_logits  # noqa: E402
 
@@ -18,7 +19,7 @@ from tscompile.verify import ReferenceRunner, compare_logits  # noqa: E402
 @pytest.mark.parametrize("name", CASES)
 def test_runner_matches_reference(name, dtype, tmp_path):
     ir = case_ir(name)
-    arch = "sm_{}{}".format(*torch.cuda.get_device_capability())
+    arch = device_arch()
     BACKEND.lower(ir, CudaConfig(arch=arch, dtype=dtype), tmp_path)
     runner = BACKEND.load(tmp_path)
     ref = ReferenceRunner(rounded_ir(ir, getattr(torch, dtype)), "batched")
@@ -48,7 +49,7 @@ def test_runner_matches_reference(name, dtype, tmp_path):
 def test_artifact_built_for_another_gpu_is_rebuilt(tmp_path):
     """An artifact lowered for the other arch than this GPU's loads by recompiling its ffn.cu with nvcc."""
     ir = case_ir("mistral-drelu-predictor")
-    here = "sm_{}{}".format(*torch.cuda.get_device_capability())
+    here = device_arch()
     other = "sm_80" if here != "sm_80" else "sm_90"
     BACKEND.lower(ir, CudaConfig(arch=here), tmp_path / "here")
     BACKEND.lower(ir, CudaConfig(arch=other), tmp_path / "other")
