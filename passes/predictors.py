@@ -539,28 +539,11 @@ def apply_predictors(ir: ModelIR, cfg: PredictorsConfig, ctx: Context) -> ModelI
 
 def plot_predictors(ir: ModelIR, out_png) -> None:
     """Per FFN: recall and predicted sparsity of its predictor, true sparsity to compare; exact FFNs marked."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    units = list(ir.ffn_units())
-    xs = range(len(units))
-    nan = float("nan")
-    st = [a.stats for _, _, a in units]
-    fig, ax = plt.subplots(figsize=(8, 3.4), dpi=110)
-    ax.plot(xs, [s.get("true_sparsity", nan) for s in st], ls="--", color="k", label="true sparsity")
-    ax.plot(xs, [s.get("predicted_sparsity", nan) if a.mode == "predictor" else nan
-                 for s, (_, _, a) in zip(st, units)], marker="s", ms=3, label="predicted sparsity")
-    ax.plot(xs, [s.get("recall", nan) if a.mode == "predictor" else nan for s, (_, _, a) in zip(st, units)],
-            marker="o", ms=3, label="recall")
-    exact = [k for k, (_, _, a) in enumerate(units) if a.mode != "predictor"]
-    if exact:
-        ax.scatter(exact, [0.02] * len(exact), marker="x", color="r", label="exact gating")
-    ax.set(xlabel="FFN (layer, expert)" if ir.config.is_moe else "layer", ylim=(0, 1.02),
-           title="Predictors: held-out recall vs predicted sparsity")
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)
+    from pathlib import Path
+
+    from tscompile.report import draw_predictors, save_plot
+    ffns = [a.to_json() for _, _, a in ir.ffn_units()]
+    save_plot(Path(out_png), lambda ax: draw_predictors(ax, ffns))
 
 
 PASS = PassInfo(name="predictors", version="2",

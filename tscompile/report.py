@@ -26,7 +26,7 @@ def _fmt(x: Any, digits: int = 4) -> str:
     return str(x)
 
 
-def _plot(path: Path, draw) -> str:
+def save_plot(path: Path, draw) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -48,7 +48,7 @@ def plot_layer_sparsity(results: dict[str, Any], out: Path) -> str | None:
             ax.plot(range(len(r["layer_sparsity"])), r["layer_sparsity"], marker="o", ms=3, label=name)
         ax.set(xlabel="layer", ylabel="FFN sparsity", ylim=(0, 1), title="Measured FFN sparsity per layer")
         ax.legend()
-    return _plot(out / "layer_sparsity.png", draw)
+    return save_plot(out / "layer_sparsity.png", draw)
 
 
 def ffn_annotations(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -58,20 +58,30 @@ def ffn_annotations(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]
             for e, ffn in enumerate(a.get("experts") or [a])]
 
 
-def plot_predictors(results: dict[str, Any], out: Path) -> str | None:
-    stats = [a.get("stats", {}) for _, a in ffn_annotations(results)]
-    if not any("recall" in s for s in stats):
-        return None
+def draw_predictors(ax, ffns: list[dict[str, Any]]) -> None:
+    """Per FFN (annotation dicts): true sparsity, and the predictor's predicted sparsity and held-out recall;
+    FFNs left on exact gating are marked."""
+    nan = float("nan")
+    gated = [a["mode"] == "predictor" for a in ffns]
+    st = [a.get("stats", {}) for a in ffns]
+    xs = range(len(ffns))
+    ax.plot(xs, [s.get("true_sparsity", nan) for s in st], ls="--", color="k", label="true sparsity")
+    ax.plot(xs, [s.get("predicted_sparsity", nan) if g else nan for s, g in zip(st, gated)], marker="s", ms=3,
+            label="predicted sparsity")
+    ax.plot(xs, [s.get("recall", nan) if g else nan for s, g in zip(st, gated)], marker="o", ms=3, label="recall")
+    exact = [k for k, g in enumerate(gated) if not g]
+    if exact:
+        ax.scatter(exact, [0.02] * len(exact), marker="x", color="r", label="exact gating")
+    ax.set(xlabel="FFN (layer, or layer x expert)", ylim=(0, 1.02),
+           title="Predictors: held-out recall vs predicted sparsity")
+    ax.legend(fontsize=7, loc="lower right")
 
-    def draw(ax):
-        xs = range(len(stats))   # one point per FFN (per expert for MoE)
-        ax.plot(xs, [s.get("recall", float("nan")) for s in stats], marker="o", ms=3, label="recall")
-        ax.plot(xs, [s.get("predicted_sparsity", float("nan")) for s in stats], marker="s", ms=3,
-                label="predicted sparsity")
-        ax.plot(xs, [s.get("true_sparsity", float("nan")) for s in stats], ls="--", label="true sparsity")
-        ax.set(xlabel="FFN (layer, or layer x expert)", ylim=(0, 1.02), title="Predictors: recall vs predicted sparsity")
-        ax.legend()
-    return _plot(out / "predictors.png", draw)
+
+def plot_predictors(results: dict[str, Any], out: Path) -> str | None:
+    ffns = [a for _, a in ffn_annotations(results)]
+    if not any("recall" in a.get("stats", {}) for a in ffns):
+        return None
+    return save_plot(out / "predictors.png", lambda ax: draw_predictors(ax, ffns))
 
 
 def plot_speedup(results: dict[str, Any], out: Path) -> str | None:
@@ -83,7 +93,7 @@ def plot_speedup(results: dict[str, Any], out: Path) -> str | None:
         ax.bar(list(sp), list(sp.values()), color="#4c72b0")
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set(ylabel="decode speedup vs dense", title="Sparse vs dense build, same backend")
-    return _plot(out / "speedup.png", draw)
+    return save_plot(out / "speedup.png", draw)
 
 
 def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
