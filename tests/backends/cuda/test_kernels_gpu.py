@@ -16,8 +16,10 @@ from tscompile.reference import activate  # noqa: E402
 
 KINDS = ("swiglu", "geglu", "relu", "drelu")
 # hidden, inter, heads, kv_heads, head_dim; odd: hidden not a multiple of 256, inter not of 32, heads * head_dim
-# (192) != hidden; gqa128: Mistral-7B's attention (32 query heads on 8 KV heads of 128) on a small FFN
-SHAPES = {"smollm2": (576, 1536, 9, 3, 64), "odd": (200, 999, 6, 2, 32), "gqa128": (512, 1024, 32, 8, 128)}
+# (192) != hidden; gqa128: Mistral-7B's attention (32 query heads on 8 KV heads of 128) on a small FFN; group8: 8
+# query heads per KV head, the 128-thread attention block (256 threads up to 4)
+SHAPES = {"smollm2": (576, 1536, 9, 3, 64), "odd": (200, 999, 6, 2, 32), "gqa128": (512, 1024, 32, 8, 128),
+          "group8": (256, 512, 16, 2, 64)}
 RANK = 64
 EPS = 1e-5
 
