@@ -154,13 +154,18 @@ def gemv_vs_cublas(lib, x, wg, wu, wd, wgu) -> dict:
     return out
 
 
-def main():
+def benchmark_setup(default_out: str):
+    """The benchmark's command line (--out), a seeded RNG, the GPU and its properties: (args, device, properties)."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="benchmarks/results/cuda_ffn.json")
+    ap.add_argument("--out", default=default_out)
     args = ap.parse_args()
     torch.manual_seed(0)
     dev = torch.device("cuda")
-    props = torch.cuda.get_device_properties(dev)
+    return args, dev, torch.cuda.get_device_properties(dev)
+
+
+def main():
+    args, dev, props = benchmark_setup("benchmarks/results/cuda_ffn.json")
     sms = props.multi_processor_count
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,7 +17,6 @@ Every configuration is first checked against a float64 reference on fresh inputs
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cuda_ffn import copy_bandwidth, time_graph, warm_up_clocks
+from cuda_ffn import benchmark_setup, copy_bandwidth, time_graph, warm_up_clocks
 from tscompile.backends.cuda.kernels import KernelShape, compile_library, device_arch, render_source
 from tscompile.backends.cuda.library import KernelLibrary, Workspace
 from tscompile.backends.cuda.model import FFNSpec
@@ -103,12 +102,7 @@ def same_rows_through_sparse_ffn(ffn_lib, w, x, lists, n, grid) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="benchmarks/results/cuda_moe.json")
-    args = ap.parse_args()
-    torch.manual_seed(0)
-    dev = torch.device("cuda")
-    props = torch.cuda.get_device_properties(dev)
+    args, dev, props = benchmark_setup("benchmarks/results/cuda_moe.json")
     sms = props.multi_processor_count
     with tempfile.TemporaryDirectory() as tmp:
         src = render_moe_source(MoEShape("mixtral-8x7b-moe", H, I, E, K, "bfloat16", ("swiglu",), RANK))
