@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--probe", default=None, help="comma-separated layers: the criteria probe (see above)")
     ap.add_argument("--ceiling", default=None, help="comma-separated layers: the rank ceiling (see above)")
     ap.add_argument("--trained-ranks", default="64,100,256,512", help="ceiling: ranks of trained predictors")
+    ap.add_argument("--full-schedule-ranks", default="256,512",
+                    help="ceiling: ranks trained again with early stopping off (all epochs of the schedule)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
@@ -213,12 +215,20 @@ def rank_ceiling(args, layers: list[int]) -> None:
         for r in [int(x) for x in args.trained_ranks.split(",")]:
             trained[r] = timed_training(tr, va, te, r, cfg, layer) | {"bytes_share": predictor_share(r, H, I)}
             print(layer, "trained", r, json.dumps(trained[r]), flush=True)
+        # the pass stops after `patience` epochs without val gain, before the lr schedule ends: large ranks
+        # stopped after 3-5 epochs, so they are trained again through the whole schedule
+        full_schedule = {}
+        no_stop = cfg.model_copy(update={"patience": cfg.epochs})
+        for r in [int(x) for x in args.full_schedule_ranks.split(",") if x]:
+            full_schedule[r] = timed_training(tr, va, te, r, no_stop, layer) | {
+                "bytes_share": predictor_share(r, H, I)}
+            print(layer, "trained full schedule", r, json.dumps(full_schedule[r]), flush=True)
         # the oracle is no upper bound (another function of the same view may do better): a head far wider
         # than an affordable predictor's, trained on the rank-WIDE_VIEW_RANK rrr view z = down x, tests how
         # much of the decision that view holds
         down = criteria[WIDE_VIEW_RANK]["rrr"].down
         on_view = [FFNSamples((s.x.float() @ down.T).half(), s.bits, s.inter) for s in (tr, va, te)]
-        wide = timed_training(*on_view, WIDE_HIDDEN, cfg, layer) | {"view_rank": WIDE_VIEW_RANK,
+        wide = timed_training(*on_view, WIDE_HIDDEN, no_stop, layer) | {"view_rank": WIDE_VIEW_RANK,
                                                                     "hidden": WIDE_HIDDEN}
         print(layer, "wide head on view", json.dumps(wide), flush=True)
         true_sparsity = oracle["pca"][H]["true_sparsity"]
@@ -226,7 +236,8 @@ def rank_ceiling(args, layers: list[int]) -> None:
             "true_sparsity": true_sparsity, "samples": {"train": len(tr), "val": len(va), "test": len(te)},
             # what a perfect scorer predicts at the target recall: the acceptance asks for >= true - 0.05
             "perfect_predicted_sparsity": 1 - cfg.target_recall * (1 - true_sparsity),
-            "oracle": oracle, "trained": trained, "wide_head_on_rrr_view": wide}
+            "oracle": oracle, "trained": trained, "trained_full_schedule": full_schedule,
+            "wide_head_on_rrr_view": wide}
     result |= {"seconds": round(time.time() - t_start, 1), "cpu_seconds": round(_cpu_seconds() - c_start, 1),
                "load_avg_1m_at_end": os.getloadavg()[0]}
     _write_json(args.out, result)
