@@ -6,7 +6,9 @@ Measured in one run, side by side: the device-to-device copy bandwidth (bytes re
 through cuBLAS (torch F.linear, best of three forms, in a CUDA graph), the sparse FFN at sparsity 0.5/0.8/0.9/0.95
 (batch 1, plus batches 2/4/8 at 0.9), the rank-256 predictor, and
 the decode step's generated GEMVs (RMSNorm folded in) against cuBLAS on the same matrices (q/k/v of Mistral-7B;
-gate + up + activation of the FFN). Every timing is the median of CUDA-event timed
+gate + up + activation of the FFN), and exact gating without a predictor (ProSparse's operator: a GEMV of the gate,
+then the listed neurons' rows; dReLU with 50/20/10% of gates positive, SwiGLU with half of h under a threshold).
+Every timing is the median of CUDA-event timed
 graph replays after warm-up; each replay cycles through 8 random active sets (fresh ids, so no set stays in L2).
 Every sparse configuration is first checked against a float64 reference on fresh random inputs, outputs poisoned.
 """
@@ -100,6 +102,51 @@ def rel_err(out, ref) -> float:
     return float((out - ref).norm() / ref.norm())
 
 
+def exact_gating(lib, ws, wg, wu, wdt, dense_us: float, grid: int) -> list[dict]:
+    """Exact gating, batch 1: gemv g = Wg x, then sparse_ffn_exact over the neurons with g > 0 (dReLU) or all of them
+    (SwiGLU), down rows only where h != 0. The share of positive gates is set through input channel 0, held at 8 in
+    every input (a gate bias, as the large constant channels of real models give one): Wg[:, 0] = -z / 8 with z the
+    normal quantile of the wanted share (the rest of g is ~N(0, 1))."""
+    dev, bf = wg.device, wg.dtype
+    x = torch.randn(SETS, 1, H, device=dev, dtype=bf)
+    x[:, :, 0] = 8
+    g = torch.empty(SETS, 1, I, device=dev, dtype=torch.float32)
+    y = torch.empty(SETS, 1, H, device=dev, dtype=bf)
+    rows = []
+    for kind, positive in (("drelu", 0.5), ("drelu", 0.2), ("drelu", 0.1), ("swiglu", None)):
+        w_gate = wg.clone()
+        if positive is not None:
+            w_gate[:, 0] = -statistics.NormalDist().inv_cdf(1 - positive) / 8
+        xd = x.double()
+        gd, ud = xd @ w_gate.double().T, xd @ wu.double().T
+        h = F.relu(gd) * F.relu(ud) if kind == "drelu" else F.silu(gd) * ud
+        threshold = 0.0 if kind == "drelu" else float(h.abs().float().quantile(0.5))   # SwiGLU: half of h zeroed
+        h = h * (h.abs() > threshold)
+        listed = kind == "drelu"
+
+        def step():
+            for k in range(SETS):
+                if listed:
+                    lib.gemv(x[k], w_gate, g[k])
+                lib.sparse_ffn_exact(x[k], w_gate, wu, wdt, kind, threshold, g[k] if listed else None, ws, y[k],
+                                     grid)
+        y.fill_(float("nan"))
+        step()
+        torch.cuda.synchronize()
+        err = max(rel_err(y[k], h[k] @ wdt.double()) for k in range(SETS))
+        assert int(ws.barrier.item()) & 0x7FFFFFFF == 0, "grid barrier counter left mid-count"
+        us = time_graph(step, SETS)
+        share_listed = float((g > 0).float().mean()) if listed else 1.0
+        share_nonzero = float((h != 0).float().mean())
+        nbytes = (I + share_listed * I + share_nonzero * I) * H * 2   # all of Wg: by the GEMV (dReLU) or the rows
+        row = {"activation": kind, "listed": share_listed, "nonzero_h": share_nonzero, "threshold": threshold,
+               "max_rel_err": err, "us": us, "speedup_vs_dense": dense_us / us,
+               "bytes_floor_speedup": 3 * I * H * 2 / nbytes, "achieved_GBps": nbytes / us / 1e3}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def gemv_vs_cublas(lib, x, wg, wu, wd, wgu) -> dict:
     """The decode step's GEMVs (RMSNorm folded in) against cuBLAS after a separate RMSNorm, same matrices, us per
     call: q/k/v of Mistral-7B (6144 x 4096), act(gate) * up of the FFN (2 x 14336 x 4096), and the dense FFN
@@ -169,7 +216,7 @@ def main():
     sms = props.multi_processor_count
 
     with tempfile.TemporaryDirectory() as tmp:
-        shape = KernelShape("mistral-7b-ffn", H, I, "bfloat16", ("swiglu",), RANK, heads=32, kv_heads=8,
+        shape = KernelShape("mistral-7b-ffn", H, I, "bfloat16", ("swiglu", "drelu"), RANK, heads=32, kv_heads=8,
                             head_dim=128)
         lib = KernelLibrary(compile_library(render_source(shape), device_arch(), Path(tmp)))
 
@@ -287,6 +334,7 @@ def main():
 
     gemv = gemv_vs_cublas(lib, x, wg, wu, wd, wgu)
     print(json.dumps(gemv), flush=True)
+    exact = exact_gating(lib, ws, wg, wu, wdt, dense_us, sms)
 
     bw = max(bw, copy_bandwidth())   # again, at the end: report the better of the two
     for r in rows:
@@ -294,7 +342,7 @@ def main():
     result = {"device": props.name, "sms": sms, "command": "python benchmarks/cuda_ffn.py",
               "torch": torch.__version__, "shape": {"hidden": H, "intermediate": I, "dtype": "bfloat16"},
               "copy_GBps": bw, "dense_us": dense_us, "dense_variants_us": dense, "sparse": rows,
-              "predictor": predictor, "gemv": gemv}
+              "predictor": predictor, "gemv": gemv, "exact_gating": exact}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
@@ -308,6 +356,10 @@ def main():
     print(f"predictor r={RANK}: {pred_us:.1f} us ({predictor['predict_GBps']:.0f} GB/s), active "
           f"{100 * predictor['active_fraction']:.1f}%, set ok {predictor_ok}; predictor+ffn {both_us:.1f} us "
           f"= {predictor['speedup_vs_dense_with_predictor']:.2f}x dense (plain launches: {plain})")
+    for r in exact:
+        print(f"exact gating {r['activation']}: listed {100 * r['listed']:.0f}%, h != 0 {100 * r['nonzero_h']:.0f}%: "
+              f"{r['us']:.1f} us = {r['speedup_vs_dense']:.2f}x dense (bytes floor {r['bytes_floor_speedup']:.2f}x, "
+              f"{r['achieved_GBps']:.0f} GB/s)")
 
 
 if __name__ == "__main__":

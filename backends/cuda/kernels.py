@@ -89,7 +89,9 @@ def render_source(shape: KernelShape) -> str:
                                    "rvec_per_lane": max(1, math.ceil(shape.max_rank / 8 / 32)),
                                    "npw": 8})
     gemv_variants = []   # (k, act, y_float): q/k/v and o projections, LM head (fp32 logits), dense gate+up
+    exact_variants = []  # the decode runtime's exact-gating FFN (one token)
     if shape.heads:
+        exact_variants = [ffn_launch(shape.hidden, 1) | {"act_enum": ACTIVATION_ENUM[a]} for a in shape.activations]
         for k in sorted({shape.hidden, shape.heads * shape.head_dim}):
             gemv_variants.append({"k": k, "act": -1, "y_float": 0})
         gemv_variants.append({"k": shape.hidden, "act": -1, "y_float": 1})
@@ -98,7 +100,8 @@ def render_source(shape: KernelShape) -> str:
         name=shape.name, hidden=shape.hidden, inter=shape.inter, batches=shape.batches, dtype_c=ctype,
         dtype_header=header, pair_c=pair, pair_to_float2=pair_to_f2, floats_to_pair=floats_to_pair,
         max_rank=max(8, shape.max_rank), ffn_variants=ffn_variants, predictor_variants=predictor_variants,
-        heads=shape.heads, kv_heads=shape.kv_heads, head_dim=shape.head_dim, gemv_variants=gemv_variants)
+        heads=shape.heads, kv_heads=shape.kv_heads, head_dim=shape.head_dim, gemv_variants=gemv_variants,
+        exact_variants=exact_variants)
 
 
 def nvcc_path() -> str | None:

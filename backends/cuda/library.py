@@ -21,6 +21,8 @@ class KernelLibrary:
         if hasattr(self.lib, "tsc_sparse_ffn"):   # not in an MoE model's library (no dense FFN kernel)
             self.lib.tsc_sparse_ffn.argtypes = [_I, _I, _I, _P, _P, _F, _P, _P, _P, _P, _P, _P, _F, _P, _I, _P, _P,
                                                 _P, _P]
+        if hasattr(self.lib, "tsc_sparse_ffn_exact"):   # built with the decode-step kernels
+            self.lib.tsc_sparse_ffn_exact.argtypes = [_I, _I, _P, _P, _F, _P, _P, _P, _P, _F, _P, _I, _P, _P, _P, _P]
         self.lib.tsc_predict.argtypes = [_I, _P, _P, _F, _P, _P, _I, _I, _F, _P, _P, _P, _P, _P]
         self.lib.tsc_error_string.restype = ctypes.c_char_p
         self.lib.tsc_set_dependent_launch.argtypes = [_I]
@@ -54,6 +56,18 @@ class KernelLibrary:
             float(threshold), ws.partials.data_ptr(), ws.partials.shape[0], ws.barrier.data_ptr(), _ptr(residual),
             y.data_ptr(), stream),
             "sparse_ffn")
+
+    def sparse_ffn_exact(self, x, w_gate, w_up, w_down_t, activation: str, threshold: float, gate_values,
+                         ws: "Workspace", y, grid: int, residual=None, norm=None, eps: float = 0.0) -> None:
+        """y [1, hidden] = FFN(x) (+ residual) with exact gating. relu, drelu: over the neurons with gate_values > 0,
+        gate_values being g = Wg rmsnorm(x) of every neuron (fp32 [1, inter], from gemv); swiglu, geglu: over every
+        neuron (gate_values None). Down rows are read only where h != 0."""
+        import torch
+        stream = torch.cuda.current_stream().cuda_stream
+        self._check(self.lib.tsc_sparse_ffn_exact(
+            ACTIVATION_ENUM[activation], grid, x.data_ptr(), _ptr(norm), eps, w_gate.data_ptr(), w_up.data_ptr(),
+            w_down_t.data_ptr(), _ptr(gate_values), float(threshold), ws.partials.data_ptr(), ws.partials.shape[0],
+            ws.barrier.data_ptr(), _ptr(residual), y.data_ptr(), stream), "sparse_ffn_exact")
 
     def predict(self, x, fc1, fc2, relu: bool, threshold: float, ws: "Workspace", norm=None,
                 eps: float = 0.0) -> None:
@@ -106,8 +120,7 @@ class Workspace:
         self.active = torch.zeros(inter, dtype=torch.int32, device=device)
         self.active_count = torch.zeros(1, dtype=torch.int32, device=device)
         self.token_mask = torch.zeros(max_batch, inter, dtype=torch.uint8, device=device)
-        self.all_ids = torch.arange(inter, dtype=torch.int32, device=device)                 # dense/exact FFNs
-        self.all_count = torch.full((1,), inter, dtype=torch.int32, device=device)
+        self.gate_values = torch.zeros(1, inter, dtype=torch.float32, device=device)   # exact gating: g = Wg x
 
 
 def default_grid(device=None) -> int:

@@ -1,10 +1,11 @@
 """The decoder on the GPU. Same function as tscompile/reference.py.
 
 A decode step (one token) runs on the generated kernels: per layer a GEMV for q/k/v with the input RMSNorm folded
-in, one attention kernel (rope, KV-cache write, split-KV attention), a GEMV for o_proj + residual, then the FFN:
-predictor + sparse_ffn with the post-attention RMSNorm folded in, or for the dense baseline a GEMV for
-act(gate) * up (norm folded in the same way) and cuBLAS for down + residual; the LM head is a GEMV with the final
-norm. Prompts (several tokens) run in PyTorch with the dense exact FFN.
+in, one attention kernel (rope, KV-cache write, split-KV attention), a GEMV for o_proj + residual, then the FFN
+with the post-attention RMSNorm folded in: predictor + sparse_ffn (mode predictor); exact gating with
+sparse_ffn_exact, after a GEMV of the gate that picks its rows for relu and drelu; or, where no h is ever zero and
+for the dense baseline, a GEMV for act(gate) * up and cuBLAS for down + residual. The LM head is a GEMV with the
+final norm. Prompts (several tokens) run in PyTorch with the dense exact FFN.
 
 The KV cache has a fixed capacity and every tensor a decode step touches is allocated once, so the step
 (one token in at `pos`, logits and the greedy next token out) can be captured in a CUDA graph.
@@ -122,19 +123,32 @@ class GPUDecoder:
         if self.cfg.is_moe:
             return self.moe[i].decode_into(self._norm(x, norm), x)
         if self.dense:
-            h = torch.empty(1, self.cfg.intermediate_size, dtype=self.dtype, device=self.dev)
-            lib.gemv(x, self.w[n["gate"]], h, norm=norm, eps=eps, up=self.w[n["up"]], activation=f.activation,
-                     threshold=f.threshold)
-            return torch.addmm(x, h, self.w[f"layers.{i}.down"].T)
-        ws = self.ws
-        active, count = ws.all_ids, ws.all_count
+            return self._ffn_gemv(i, x, self.w[f"layers.{i}.down"].T)
+        ws, gate, up, down_t = self.ws, self.w[n["gate"]], self.w[n["up"]], self.w[n["down_t"]]
+        if not f.gated and f.threshold == 0 and f.activation in ("swiglu", "geglu"):   # no h is ever zero
+            return self._ffn_gemv(i, x, down_t)
         if f.gated:
             lib.predict(x, self.w[n["fc1"]], self.w[n["fc2"]], f.predictor_relu, f.predictor_threshold, ws,
                         norm=norm, eps=eps)
-            active, count = ws.active, ws.active_count
-        lib.sparse_ffn(x, self.w[n["gate"]], self.w[n["up"]], self.w[n["down_t"]], f.activation, f.threshold,
-                       active, count, None, ws, x, self.grid, residual=x, norm=norm, eps=eps)
+            lib.sparse_ffn(x, gate, up, down_t, f.activation, f.threshold, ws.active, ws.active_count, None, ws, x,
+                           self.grid, residual=x, norm=norm, eps=eps)
+            return x
+        g = None
+        if f.activation in ("relu", "drelu"):   # act is exactly zero where g <= 0: the gate GEMV picks the rows
+            g = ws.gate_values
+            lib.gemv(x, gate, g, norm=norm, eps=eps)
+        lib.sparse_ffn_exact(x, gate, up, down_t, f.activation, f.threshold, g, ws, x, self.grid, residual=x,
+                             norm=norm, eps=eps)
         return x
+
+    def _ffn_gemv(self, i: int, x, down_t) -> torch.Tensor:
+        """x + FFN(rmsnorm(x)) on the dense kernels: a GEMV for act(gate) * up with the norm folded in, then cuBLAS
+        for h @ down_t + x (down_t [inter, hidden], a transposed view of the HF layout or the sparse layout)."""
+        f, n = self.ffns[i], layer_weight_names(i)
+        h = torch.empty(1, self.cfg.intermediate_size, dtype=self.dtype, device=self.dev)
+        self.lib.gemv(x, self.w[n["gate"]], h, norm=self.w[n["post_norm"]], eps=self.cfg.rms_norm_eps,
+                      up=self.w[n["up"]], activation=f.activation, threshold=f.threshold)
+        return torch.addmm(x, h, down_t)
 
     def _decode(self, token, pos):
         """One token [1] at pos [1] through the generated kernels -> float32 logits [1, vocab]."""

@@ -88,6 +88,36 @@ def test_sparse_ffn_matches_reference(lib, kind, batch):
         assert int(ws.barrier.item()) & 0x7FFFFFFF == 0, "grid barrier counter left mid-count"
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_sparse_ffn_exact_matches_reference(lib, kind):
+    """Exact gating. relu, drelu: the neurons with gate_values > 0 (g shifted so that 100% / 50% / 15% / 30% are
+    listed; the kernel takes g from gate_values, never from the gate rows); swiglu, geglu: every neuron. h
+    thresholded, down rows of zero h skipped (their h must not leak in either way)."""
+    lib, dtype = lib
+    H, I = lib.hidden, lib.inter
+    ws = Workspace(lib, RANK, 1)
+    gate_lists = kind in ("relu", "drelu")
+    for trial in range(4):
+        gen = torch.Generator(device="cuda").manual_seed(31 + trial)
+        w = [torch.randn(I, H, device="cuda", generator=gen).to(dtype) / H ** 0.5 for _ in range(3)]
+        x = torch.randn(1, H, device="cuda", generator=gen).to(dtype)
+        norm = (1 + 0.2 * torch.randn(H, device="cuda", generator=gen)).to(dtype) if trial % 2 else None
+        xd = x.double() if norm is None else rms_normed(x, norm)
+        g = xd @ w[0].double().T
+        gate_values = (g - g.quantile([0.0, 0.5, 0.85, 0.7][trial]) + 1e-6).float() if gate_lists else None
+        threshold = [0.0, 0.01, 0.05, 0.02][trial]
+        grid = [default_grid(), 7, 1, default_grid()][trial]
+        residual = torch.randn(1, H, device="cuda", generator=gen).to(dtype) if trial == 1 else None
+        y = torch.full((1, H), float("nan"), device="cuda", dtype=dtype)
+        lib.sparse_ffn_exact(x, *w, kind, threshold, gate_values, ws, y, grid, residual, norm=norm, eps=EPS)
+        torch.cuda.synchronize()
+        h = activate(kind, g if gate_values is None else gate_values.double(), xd @ w[1].double().T)
+        h = h * (h.abs() > threshold)
+        want = h @ w[2].double() + (0 if residual is None else residual.double())
+        assert rel_err(y, want) <= 1e-2, (kind, trial)
+        assert int(ws.barrier.item()) & 0x7FFFFFFF == 0, "grid barrier counter left mid-count"
+
+
 @pytest.mark.parametrize("batch", BATCHES)
 def test_predictor_selects_the_reference_set(lib, batch):
     lib, dtype = lib

@@ -7,6 +7,8 @@
 //   sparse_ffn       for the active neurons only:
 //                      h = act(x Wg[j]) * (x Wu[j]);  h = 0 where |h| <= threshold (or the token's predictor said no)
 //                      y = sum_j h_j Wd^T[j]          Wg, Wu, Wd^T [INTER, HIDDEN], one row per neuron
+//   sparse_ffn_exact exact gating without a predictor, one token: the neurons whose gate can be non-zero (g > 0
+//                    for relu and drelu, g from a gemv of Wg; every neuron otherwise); down rows only where h != 0
 // x may be given before its RMSNorm (norm weight [HIDDEN] and eps): every block then normalizes its own copy.
 // Weights are __nv_bfloat16; every sum is fp32. Buffers have fixed, worst-case sizes, so a step that calls these
 // kernels can be captured in a CUDA graph: the active count lives in device memory and is read by the kernels.
@@ -177,7 +179,11 @@ __device__ __forceinline__ void grid_barrier(unsigned* barrier) {
 //   row_of(i)                  the weight row of this block's i-th list position (position blockIdx.x + i * G);
 //                              called by thread i % CHUNK, before a barrier
 //   h_of(t, row, b, g, u)      h of the chunk's t-th row for token b from its gate and up dot products
-template <int B, int VPT, int THREADS, int CHUNK, int STAGES, typename RowOf, typename HOf>
+// SKIP_ZERO: a row whose h is zero for every token never has its down row copied (exact gating, where most listed
+// rows end at zero); its down rows are then known only once the chunk's h are, so none is copied ahead.
+// UP_ONLY: h_of has g already (exact gating after a GEMV of the gate): no gate row is copied, g is passed as 0.
+template <int B, int VPT, int THREADS, int CHUNK, int STAGES, bool SKIP_ZERO, bool UP_ONLY, typename RowOf,
+          typename HOf>
 __device__ __forceinline__ void stream_rows(
     int n,                                   // listed rows, over all blocks
     const weight_t* __restrict__ x,          // [B, HIDDEN]  FFN input, or its input before the RMSNorm (norm_w)
@@ -197,6 +203,8 @@ __device__ __forceinline__ void stream_rows(
     __shared__ float part[WARPS][CHUNK][B][2];   // per-warp partial dot products (gate, up)
     __shared__ float h[CHUNK][B];                // activations of this chunk
     __shared__ int ids[CHUNK];                   // weight rows of this chunk
+    __shared__ int nonzero[CHUNK];               // SKIP_ZERO: the chunk positions whose h is not all zero, in order
+    __shared__ int nonzero_count;
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int mine = n > (int)blockIdx.x ? (n - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
@@ -205,19 +213,26 @@ __device__ __forceinline__ void stream_rows(
         const int cn = min(CHUNK, mine - c0);
         if (threadIdx.x < cn) ids[threadIdx.x] = row_of(c0 + threadIdx.x);
         __syncthreads();
-        const int steps = cn + (cn + 1) / 2;
+        // a step copies two rows: gate and up of one row (UP_ONLY: the up rows of two), then down rows of two
+        const int up_steps = UP_ONLY ? (cn + 1) / 2 : cn;
+        int steps = SKIP_ZERO ? up_steps : up_steps + (cn + 1) / 2;   // SKIP_ZERO: down steps added once h is known
+        int down_rows = cn;
+        auto down_of = [&](int j) { return SKIP_ZERO ? nonzero[j] : j; };   // chunk position of the j-th down row
 
         // copy the rows of step s into ring slot s % STAGES; past the end, commit an empty group
         auto issue = [&](int s) {
             if (s < steps) {
                 const weight_t *r0, *r1;
-                if (s < cn) {
+                if (s < up_steps && UP_ONLY) {
+                    r0 = w_up + (size_t)ids[2 * s] * HIDDEN;
+                    r1 = 2 * s + 1 < cn ? w_up + (size_t)ids[2 * s + 1] * HIDDEN : nullptr;
+                } else if (s < up_steps) {
                     r0 = w_gate + (size_t)ids[s] * HIDDEN;
                     r1 = w_up + (size_t)ids[s] * HIDDEN;
                 } else {
-                    const int j = 2 * (s - cn);
-                    r0 = w_down_t + (size_t)ids[j] * HIDDEN;
-                    r1 = j + 1 < cn ? w_down_t + (size_t)ids[j + 1] * HIDDEN : nullptr;
+                    const int j = 2 * (s - up_steps);
+                    r0 = w_down_t + (size_t)ids[down_of(j)] * HIDDEN;
+                    r1 = j + 1 < down_rows ? w_down_t + (size_t)ids[down_of(j + 1)] * HIDDEN : nullptr;
                 }
                 uint4* slot = ring + (size_t)(s % STAGES) * 2 * VPT * THREADS;
 #pragma unroll
@@ -245,23 +260,30 @@ __device__ __forceinline__ void stream_rows(
             load_columns<B, VPT, THREADS>(x, xr);
             if (norm_w != nullptr) rms_normalize<B, VPT, THREADS>(xr, norm_w, eps);
 #pragma unroll 1
-            for (int s = 0; s < cn; ++s) {
+            for (int s = 0; s < up_steps; ++s) {
                 issue(s + STAGES - 1);
                 cp_async_wait<STAGES - 1>();
-                uint4 wg[VPT], wu[VPT];
+                uint4 w0[VPT], w1[VPT];
 #pragma unroll
-                for (int k = 0; k < VPT; ++k) { wg[k] = row(s, 0, k); wu[k] = row(s, 1, k); }
+                for (int k = 0; k < VPT; ++k) { w0[k] = row(s, 0, k); w1[k] = row(s, 1, k); }
 #pragma unroll
                 for (int b = 0; b < B; ++b) {
-                    float g = 0.f, u = 0.f;
+                    float d0 = 0.f, d1 = 0.f;
 #pragma unroll
                     for (int k = 0; k < VPT; ++k) {
                         const int v = threadIdx.x + k * THREADS;
-                        if (v < HVEC) { g += dot8(wg[k], xr[b][k]); u += dot8(wu[k], xr[b][k]); }
+                        if (v < HVEC) { d0 += dot8(w0[k], xr[b][k]); d1 += dot8(w1[k], xr[b][k]); }
                     }
-                    g = warp_sum(g);
-                    u = warp_sum(u);
-                    if (lane == 0) { part[warp][s][b][0] = g; part[warp][s][b][1] = u; }
+                    d0 = warp_sum(d0);
+                    d1 = warp_sum(d1);
+                    if (lane != 0) continue;
+                    if (!UP_ONLY) {
+                        part[warp][s][b][0] = d0;
+                        part[warp][s][b][1] = d1;
+                    } else {
+                        part[warp][2 * s][b][1] = d0;
+                        if (2 * s + 1 < cn) part[warp][2 * s + 1][b][1] = d1;
+                    }
                 }
             }
         }
@@ -270,10 +292,33 @@ __device__ __forceinline__ void stream_rows(
             const int j = t / B, b = t % B;
             float g = 0.f, u = 0.f;
 #pragma unroll
-            for (int w = 0; w < WARPS; ++w) { g += part[w][j][b][0]; u += part[w][j][b][1]; }
+            for (int w = 0; w < WARPS; ++w) {
+                if (!UP_ONLY) g += part[w][j][b][0];
+                u += part[w][j][b][1];
+            }
             h[j][b] = h_of(j, ids[j], b, g, u);
         }
         __syncthreads();
+        if constexpr (SKIP_ZERO) {
+            if (warp == 0) {
+                int total = 0;
+                for (int j0 = 0; j0 < cn; j0 += 32) {
+                    const int j = j0 + lane;
+                    bool any = false;
+#pragma unroll
+                    for (int b = 0; b < B; ++b) any |= j < cn && h[j][b] != 0.f;
+                    const unsigned ballot = __ballot_sync(0xffffffffu, any);
+                    if (any) nonzero[total + __popc(ballot & ((1u << lane) - 1))] = j;
+                    total += __popc(ballot);
+                }
+                if (lane == 0) nonzero_count = total;
+            }
+            __syncthreads();
+            down_rows = nonzero_count;
+            steps = up_steps + (down_rows + 1) / 2;
+            // the steps past up_steps were committed empty during gate/up: copy the first down steps now
+            for (int s = up_steps; s < up_steps + STAGES - 1; ++s) issue(s);
+        }
 
         // down: the partial y lives in registers for this loop only
         float out[B][VPT][8];
@@ -284,20 +329,21 @@ __device__ __forceinline__ void stream_rows(
 #pragma unroll
                 for (int e = 0; e < 8; ++e) out[b][k][e] = 0.f;
 #pragma unroll 1
-        for (int s = cn; s < steps; ++s) {
+        for (int s = up_steps; s < steps; ++s) {
             issue(s + STAGES - 1);
             cp_async_wait<STAGES - 1>();
 #pragma unroll
             for (int m = 0; m < 2; ++m) {
-                const int j = 2 * (s - cn) + m;
-                if (j >= cn) break;
+                const int j = 2 * (s - up_steps) + m;
+                if (j >= down_rows) break;
+                const int t = down_of(j);
 #pragma unroll
                 for (int k = 0; k < VPT; ++k) {
                     float w[8];
                     unpack8(row(s, m, k), w);
 #pragma unroll
                     for (int b = 0; b < B; ++b) {
-                        const float hb = h[j][b];
+                        const float hb = h[t][b];
 #pragma unroll
                         for (int e = 0; e < 8; ++e) out[b][k][e] = fmaf(hb, w[e], out[b][k][e]);
                     }
@@ -380,7 +426,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_ffn(
     const int n = *active_count;
     const int p0 = blockIdx.x + threadIdx.x * gridDim.x;          // the list has room for INTER ids: no fault
     const int first_id = threadIdx.x < CHUNK && p0 < INTER ? active[p0] : 0;
-    stream_rows<B, VPT, THREADS, CHUNK, STAGES>(
+    stream_rows<B, VPT, THREADS, CHUNK, STAGES, false, false>(
         n, x, norm_w, eps, w_gate, w_up, w_down_t, partials, barrier, residual, y,
         [&](int i) { return i < CHUNK ? first_id : active[blockIdx.x + i * gridDim.x]; },
         [&](int, int id, int b, float g, float u) {
@@ -388,6 +434,82 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_ffn(
             if (fabsf(a) <= threshold) a = 0.f;
             if (token_mask != nullptr && !token_mask[b * INTER + id]) a = 0.f;
             return a;
+        });
+}
+
+// The neurons j with g[j] > 0, in order: this block keeps list positions blockIdx.x, + G, ... in listed[].
+// Returns the list's length (the same in every block). Warp w scans the SEG neurons from w * SEG on, 32 per
+// round (coalesced loads), keeping a bit per round and lane; the warps' counts give each warp its first position.
+template <int THREADS>
+__device__ __forceinline__ int list_positive(const float* __restrict__ g, int* listed) {
+    constexpr int WARPS = THREADS / 32, SEG = (INTER + WARPS - 1) / WARPS, ROUNDS = (SEG + 31) / 32;
+    __shared__ int warp_count[WARPS];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, seg0 = warp * SEG;
+    float v[ROUNDS];   // every load in flight before the first is used
+#pragma unroll
+    for (int r = 0; r < ROUNDS; ++r) {
+        const int k = r * 32 + lane;
+        v[r] = k < SEG && seg0 + k < INTER ? __ldcg(g + seg0 + k) : 0.f;
+    }
+    unsigned bits[(ROUNDS + 31) / 32] = {};
+    int count = 0;
+#pragma unroll
+    for (int r = 0; r < ROUNDS; ++r)
+        if (v[r] > 0.f) {
+            bits[r / 32] |= 1u << (r % 32);
+            ++count;
+        }
+    count = __reduce_add_sync(0xffffffffu, count);
+    if (lane == 0) warp_count[warp] = count;
+    __syncthreads();
+    int p = 0, total = 0;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+        if (w < warp) p += warp_count[w];
+        total += warp_count[w];
+    }
+#pragma unroll
+    for (int r = 0; r < ROUNDS; ++r) {
+        const bool bit = bits[r / 32] >> (r % 32) & 1u;
+        const unsigned round = __ballot_sync(0xffffffffu, bit);
+        const int q = p + __popc(round & ((1u << lane) - 1));
+        if (bit && q % (int)gridDim.x == (int)blockIdx.x) listed[q / gridDim.x] = seg0 + r * 32 + lane;
+        p += __popc(round);
+    }
+    __syncthreads();
+    return total;
+}
+
+// Exact gating of one token without a predictor (ProSparse's exact operator). relu and drelu: the neurons are those
+// with g > 0, g taken from the gemv of the gate before (gate_values), so only their up rows are read; swiglu and
+// geglu: every neuron (gate_values unused). h = 0 where |h| <= threshold; down rows are read only where h != 0.
+template <int VPT, int THREADS, int CHUNK, int STAGES, int ACT>
+__global__ void __launch_bounds__(THREADS, 1) sparse_ffn_exact(
+    const weight_t* __restrict__ x,          // [HIDDEN]  the FFN's input before its RMSNorm (norm_w), or after
+    const weight_t* __restrict__ norm_w,     // [HIDDEN]  post_attention_layernorm weight, or null
+    float eps,
+    const weight_t* __restrict__ w_gate,     // [INTER, HIDDEN]
+    const weight_t* __restrict__ w_up,       // [INTER, HIDDEN]
+    const weight_t* __restrict__ w_down_t,   // [INTER, HIDDEN]  down_proj transposed
+    const float* __restrict__ gate_values,   // [INTER]  g = Wg rmsnorm(x) (relu, drelu)
+    float threshold,                         // h = 0 where |h| <= threshold
+    float* __restrict__ partials,            // [gridDim.x, HIDDEN]  fp32 partial y of each block
+    unsigned* barrier,                       // [1]  grid barrier counter (any value on entry)
+    const weight_t* residual,                // [HIDDEN]  added to y, or null (may alias y)
+    weight_t* y)                             // [HIDDEN]  output
+{
+    extern __shared__ uint4 ring[];   // stream_rows' ring, then this block's listed neurons
+    int* listed = reinterpret_cast<int*>(ring + STAGES * 2 * VPT * THREADS);   // [ceil(INTER / gridDim.x)]
+    constexpr bool GATE_LISTS = ACT == ACT_RELU || ACT == ACT_DRELU;   // act(g, u) = 0 wherever g <= 0
+    allow_next_kernel();
+    wait_for_previous_kernel();
+    const int n = GATE_LISTS ? list_positive<THREADS>(gate_values, listed) : INTER;
+    stream_rows<1, VPT, THREADS, CHUNK, STAGES, true, GATE_LISTS>(
+        n, x, norm_w, eps, w_gate, w_up, w_down_t, partials, barrier, residual, y,
+        [&](int i) { return GATE_LISTS ? listed[i] : (int)blockIdx.x + i * (int)gridDim.x; },
+        [&](int, int row, int, float g, float u) {
+            const float a = activate<ACT>(GATE_LISTS ? __ldcg(gate_values + row) : g, u);
+            return fabsf(a) <= threshold ? 0.f : a;
         });
 }
 
@@ -625,6 +747,33 @@ int tsc_sparse_ffn(int batch, int activation, int grid, const void* x, const voi
         grid = min(grid, min(partial_rows, resident));
         return (int)launch(kernel, grid, 32, ring_bytes, stream, xw, nw, eps, wg, wu, wd, active,
                            active_count, token_mask, threshold, partials, barrier, res, yw);
+    }
+    return (int)cudaErrorInvalidValue;
+}
+
+// y = FFN(rmsnorm(x) if norm_w else x) (+ residual) with exact gating (sparse_ffn_exact); gate_values: g of every
+// neuron (fp32, from tsc_gemv of Wg with the same norm), required for relu and drelu, unused by swiglu and geglu.
+// grid as tsc_sparse_ffn.
+int tsc_sparse_ffn_exact(int activation, int grid, const void* x, const void* norm_w, float eps, const void* w_gate,
+                         const void* w_up, const void* w_down_t, const float* gate_values, float threshold,
+                         float* partials, int partial_rows, unsigned* barrier, const void* residual, void* y,
+                         cudaStream_t stream) {
+    if (activation == 3) {
+        if ((activation == ACT_RELU || activation == ACT_DRELU) && gate_values == nullptr)
+            return (int)cudaErrorInvalidValue;
+        auto kernel = sparse_ffn_exact<1, 32, 32, 16, 3>;
+        const int ring_bytes = 16 * 2 * 1 * 32 * 16;
+        static int resident = 0;   // counted with room for the whole list (a grid of one block)
+        if (resident == 0) {
+            cudaError_t err = persistent_blocks(kernel, 32, ring_bytes + 4 * INTER, &resident);
+            if (err != cudaSuccess) return (int)err;
+        }
+        grid = min(grid, min(partial_rows, resident));
+        const int list_bytes = 4 * ((INTER + grid - 1) / grid);
+        return (int)launch(kernel, grid, 32, ring_bytes + list_bytes, stream, (const weight_t*)x,
+                           (const weight_t*)norm_w, eps, (const weight_t*)w_gate, (const weight_t*)w_up,
+                           (const weight_t*)w_down_t, gate_values, threshold, partials, barrier,
+                           (const weight_t*)residual, (weight_t*)y);
     }
     return (int)cudaErrorInvalidValue;
 }

@@ -258,7 +258,7 @@ __global__ void __launch_bounds__(THREADS, 1) moe_experts(
         first[TOP_K] = n;
     }
     __syncthreads();
-    stream_rows<1, VPT, THREADS, CHUNK, STAGES>(
+    stream_rows<1, VPT, THREADS, CHUNK, STAGES, false, false>(
         first[TOP_K], x, nullptr, 0.f, w_gate, w_up, w_down_t, partials, barrier, residual, y,
         [&](int i) {
             const int pos = blockIdx.x + i * gridDim.x;
