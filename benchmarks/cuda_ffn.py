@@ -111,12 +111,13 @@ def exact_gating(lib, ws, wg, wu, wdt, dense_us: float, grid: int) -> list[dict]
     x = torch.randn(SETS, 1, H, device=dev, dtype=bf)
     x[:, :, 0] = 8
     g = torch.empty(SETS, 1, I, device=dev, dtype=torch.float32)
+    positive = torch.empty(SETS, -(-I // 16), device=dev, dtype=torch.int16)   # the sign bits of g
     y = torch.empty(SETS, 1, H, device=dev, dtype=bf)
     rows = []
-    for kind, positive in (("drelu", 0.5), ("drelu", 0.2), ("drelu", 0.1), ("swiglu", None)):
+    for kind, share in (("drelu", 0.5), ("drelu", 0.2), ("drelu", 0.1), ("swiglu", None)):
         w_gate = wg.clone()
-        if positive is not None:
-            w_gate[:, 0] = -statistics.NormalDist().inv_cdf(1 - positive) / 8
+        if share is not None:
+            w_gate[:, 0] = -statistics.NormalDist().inv_cdf(1 - share) / 8
         xd = x.double()
         gd, ud = xd @ w_gate.double().T, xd @ wu.double().T
         h = F.relu(gd) * F.relu(ud) if kind == "drelu" else F.silu(gd) * ud
@@ -127,9 +128,9 @@ def exact_gating(lib, ws, wg, wu, wdt, dense_us: float, grid: int) -> list[dict]
         def step():
             for k in range(SETS):
                 if listed:
-                    lib.gemv(x[k], w_gate, g[k])
-                lib.sparse_ffn_exact(x[k], w_gate, wu, wdt, kind, threshold, g[k] if listed else None, ws, y[k],
-                                     grid)
+                    lib.gemv(x[k], w_gate, g[k], positive=positive[k])
+                lib.sparse_ffn_exact(x[k], w_gate, wu, wdt, kind, threshold, (g[k], positive[k]) if listed else None,
+                                     ws, y[k], grid)
         y.fill_(float("nan"))
         step()
         torch.cuda.synchronize()

@@ -22,7 +22,8 @@ class KernelLibrary:
             self.lib.tsc_sparse_ffn.argtypes = [_I, _I, _I, _P, _P, _F, _P, _P, _P, _P, _P, _P, _F, _P, _I, _P, _P,
                                                 _P, _P]
         if hasattr(self.lib, "tsc_sparse_ffn_exact"):   # built with the decode-step kernels
-            self.lib.tsc_sparse_ffn_exact.argtypes = [_I, _I, _P, _P, _F, _P, _P, _P, _P, _F, _P, _I, _P, _P, _P, _P]
+            self.lib.tsc_sparse_ffn_exact.argtypes = [_I, _I, _P, _P, _F, _P, _P, _P, _P, _P, _F, _P, _I, _P, _P, _P,
+                                                      _P]
         self.lib.tsc_predict.argtypes = [_I, _P, _P, _F, _P, _P, _I, _I, _F, _P, _P, _P, _P, _P]
         self.lib.tsc_error_string.restype = ctypes.c_char_p
         self.lib.tsc_set_dependent_launch.argtypes = [_I]
@@ -31,7 +32,7 @@ class KernelLibrary:
         self.max_batch = self.lib.tsc_max_batch()
         self.has_decode_kernels = hasattr(self.lib, "tsc_gemv")   # built from a shape with attention heads
         if self.has_decode_kernels:
-            self.lib.tsc_gemv.argtypes = [_I, _I, _I, _P, _P, _F, _P, _P, _P, _P, _F, _I, _P, _P]
+            self.lib.tsc_gemv.argtypes = [_I, _I, _I, _P, _P, _F, _P, _P, _P, _P, _F, _I, _P, _P, _P]
             self.lib.tsc_decode_attention.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _P, _P]
             self.heads, self.kv_heads = self.lib.tsc_num_heads(), self.lib.tsc_num_kv_heads()
             self.head_dim, self.attention_split = self.lib.tsc_head_dim(), self.lib.tsc_attention_split()
@@ -57,16 +58,17 @@ class KernelLibrary:
             y.data_ptr(), stream),
             "sparse_ffn")
 
-    def sparse_ffn_exact(self, x, w_gate, w_up, w_down_t, activation: str, threshold: float, gate_values,
+    def sparse_ffn_exact(self, x, w_gate, w_up, w_down_t, activation: str, threshold: float, gate,
                          ws: "Workspace", y, grid: int, residual=None, norm=None, eps: float = 0.0) -> None:
-        """y [1, hidden] = FFN(x) (+ residual) with exact gating. relu, drelu: over the neurons with gate_values > 0,
-        gate_values being g = Wg rmsnorm(x) of every neuron (fp32 [1, inter], from gemv); swiglu, geglu: over every
-        neuron (gate_values None). Down rows are read only where h != 0."""
+        """y [1, hidden] = FFN(x) (+ residual) with exact gating. relu, drelu: over the neurons with g > 0, gate =
+        (g, its sign bits) as gemv(..., positive=) writes them (fp32 [1, inter], int16 [ceil(inter / 16)]); swiglu,
+        geglu: over every neuron (gate None). Down rows are read only where h != 0."""
         import torch
         stream = torch.cuda.current_stream().cuda_stream
         self._check(self.lib.tsc_sparse_ffn_exact(
             ACTIVATION_ENUM[activation], grid, x.data_ptr(), _ptr(norm), eps, w_gate.data_ptr(), w_up.data_ptr(),
-            w_down_t.data_ptr(), _ptr(gate_values), float(threshold), ws.partials.data_ptr(), ws.partials.shape[0],
+            w_down_t.data_ptr(), *(_ptr(t) for t in (gate or (None, None))), float(threshold), ws.partials.data_ptr(),
+            ws.partials.shape[0],
             ws.barrier.data_ptr(), _ptr(residual), y.data_ptr(), stream), "sparse_ffn_exact")
 
     def predict(self, x, fc1, fc2, relu: bool, threshold: float, ws: "Workspace", norm=None,
@@ -81,16 +83,18 @@ class KernelLibrary:
             ws.token_mask.data_ptr(), stream), "predict")
 
     def gemv(self, x, w, y, norm=None, eps: float = 0.0, bias=None, residual=None, up=None,
-             activation: str | None = None, threshold: float = 0.0) -> None:
+             activation: str | None = None, threshold: float = 0.0, positive=None) -> None:
         """One token: y [n] = w [n, k] rmsnorm(x) (+ bias) (+ residual), x [k] (norm None: x as is); y may be
         float32 (logits) or the model dtype and may be the residual itself. With `up` and `activation`:
-        y = act(w rmsnorm(x), up rmsnorm(x)), zero where |y| <= threshold."""
+        y = act(w rmsnorm(x), up rmsnorm(x)), zero where |y| <= threshold. positive (int16 [ceil(n / 16)], without
+        activation): bit r % 16 of word r / 16 set where y[r] > 0."""
         import torch
         stream = torch.cuda.current_stream().cuda_stream
         act = -1 if activation is None else ACTIVATION_ENUM[activation]
         self._check(self.lib.tsc_gemv(
             w.shape[1], act, w.shape[0], x.data_ptr(), _ptr(norm), eps, w.data_ptr(), _ptr(up), _ptr(bias),
-            _ptr(residual), float(threshold), int(y.dtype == torch.float32), y.data_ptr(), stream), "gemv")
+            _ptr(residual), float(threshold), int(y.dtype == torch.float32), y.data_ptr(), _ptr(positive), stream),
+            "gemv")
 
     def decode_attention(self, qkv, pos, cos, sin, k_cache, v_cache, window: int, out) -> None:
         """One token at pos [1] (int64): rope, k/v into the caches [kv_heads, capacity, head_dim] at pos, and
@@ -120,7 +124,9 @@ class Workspace:
         self.active = torch.zeros(inter, dtype=torch.int32, device=device)
         self.active_count = torch.zeros(1, dtype=torch.int32, device=device)
         self.token_mask = torch.zeros(max_batch, inter, dtype=torch.uint8, device=device)
-        self.gate_values = torch.zeros(1, inter, dtype=torch.float32, device=device)   # exact gating: g = Wg x
+        # exact gating: g = Wg x and its sign bits (gemv -> sparse_ffn_exact)
+        self.gate = (torch.zeros(1, inter, dtype=torch.float32, device=device),
+                     torch.zeros(-(-inter // 16), dtype=torch.int16, device=device))
 
 
 def default_grid(device=None) -> int:

@@ -135,8 +135,8 @@ class GPUDecoder:
             return x
         g = None
         if f.activation in ("relu", "drelu"):   # act is exactly zero where g <= 0: the gate GEMV picks the rows
-            g = ws.gate_values
-            lib.gemv(x, gate, g, norm=norm, eps=eps)
+            g = ws.gate
+            lib.gemv(x, gate, g[0], norm=norm, eps=eps, positive=g[1])
         lib.sparse_ffn_exact(x, gate, up, down_t, f.activation, f.threshold, g, ws, x, self.grid, residual=x,
                              norm=norm, eps=eps)
         return x

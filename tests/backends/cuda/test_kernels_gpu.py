@@ -41,6 +41,13 @@ def rms_normed(x, w):
     return xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + EPS) * w.double()
 
 
+def sign_bits(v):
+    """int16 [ceil(n / 16)]: bit r % 16 of word r / 16 set where v[r] > 0 (what gemv writes to `positive`)."""
+    b = (v.flatten() > 0).long()
+    b = torch.cat([b, b.new_zeros(-b.numel() % 16)]).view(-1, 16)
+    return (b << torch.arange(16, device=b.device)).sum(1).to(torch.int32).to(torch.int16)
+
+
 def rel_err(got, want) -> float:
     got = got.double()
     assert torch.isfinite(got).all(), "unwritten (poisoned) or non-finite outputs"
@@ -90,8 +97,8 @@ def test_sparse_ffn_matches_reference(lib, kind, batch):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_sparse_ffn_exact_matches_reference(lib, kind):
-    """Exact gating. relu, drelu: the neurons with gate_values > 0 (g shifted so that 100% / 50% / 15% / 30% are
-    listed; the kernel takes g from gate_values, never from the gate rows); swiglu, geglu: every neuron. h
+    """Exact gating. relu, drelu: the neurons whose sign bit is set (g shifted so that 100% / 50% / 15% / 30% are
+    listed; the kernel takes g from the given values, never from the gate rows); swiglu, geglu: every neuron. h
     thresholded, down rows of zero h skipped (their h must not leak in either way)."""
     lib, dtype = lib
     H, I = lib.hidden, lib.inter
@@ -109,7 +116,8 @@ def test_sparse_ffn_exact_matches_reference(lib, kind):
         grid = [default_grid(), 7, 1, default_grid()][trial]
         residual = torch.randn(1, H, device="cuda", generator=gen).to(dtype) if trial == 1 else None
         y = torch.full((1, H), float("nan"), device="cuda", dtype=dtype)
-        lib.sparse_ffn_exact(x, *w, kind, threshold, gate_values, ws, y, grid, residual, norm=norm, eps=EPS)
+        gate = None if gate_values is None else (gate_values, sign_bits(gate_values))
+        lib.sparse_ffn_exact(x, *w, kind, threshold, gate, ws, y, grid, residual, norm=norm, eps=EPS)
         torch.cuda.synchronize()
         h = activate(kind, g if gate_values is None else gate_values.double(), xd @ w[1].double().T)
         h = h * (h.abs() > threshold)
@@ -152,7 +160,8 @@ def test_predictor_selects_the_reference_set(lib, batch):
 @pytest.mark.parametrize("kind", (None,) + KINDS)
 def test_gemv_matches_reference(lib, kind):
     """Every GEMV the decode step uses: q/k/v (norm + bias), o_proj (K = heads * head_dim, residual aliasing the
-    output), LM head (fp32 out), dense gate/up with each activation and a threshold."""
+    output), LM head (fp32 out), dense gate/up with each activation and a threshold; the sign bits of y (exact
+    gating's gate GEMV) where asked for."""
     lib, dtype = lib
     H, I = lib.hidden, lib.inter
     cases = [dict(k=H, n=(lib.heads + 2 * lib.kv_heads) * lib.head_dim, norm=True, bias=True),
@@ -180,8 +189,12 @@ def test_gemv_matches_reference(lib, kind):
             lib.gemv(x, w, y, residual=y)
         else:
             y = torch.full((1, n), float("nan"), device="cuda", dtype=case.get("out", dtype))
+            positive = None if kind else torch.full((-(-n // 16),), -1, device="cuda", dtype=torch.int16)
             lib.gemv(x, w, y, norm=norm, eps=EPS, bias=bias, up=up, activation=kind,
-                     threshold=case.get("threshold", 0.0))
+                     threshold=case.get("threshold", 0.0), positive=positive)
+            torch.cuda.synchronize()
+            if positive is not None:
+                assert torch.equal(positive, sign_bits(y)), case
         torch.cuda.synchronize()
         assert rel_err(y, want) <= 1e-2, (kind, case)
 

@@ -437,28 +437,24 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_ffn(
         });
 }
 
-// The neurons j with g[j] > 0, in order: this block keeps list positions blockIdx.x, + G, ... in listed[].
-// Returns the list's length (the same in every block). Warp w scans the SEG neurons from w * SEG on, 32 per
-// round (coalesced loads), keeping a bit per round and lane; the warps' counts give each warp its first position.
+// The neurons j whose bit is set in positive (bit j % 16 of word j / 16, from the gemv of the gate), in order: this
+// block keeps list positions blockIdx.x, + G, ... in listed[]. Returns the list's length (the same in every block).
+// Warp w scans the words from w * SEG on, one per lane and round; the warps' counts give each its first position.
 template <int THREADS>
-__device__ __forceinline__ int list_positive(const float* __restrict__ g, int* listed) {
-    constexpr int WARPS = THREADS / 32, SEG = (INTER + WARPS - 1) / WARPS, ROUNDS = (SEG + 31) / 32;
+__device__ __forceinline__ int list_positive(const uint16_t* __restrict__ positive, int* listed) {
+    constexpr int WORDS = (INTER + 15) / 16, WARPS = THREADS / 32, SEG = (WORDS + WARPS - 1) / WARPS;
+    constexpr int ROUNDS = (SEG + 31) / 32;
     __shared__ int warp_count[WARPS];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, seg0 = warp * SEG;
-    float v[ROUNDS];   // every load in flight before the first is used
+    unsigned bits[ROUNDS];   // every load in flight before the first is used
 #pragma unroll
     for (int r = 0; r < ROUNDS; ++r) {
         const int k = r * 32 + lane;
-        v[r] = k < SEG && seg0 + k < INTER ? __ldcg(g + seg0 + k) : 0.f;
+        bits[r] = k < SEG && seg0 + k < WORDS ? __ldcg(positive + seg0 + k) : 0u;
     }
-    unsigned bits[(ROUNDS + 31) / 32] = {};
     int count = 0;
 #pragma unroll
-    for (int r = 0; r < ROUNDS; ++r)
-        if (v[r] > 0.f) {
-            bits[r / 32] |= 1u << (r % 32);
-            ++count;
-        }
+    for (int r = 0; r < ROUNDS; ++r) count += __popc(bits[r]);
     count = __reduce_add_sync(0xffffffffu, count);
     if (lane == 0) warp_count[warp] = count;
     __syncthreads();
@@ -470,19 +466,26 @@ __device__ __forceinline__ int list_positive(const float* __restrict__ g, int* l
     }
 #pragma unroll
     for (int r = 0; r < ROUNDS; ++r) {
-        const bool bit = bits[r / 32] >> (r % 32) & 1u;
-        const unsigned round = __ballot_sync(0xffffffffu, bit);
-        const int q = p + __popc(round & ((1u << lane) - 1));
-        if (bit && q % (int)gridDim.x == (int)blockIdx.x) listed[q / gridDim.x] = seg0 + r * 32 + lane;
-        p += __popc(round);
+        const int c = __popc(bits[r]);
+        int upto = c;   // inclusive prefix over the lanes
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int t = __shfl_up_sync(0xffffffffu, upto, o);
+            if (lane >= o) upto += t;
+        }
+        int q = p + upto - c;
+        for (unsigned b = bits[r]; b != 0; b &= b - 1, ++q)
+            if (q % (int)gridDim.x == (int)blockIdx.x) listed[q / gridDim.x] = 16 * (seg0 + r * 32 + lane) + __ffs(b) - 1;
+        p += __shfl_sync(0xffffffffu, upto, 31);
     }
     __syncthreads();
     return total;
 }
 
 // Exact gating of one token without a predictor (ProSparse's exact operator). relu and drelu: the neurons are those
-// with g > 0, g taken from the gemv of the gate before (gate_values), so only their up rows are read; swiglu and
-// geglu: every neuron (gate_values unused). h = 0 where |h| <= threshold; down rows are read only where h != 0.
+// with g > 0, g and its sign bits from the gemv of the gate before (gate_values, gate_positive), so only their up
+// rows are read; swiglu and geglu: every neuron (both unused). h = 0 where |h| <= threshold; down rows are read
+// only where h != 0.
 template <int VPT, int THREADS, int CHUNK, int STAGES, int ACT>
 __global__ void __launch_bounds__(THREADS, 1) sparse_ffn_exact(
     const weight_t* __restrict__ x,          // [HIDDEN]  the FFN's input before its RMSNorm (norm_w), or after
@@ -492,6 +495,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_ffn_exact(
     const weight_t* __restrict__ w_up,       // [INTER, HIDDEN]
     const weight_t* __restrict__ w_down_t,   // [INTER, HIDDEN]  down_proj transposed
     const float* __restrict__ gate_values,   // [INTER]  g = Wg rmsnorm(x) (relu, drelu)
+    const uint16_t* __restrict__ gate_positive,  // [ceil(INTER / 16)]  bit j % 16 of word j / 16: g[j] > 0
     float threshold,                         // h = 0 where |h| <= threshold
     float* __restrict__ partials,            // [gridDim.x, HIDDEN]  fp32 partial y of each block
     unsigned* barrier,                       // [1]  grid barrier counter (any value on entry)
@@ -503,7 +507,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_ffn_exact(
     constexpr bool GATE_LISTS = ACT == ACT_RELU || ACT == ACT_DRELU;   // act(g, u) = 0 wherever g <= 0
     allow_next_kernel();
     wait_for_previous_kernel();
-    const int n = GATE_LISTS ? list_positive<THREADS>(gate_values, listed) : INTER;
+    const int n = GATE_LISTS ? list_positive<THREADS>(gate_positive, listed) : INTER;
     stream_rows<1, VPT, THREADS, CHUNK, STAGES, true, GATE_LISTS>(
         n, x, norm_w, eps, w_gate, w_up, w_down_t, partials, barrier, residual, y,
         [&](int i) { return GATE_LISTS ? listed[i] : (int)blockIdx.x + i * (int)gridDim.x; },
@@ -751,15 +755,16 @@ int tsc_sparse_ffn(int batch, int activation, int grid, const void* x, const voi
     return (int)cudaErrorInvalidValue;
 }
 
-// y = FFN(rmsnorm(x) if norm_w else x) (+ residual) with exact gating (sparse_ffn_exact); gate_values: g of every
-// neuron (fp32, from tsc_gemv of Wg with the same norm), required for relu and drelu, unused by swiglu and geglu.
-// grid as tsc_sparse_ffn.
+// y = FFN(rmsnorm(x) if norm_w else x) (+ residual) with exact gating (sparse_ffn_exact); gate_values, gate_positive:
+// g of every neuron (fp32) and its sign bits, from tsc_gemv of Wg with the same norm, required for relu and drelu,
+// unused by swiglu and geglu. grid as tsc_sparse_ffn.
 int tsc_sparse_ffn_exact(int activation, int grid, const void* x, const void* norm_w, float eps, const void* w_gate,
-                         const void* w_up, const void* w_down_t, const float* gate_values, float threshold,
+                         const void* w_up, const void* w_down_t, const float* gate_values,
+                         const uint16_t* gate_positive, float threshold,
                          float* partials, int partial_rows, unsigned* barrier, const void* residual, void* y,
                          cudaStream_t stream) {
     if (activation == 3) {
-        if ((activation == ACT_RELU || activation == ACT_DRELU) && gate_values == nullptr)
+        if ((activation == ACT_RELU || activation == ACT_DRELU) && (gate_values == nullptr || gate_positive == nullptr))
             return (int)cudaErrorInvalidValue;
         auto kernel = sparse_ffn_exact<1, 32, 32, 16, 3>;
         const int ring_bytes = 16 * 2 * 1 * 32 * 16;
@@ -772,7 +777,7 @@ int tsc_sparse_ffn_exact(int activation, int grid, const void* x, const void* no
         const int list_bytes = 4 * ((INTER + grid - 1) / grid);
         return (int)launch(kernel, grid, 32, ring_bytes + list_bytes, stream, (const weight_t*)x,
                            (const weight_t*)norm_w, eps, (const weight_t*)w_gate, (const weight_t*)w_up,
-                           (const weight_t*)w_down_t, gate_values, threshold, partials, barrier,
+                           (const weight_t*)w_down_t, gate_values, gate_positive, threshold, partials, barrier,
                            (const weight_t*)residual, (weight_t*)y);
     }
     return (int)cudaErrorInvalidValue;
@@ -866,7 +871,7 @@ __device__ __forceinline__ void store_out(weight_t* p, float v) { *p = weight_t(
 // ---- GEMV -------------------------------------------------------------------------------------------------------
 //
 // y[r] = scale * (w[r] . (x * norm_w)) (+ bias[r]) (+ residual[r]) for r < n; scale = 1/sqrt(mean(x^2) + eps)
-// when norm_w is given, else 1 (and x is used as is). A warp streams two rows at once: rows 2q and 2q + 1 of w,
+// when norm_w is given, else 1 (and x is used as is); a block's 16 rows also set one word of `positive` if given. A warp streams two rows at once: rows 2q and 2q + 1 of w,
 // or with ACT >= 0 row q of w (gate) and of w2 (up), writing y[q] = act(gate, up), zero where |y| <= threshold
 // (one row per warp reached ~2.6 TB/s on the 50 MB q/k/v matrix of a 7B model, two rows ~4.2 TB/s on gate/up).
 // 3 blocks per multiprocessor (<= 85 registers): a 7B model's q/k/v and o_proj rows fit in one wave of warps.
@@ -883,7 +888,8 @@ __global__ void __launch_bounds__(GEMV_THREADS, 3) gemv(
     const weight_t* residual,              // [n] or null; may alias y
     float threshold,
     int n,
-    OUT* y)                                // [n]
+    OUT* y,                                // [n]
+    uint16_t* positive)                    // [ceil(n / 16)] or null: bit r % 16 of word r / 16 = (y[r] > 0), ACT < 0
 {
     constexpr int KV = K / 8, NV = (KV + 31) / 32;                 // 16-byte vectors per row, per lane
     constexpr int CHUNK = NV < 4 ? NV : 4;                          // vectors per row and lane in flight
@@ -952,23 +958,34 @@ __global__ void __launch_bounds__(GEMV_THREADS, 3) gemv(
     }
     a = warp_sum(a);
     b = warp_sum(b);
-    if (lane != 0) return;
     if constexpr (ACT >= 0) {
-        if (!has_a) return;
+        if (lane != 0 || !has_a) return;
         float h = activate<ACT>(a * scale, b * scale);
         if (fabsf(h) <= threshold) h = 0.f;
         store_out(y + q, h);
     } else {
-        const float out[2] = {a * scale, b * scale};
+        float v[2] = {a * scale, b * scale};   // rows 2q and 2q + 1 (lane 0 adds bias and residual)
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
+        for (int i = 0; i < 2 && lane == 0; ++i) {
             const int r = 2 * q + i;
-            if (r >= n) break;
-            float v = out[i];
-            if (bias != nullptr) v += float(bias[r]);
-            if (residual != nullptr) v += float(residual[r]);
-            store_out(y + r, v);
+            if (r < n && bias != nullptr) v[i] += float(bias[r]);
+            if (r < n && residual != nullptr) v[i] += float(residual[r]);
         }
+        if (positive != nullptr) {   // the block's 16 rows in one word
+            __shared__ unsigned warp_bits[WARPS];
+            if (lane == 0) warp_bits[warp] = (has_a && v[0] > 0.f) | (has_b && v[1] > 0.f) << 1;
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                unsigned word = 0;
+#pragma unroll
+                for (int w = 0; w < WARPS; ++w) word |= warp_bits[w] << (2 * w);
+                positive[blockIdx.x] = (uint16_t)word;
+            }
+        }
+        if (lane != 0) return;
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+            if (2 * q + i < n) store_out(y + 2 * q + i, v[i]);
     }
 }
 
@@ -1200,9 +1217,12 @@ int tsc_head_dim(void) { return HEAD_DIM; }
 int tsc_attention_split(void) { return SPLIT; }
 
 // y [n] = W [n, k] rmsnorm(x) (+ bias) (+ residual); act >= 0: y = act(W rmsnorm(x), W2 rmsnorm(x)) zeroed where
-// |y| <= threshold. norm_w null: no norm. y_float: y is fp32 (logits), else the model dtype.
+// |y| <= threshold. norm_w null: no norm. y_float: y is fp32 (logits), else the model dtype. positive (act < 0, or
+// null): bit r % 16 of positive[r / 16] set where y[r] > 0 (the rows exact gating reads, sparse_ffn_exact).
 int tsc_gemv(int k, int act, int n, const void* x, const void* norm_w, float eps, const void* w, const void* w2,
-             const void* bias, const void* residual, float threshold, int y_float, void* y, cudaStream_t stream) {
+             const void* bias, const void* residual, float threshold, int y_float, void* y, uint16_t* positive,
+             cudaStream_t stream) {
+    if (positive != nullptr && act >= 0) return (int)cudaErrorInvalidValue;
     const weight_t* xw = (const weight_t*)x;
     const weight_t* nw = (const weight_t*)norm_w;
     const weight_t* w1 = (const weight_t*)w;
@@ -1221,7 +1241,7 @@ int tsc_gemv(int k, int act, int n, const void* x, const void* norm_w, float eps
             smem_allowed = true;
         }
         return (int)launch(kernel, grid, GEMV_THREADS, smem, stream, xw, nw, eps, w1, wu, bw, res, threshold, n,
-                           (weight_t*)y);
+                           (weight_t*)y, positive);
     }
     if (k == 64 && act == -1 && y_float == 1) {
         auto kernel = gemv<64, -1, float>;
@@ -1233,7 +1253,7 @@ int tsc_gemv(int k, int act, int n, const void* x, const void* norm_w, float eps
             smem_allowed = true;
         }
         return (int)launch(kernel, grid, GEMV_THREADS, smem, stream, xw, nw, eps, w1, wu, bw, res, threshold, n,
-                           (float*)y);
+                           (float*)y, positive);
     }
     if (k == 64 && act == 3 && y_float == 0) {
         auto kernel = gemv<64, 3, weight_t>;
@@ -1245,7 +1265,7 @@ int tsc_gemv(int k, int act, int n, const void* x, const void* norm_w, float eps
             smem_allowed = true;
         }
         return (int)launch(kernel, grid, GEMV_THREADS, smem, stream, xw, nw, eps, w1, wu, bw, res, threshold, n,
-                           (weight_t*)y);
+                           (weight_t*)y, positive);
     }
     return (int)cudaErrorInvalidValue;
 }
