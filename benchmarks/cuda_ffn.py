@@ -135,6 +135,7 @@ def exact_gating(lib, ws, wg, wu, wdt, dense_us: float, grid: int) -> list[dict]
         step()
         torch.cuda.synchronize()
         err = max(rel_err(y[k], h[k] @ wdt.double()) for k in range(SETS))
+        assert err <= 1e-2, (kind, share, err)
         assert int(ws.barrier.item()) & 0x7FFFFFFF == 0, "grid barrier counter left mid-count"
         us = time_graph(step, SETS)
         share_listed = float((g > 0).float().mean()) if listed else 1.0

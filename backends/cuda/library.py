@@ -64,6 +64,9 @@ class KernelLibrary:
         (g, its sign bits) as gemv(..., positive=) writes them (fp32 [1, inter], int16 [ceil(inter / 16)]); swiglu,
         geglu: over every neuron (gate None). Down rows are read only where h != 0."""
         import torch
+        if gate is not None and (gate[0].dtype != torch.float32 or gate[0].numel() != self.inter
+                                 or gate[1].dtype != torch.int16 or gate[1].numel() != -(-self.inter // 16)):
+            raise ValueError(f"sparse_ffn_exact: gate must be (float32 [{self.inter}], int16 [{-(-self.inter // 16)}])")
         stream = torch.cuda.current_stream().cuda_stream
         self._check(self.lib.tsc_sparse_ffn_exact(
             ACTIVATION_ENUM[activation], grid, x.data_ptr(), _ptr(norm), eps, w_gate.data_ptr(), w_up.data_ptr(),
@@ -124,7 +127,7 @@ class Workspace:
         self.active = torch.zeros(inter, dtype=torch.int32, device=device)
         self.active_count = torch.zeros(1, dtype=torch.int32, device=device)
         self.token_mask = torch.zeros(max_batch, inter, dtype=torch.uint8, device=device)
-        # exact gating: g = Wg x and its sign bits (gemv -> sparse_ffn_exact)
+        # exact gating: g = Wg rmsnorm(x) and its sign bits (gemv -> sparse_ffn_exact)
         self.gate = (torch.zeros(1, inter, dtype=torch.float32, device=device),
                      torch.zeros(-(-inter // 16), dtype=torch.int16, device=device))
 

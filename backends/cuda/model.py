@@ -125,14 +125,14 @@ class GPUDecoder:
         if self.dense:
             return self._ffn_gemv(i, x, self.w[f"layers.{i}.down"].T)
         ws, gate, up, down_t = self.ws, self.w[n["gate"]], self.w[n["up"]], self.w[n["down_t"]]
-        if not f.gated and f.threshold == 0 and f.activation in ("swiglu", "geglu"):   # no h is ever zero
-            return self._ffn_gemv(i, x, down_t)
         if f.gated:
             lib.predict(x, self.w[n["fc1"]], self.w[n["fc2"]], f.predictor_relu, f.predictor_threshold, ws,
                         norm=norm, eps=eps)
             lib.sparse_ffn(x, gate, up, down_t, f.activation, f.threshold, ws.active, ws.active_count, None, ws, x,
                            self.grid, residual=x, norm=norm, eps=eps)
             return x
+        if f.threshold == 0 and f.activation in ("swiglu", "geglu"):   # no h is ever zero: the dense kernels
+            return self._ffn_gemv(i, x, down_t)
         g = None
         if f.activation in ("relu", "drelu"):   # act is exactly zero where g <= 0: the gate GEMV picks the rows
             g = ws.gate

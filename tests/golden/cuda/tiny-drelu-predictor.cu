@@ -145,7 +145,8 @@ __device__ __forceinline__ void rms_normalize(float xr[B][VPT][8], const weight_
 //   steps [0, cn)         (Wg[j], Wu[j])          -> per-warp partial dots -> shared part[]
 //   steps [cn, cn+cn/2)   (Wd^T[j], Wd^T[j+1])    -> out[b][cols] += h[j][b] * row
 // Each thread waits only for its own copies, so the ring needs no barrier; the down rows are already in flight
-// while the block turns the gate/up sums into h. The block then stores its partial y into its own fp32 row
+// while the block turns the gate/up sums into h (not with SKIP_ZERO and UP_ONLY, below, which change the steps).
+// The block then stores its partial y into its own fp32 row
 // (atomics into one shared accumulator serialize on its addresses in L2: ~2 us on an H200), all blocks meet at
 // a grid barrier, and each block sums and writes its 1/G slice of y (+ residual): the reduction is spread over
 // the grid instead of left to the last block.
@@ -371,7 +372,7 @@ __device__ __forceinline__ void stream_rows(
                     dst[1] = hi;
                 }
             }
-        __syncthreads();   // ids[], part[] and h[] (and what row_of noted) are rewritten by the next chunk
+        __syncthreads();   // ids[], part[], h[], nonzero[] (and what row_of noted) are rewritten by the next chunk
     }
 
     grid_barrier(barrier);
@@ -474,8 +475,9 @@ __device__ __forceinline__ int list_positive(const uint16_t* __restrict__ positi
             if (lane >= o) upto += t;
         }
         int q = p + upto - c;
-        for (unsigned b = bits[r]; b != 0; b &= b - 1, ++q)
-            if (q % (int)gridDim.x == (int)blockIdx.x) listed[q / gridDim.x] = 16 * (seg0 + r * 32 + lane) + __ffs(b) - 1;
+        for (unsigned b = bits[r]; b != 0; b &= b - 1, ++q)   // the set bits, lowest first
+            if (q % (int)gridDim.x == (int)blockIdx.x)
+                listed[q / gridDim.x] = 16 * (seg0 + r * 32 + lane) + __ffs(b) - 1;
         p += __shfl_sync(0xffffffffu, upto, 31);
     }
     __syncthreads();
@@ -768,14 +770,16 @@ int tsc_sparse_ffn_exact(int activation, int grid, const void* x, const void* no
             return (int)cudaErrorInvalidValue;
         auto kernel = sparse_ffn_exact<1, 32, 32, 16, 3>;
         const int ring_bytes = 16 * 2 * 1 * 32 * 16;
-        static int resident = 0;   // counted with room for the whole list (a grid of one block)
-        if (resident == 0) {
-            cudaError_t err = persistent_blocks(kernel, 32, ring_bytes + 4 * INTER, &resident);
+        grid = min(grid, partial_rows);
+        int smem = 0;
+        for (int resident = grid;; grid = resident) {   // the grid and its list (beside the ring) must fit at once
+            if (grid < 1) return (int)cudaErrorInvalidConfiguration;
+            smem = ring_bytes + 4 * ((INTER + grid - 1) / grid);
+            cudaError_t err = persistent_blocks(kernel, 32, smem, &resident);
             if (err != cudaSuccess) return (int)err;
+            if (resident >= grid) break;
         }
-        grid = min(grid, min(partial_rows, resident));
-        const int list_bytes = 4 * ((INTER + grid - 1) / grid);
-        return (int)launch(kernel, grid, 32, ring_bytes + list_bytes, stream, (const weight_t*)x,
+        return (int)launch(kernel, grid, 32, smem, stream, (const weight_t*)x,
                            (const weight_t*)norm_w, eps, (const weight_t*)w_gate, (const weight_t*)w_up,
                            (const weight_t*)w_down_t, gate_values, gate_positive, threshold, partials, barrier,
                            (const weight_t*)residual, (weight_t*)y);
@@ -842,8 +846,10 @@ int tsc_predict(int batch, const void* x, const void* norm_w, float eps, const v
 //   decode_attention  rope(q), rope(k) at pos; k, v -> cache[pos];  out = softmax(q K^T / sqrt(HEAD_DIM)) V
 //                                                                  K, V cache [KV_HEADS, capacity, HEAD_DIM]
 //   gemv              x += W_o out                                  W_o [HIDDEN, HEADS * HEAD_DIM]
-//   FFN               sparse: predict_hidden, predict_active, sparse_ffn (above), RMSNorm folded in
-//                     dense baseline: gemv gated h = act(Wg rmsnorm(x), Wu rmsnorm(x)), then cuBLAS for down
+//   FFN               predictor: predict_hidden, predict_active, sparse_ffn (above), RMSNorm folded in
+//                     exact: gemv g = Wg rmsnorm(x) with its sign bits, then sparse_ffn_exact (above)
+//                     dense baseline, and FFNs where no h is zero: gemv h = act(Wg rmsnorm(x), Wu rmsnorm(x)),
+//                     then cuBLAS for down
 //   gemv              logits = W_head rmsnorm(x)  (fp32)
 // rmsnorm(x) = x * w / sqrt(mean(x^2) + eps). A GEMV computes (W (x * w)) / sqrt(mean(x^2) + eps): the scale is
 // one number per token, so it is applied to the dot products and the normalized x is never written out.
@@ -871,8 +877,9 @@ __device__ __forceinline__ void store_out(weight_t* p, float v) { *p = weight_t(
 // ---- GEMV -------------------------------------------------------------------------------------------------------
 //
 // y[r] = scale * (w[r] . (x * norm_w)) (+ bias[r]) (+ residual[r]) for r < n; scale = 1/sqrt(mean(x^2) + eps)
-// when norm_w is given, else 1 (and x is used as is); a block's 16 rows also set one word of `positive` if given. A warp streams two rows at once: rows 2q and 2q + 1 of w,
-// or with ACT >= 0 row q of w (gate) and of w2 (up), writing y[q] = act(gate, up), zero where |y| <= threshold
+// when norm_w is given, else 1 (and x is used as is); a block's 16 rows also set one word of `positive` if given.
+// A warp streams two rows at once: rows 2q and 2q + 1 of w, or with ACT >= 0 row q of w (gate) and of w2 (up),
+// writing y[q] = act(gate, up), zero where |y| <= threshold
 // (one row per warp reached ~2.6 TB/s on the 50 MB q/k/v matrix of a 7B model, two rows ~4.2 TB/s on gate/up).
 // 3 blocks per multiprocessor (<= 85 registers): a 7B model's q/k/v and o_proj rows fit in one wave of warps.
 // Each warp issues its first weight loads before waiting for the previous kernel (weights never depend on it),
@@ -894,6 +901,7 @@ __global__ void __launch_bounds__(GEMV_THREADS, 3) gemv(
     constexpr int KV = K / 8, NV = (KV + 31) / 32;                 // 16-byte vectors per row, per lane
     constexpr int CHUNK = NV < 4 ? NV : 4;                          // vectors per row and lane in flight
     constexpr int WARPS = GEMV_THREADS / 32;
+    static_assert(2 * WARPS == 16, "positive: a block's rows are one 16-bit word");
     extern __shared__ float4 x_stage[];                             // [K / 4]  x * norm_w as fp32
     __shared__ float sum_sq[WARPS];
     float* xs = reinterpret_cast<float*>(x_stage);
