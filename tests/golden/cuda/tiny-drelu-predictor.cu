@@ -678,6 +678,37 @@ static cudaError_t persistent_blocks(Kernel kernel, int threads, int smem, int* 
     return err;
 }
 
+// One sparse_ffn instantiation: its grid capped at the blocks that fit at once (counted once), then the launch.
+template <int B, int VPT, int THREADS, int CHUNK, int STAGES, int ACT, typename... Args>
+static int launch_sparse_ffn(int grid, int partial_rows, cudaStream_t stream, Args... args) {
+    auto kernel = sparse_ffn<B, VPT, THREADS, CHUNK, STAGES, ACT>;
+    constexpr int ring_bytes = STAGES * 2 * VPT * THREADS * 16;   // STAGES steps of two rows
+    static int resident = 0;
+    if (resident == 0) {
+        cudaError_t err = persistent_blocks(kernel, THREADS, ring_bytes, &resident);
+        if (err != cudaSuccess) return (int)err;
+    }
+    return (int)launch(kernel, min(grid, min(partial_rows, resident)), THREADS, ring_bytes, stream, args...);
+}
+
+// One sparse_ffn_exact instantiation: the grid and its list (beside the ring) must fit on the GPU at once, so the
+// grid shrinks until they do.
+template <int VPT, int THREADS, int CHUNK, int STAGES, int ACT, typename... Args>
+static int launch_sparse_ffn_exact(int grid, int partial_rows, cudaStream_t stream, Args... args) {
+    auto kernel = sparse_ffn_exact<VPT, THREADS, CHUNK, STAGES, ACT>;
+    constexpr int ring_bytes = STAGES * 2 * VPT * THREADS * 16;
+    grid = min(grid, partial_rows);
+    int smem = 0;
+    for (int resident = grid;; grid = resident) {
+        if (grid < 1) return (int)cudaErrorInvalidConfiguration;
+        smem = ring_bytes + 4 * ((INTER + grid - 1) / grid);
+        cudaError_t err = persistent_blocks(kernel, THREADS, smem, &resident);
+        if (err != cudaSuccess) return (int)err;
+        if (resident >= grid) break;
+    }
+    return (int)launch(kernel, grid, THREADS, smem, stream, args...);
+}
+
 extern "C" {
 
 // 1: launch with programmatic dependent launch on sm_90+ (the default), 0: plain launches (for comparisons).
@@ -702,58 +733,22 @@ int tsc_sparse_ffn(int batch, int activation, int grid, const void* x, const voi
     const weight_t* wd = (const weight_t*)w_down_t;
     const weight_t* res = (const weight_t*)residual;
     weight_t* yw = (weight_t*)y;
-    if (batch == 1 && activation == 3) {
-        // ring: 16 stages x 2 rows x 128 bytes
-        auto kernel = sparse_ffn<1, 1, 32, 32, 16, 3>;
-        const int ring_bytes = 16 * 2 * 1 * 32 * 16;
-        static int resident = 0;
-        if (resident == 0) {
-            cudaError_t err = persistent_blocks(kernel, 32, ring_bytes, &resident);
-            if (err != cudaSuccess) return (int)err;
-        }
-        grid = min(grid, min(partial_rows, resident));
-        return (int)launch(kernel, grid, 32, ring_bytes, stream, xw, nw, eps, wg, wu, wd, active,
-                           active_count, token_mask, threshold, partials, barrier, res, yw);
-    }
-    if (batch == 2 && activation == 3) {
-        // ring: 16 stages x 2 rows x 128 bytes
-        auto kernel = sparse_ffn<2, 1, 32, 32, 16, 3>;
-        const int ring_bytes = 16 * 2 * 1 * 32 * 16;
-        static int resident = 0;
-        if (resident == 0) {
-            cudaError_t err = persistent_blocks(kernel, 32, ring_bytes, &resident);
-            if (err != cudaSuccess) return (int)err;
-        }
-        grid = min(grid, min(partial_rows, resident));
-        return (int)launch(kernel, grid, 32, ring_bytes, stream, xw, nw, eps, wg, wu, wd, active,
-                           active_count, token_mask, threshold, partials, barrier, res, yw);
-    }
-    if (batch == 4 && activation == 3) {
-        // ring: 16 stages x 2 rows x 128 bytes
-        auto kernel = sparse_ffn<4, 1, 32, 16, 16, 3>;
-        const int ring_bytes = 16 * 2 * 1 * 32 * 16;
-        static int resident = 0;
-        if (resident == 0) {
-            cudaError_t err = persistent_blocks(kernel, 32, ring_bytes, &resident);
-            if (err != cudaSuccess) return (int)err;
-        }
-        grid = min(grid, min(partial_rows, resident));
-        return (int)launch(kernel, grid, 32, ring_bytes, stream, xw, nw, eps, wg, wu, wd, active,
-                           active_count, token_mask, threshold, partials, barrier, res, yw);
-    }
-    if (batch == 8 && activation == 3) {
-        // ring: 16 stages x 2 rows x 128 bytes
-        auto kernel = sparse_ffn<8, 1, 32, 16, 16, 3>;
-        const int ring_bytes = 16 * 2 * 1 * 32 * 16;
-        static int resident = 0;
-        if (resident == 0) {
-            cudaError_t err = persistent_blocks(kernel, 32, ring_bytes, &resident);
-            if (err != cudaSuccess) return (int)err;
-        }
-        grid = min(grid, min(partial_rows, resident));
-        return (int)launch(kernel, grid, 32, ring_bytes, stream, xw, nw, eps, wg, wu, wd, active,
-                           active_count, token_mask, threshold, partials, barrier, res, yw);
-    }
+    if (batch == 1 && activation == 3)
+        return launch_sparse_ffn<1, 1, 32, 32, 16, 3>(
+            grid, partial_rows, stream, xw, nw, eps, wg, wu, wd, active, active_count, token_mask, threshold,
+            partials, barrier, res, yw);
+    if (batch == 2 && activation == 3)
+        return launch_sparse_ffn<2, 1, 32, 32, 16, 3>(
+            grid, partial_rows, stream, xw, nw, eps, wg, wu, wd, active, active_count, token_mask, threshold,
+            partials, barrier, res, yw);
+    if (batch == 4 && activation == 3)
+        return launch_sparse_ffn<4, 1, 32, 16, 16, 3>(
+            grid, partial_rows, stream, xw, nw, eps, wg, wu, wd, active, active_count, token_mask, threshold,
+            partials, barrier, res, yw);
+    if (batch == 8 && activation == 3)
+        return launch_sparse_ffn<8, 1, 32, 16, 16, 3>(
+            grid, partial_rows, stream, xw, nw, eps, wg, wu, wd, active, active_count, token_mask, threshold,
+            partials, barrier, res, yw);
     return (int)cudaErrorInvalidValue;
 }
 
@@ -765,25 +760,13 @@ int tsc_sparse_ffn_exact(int activation, int grid, const void* x, const void* no
                          const uint16_t* gate_positive, float threshold,
                          float* partials, int partial_rows, unsigned* barrier, const void* residual, void* y,
                          cudaStream_t stream) {
-    if (activation == 3) {
-        if ((activation == ACT_RELU || activation == ACT_DRELU) && (gate_values == nullptr || gate_positive == nullptr))
-            return (int)cudaErrorInvalidValue;
-        auto kernel = sparse_ffn_exact<1, 32, 32, 16, 3>;
-        const int ring_bytes = 16 * 2 * 1 * 32 * 16;
-        grid = min(grid, partial_rows);
-        int smem = 0;
-        for (int resident = grid;; grid = resident) {   // the grid and its list (beside the ring) must fit at once
-            if (grid < 1) return (int)cudaErrorInvalidConfiguration;
-            smem = ring_bytes + 4 * ((INTER + grid - 1) / grid);
-            cudaError_t err = persistent_blocks(kernel, 32, smem, &resident);
-            if (err != cudaSuccess) return (int)err;
-            if (resident >= grid) break;
-        }
-        return (int)launch(kernel, grid, 32, smem, stream, (const weight_t*)x,
-                           (const weight_t*)norm_w, eps, (const weight_t*)w_gate, (const weight_t*)w_up,
-                           (const weight_t*)w_down_t, gate_values, gate_positive, threshold, partials, barrier,
-                           (const weight_t*)residual, (weight_t*)y);
-    }
+    if ((activation == ACT_RELU || activation == ACT_DRELU) && (gate_values == nullptr || gate_positive == nullptr))
+        return (int)cudaErrorInvalidValue;
+    if (activation == 3)
+        return launch_sparse_ffn_exact<1, 32, 32, 16, 3>(
+            grid, partial_rows, stream, (const weight_t*)x, (const weight_t*)norm_w, eps, (const weight_t*)w_gate,
+            (const weight_t*)w_up, (const weight_t*)w_down_t, gate_values, gate_positive, threshold, partials,
+            barrier, (const weight_t*)residual, (weight_t*)y);
     return (int)cudaErrorInvalidValue;
 }
 
@@ -1217,6 +1200,21 @@ __global__ void __launch_bounds__(ATT_THREADS) decode_attention(
     cluster_sync();   // no block exits while another may still read its shared memory
 }
 
+// One gemv instantiation: its dynamic shared memory (x staged as fp32; above 48 KB it must be asked for) allowed
+// once, then the launch over n rows.
+template <int K, int ACT, typename OUT, typename... Args>
+static int launch_gemv(int n, cudaStream_t stream, Args... args) {
+    auto kernel = gemv<K, ACT, OUT>;
+    constexpr int smem = K * 4, rows_per_block = (ACT >= 0 ? 1 : 2) * GEMV_THREADS / 32;
+    static bool smem_allowed = false;
+    if (!smem_allowed) {
+        cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        if (err != cudaSuccess) return (int)err;
+        smem_allowed = true;
+    }
+    return (int)launch(kernel, (n + rows_per_block - 1) / rows_per_block, GEMV_THREADS, smem, stream, args...);
+}
+
 extern "C" {
 
 int tsc_num_heads(void) { return HEADS; }
@@ -1237,44 +1235,18 @@ int tsc_gemv(int k, int act, int n, const void* x, const void* norm_w, float eps
     const weight_t* wu = (const weight_t*)w2;
     const weight_t* bw = (const weight_t*)bias;
     const weight_t* res = (const weight_t*)residual;
-    const int rows_per_block = (act >= 0 ? 1 : 2) * GEMV_THREADS / 32;
-    const int grid = (n + rows_per_block - 1) / rows_per_block;
-    if (k == 64 && act == -1 && y_float == 0) {
-        auto kernel = gemv<64, -1, weight_t>;
-        const int smem = 64 * 4;   // x staged as fp32
-        static bool smem_allowed = false;   // above 48 KB must be asked for once per kernel
-        if (!smem_allowed) {
-            cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-            if (err != cudaSuccess) return (int)err;
-            smem_allowed = true;
-        }
-        return (int)launch(kernel, grid, GEMV_THREADS, smem, stream, xw, nw, eps, w1, wu, bw, res, threshold, n,
-                           (weight_t*)y, positive);
-    }
-    if (k == 64 && act == -1 && y_float == 1) {
-        auto kernel = gemv<64, -1, float>;
-        const int smem = 64 * 4;   // x staged as fp32
-        static bool smem_allowed = false;   // above 48 KB must be asked for once per kernel
-        if (!smem_allowed) {
-            cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-            if (err != cudaSuccess) return (int)err;
-            smem_allowed = true;
-        }
-        return (int)launch(kernel, grid, GEMV_THREADS, smem, stream, xw, nw, eps, w1, wu, bw, res, threshold, n,
-                           (float*)y, positive);
-    }
-    if (k == 64 && act == 3 && y_float == 0) {
-        auto kernel = gemv<64, 3, weight_t>;
-        const int smem = 64 * 4;   // x staged as fp32
-        static bool smem_allowed = false;   // above 48 KB must be asked for once per kernel
-        if (!smem_allowed) {
-            cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-            if (err != cudaSuccess) return (int)err;
-            smem_allowed = true;
-        }
-        return (int)launch(kernel, grid, GEMV_THREADS, smem, stream, xw, nw, eps, w1, wu, bw, res, threshold, n,
-                           (weight_t*)y, positive);
-    }
+    if (k == 64 && act == -1 && y_float == 0)
+        return launch_gemv<64, -1, weight_t>(
+            n, stream, xw, nw, eps, w1, wu, bw, res, threshold, n, (weight_t*)y,
+            positive);
+    if (k == 64 && act == -1 && y_float == 1)
+        return launch_gemv<64, -1, float>(
+            n, stream, xw, nw, eps, w1, wu, bw, res, threshold, n, (float*)y,
+            positive);
+    if (k == 64 && act == 3 && y_float == 0)
+        return launch_gemv<64, 3, weight_t>(
+            n, stream, xw, nw, eps, w1, wu, bw, res, threshold, n, (weight_t*)y,
+            positive);
     return (int)cudaErrorInvalidValue;
 }
 
