@@ -137,6 +137,16 @@ def decode_active_fractions(runner, prompt: list[int]) -> list[float]:
     return fractions
 
 
+def bytes_ideal_speedup(cfg: ArchConfig, ffn_share: float, extra: float = 0) -> float:
+    """Dense decode-step bytes over sparse ones (weight elements, KV cache at the benchmark's context), the sparse
+    step reading ffn_share of the FFN weights plus `extra` (predictor) elements."""
+    H, I, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    attn = L * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim * H + L * H * cfg.num_heads * cfg.head_dim
+    kv = L * 2 * cfg.num_kv_heads * cfg.head_dim * (CONTEXT + TOKENS)
+    rest, ffn = attn + cfg.vocab_size * H + kv, L * 3 * H * I
+    return (rest + ffn) / (rest + ffn_share * ffn + extra)
+
+
 def tokens_per_second(sparse, dense, prompt: list[int], repeats: int) -> dict:
     """Decode tokens/s of the two runners after `prompt`, interleaved, medians and samples."""
     s_tps, d_tps = [], []
@@ -175,12 +185,8 @@ def bench_model(name: str, repeats: int) -> dict:
     dense = CudaRunner(GPUDecoder(cfg, ffns, dict(w), lib, torch.bfloat16, dense=True))
     speed = tokens_per_second(sparse, dense, prompt, repeats)
 
-    H, I, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
-    attn = L * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim * H + L * H * cfg.num_heads * cfg.head_dim
-    ffn, head, pred = L * 3 * H * I, cfg.vocab_size * H, L * rank * (H + I)
-    kv = L * 2 * cfg.num_kv_heads * cfg.head_dim * (CONTEXT + TOKENS)
     active = statistics.mean(fractions)
-    ideal = (attn + ffn + head + kv) / (attn + active * ffn + pred + head + kv)
+    ideal = bytes_ideal_speedup(cfg, active, cfg.num_layers * rank * (cfg.hidden_size + cfg.intermediate_size))
     del sparse, dense, w
     torch.cuda.empty_cache()
     return {"model": name, "weights": "random bf16 of the real shape", "context": CONTEXT, "tokens": TOKENS,
@@ -226,12 +232,8 @@ def bench_exact(repeats: int) -> dict:
         positive.append(float((g > 0).float().mean()))
         nonzero.append(float(((g > 0) & (u > 0)).float().mean()))
     m.capture = None
-    H, I, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
-    attn = L * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim * H + L * H * cfg.num_heads * cfg.head_dim
-    ffn, head = L * 3 * H * I, cfg.vocab_size * H
-    kv = L * 2 * cfg.num_kv_heads * cfg.head_dim * (CONTEXT + TOKENS)
     p, z = statistics.mean(positive), statistics.mean(nonzero)
-    ideal = (attn + ffn + head + kv) / (attn + ffn * (1 + p + z) / 3 + head + kv)
+    ideal = bytes_ideal_speedup(cfg, (1 + p + z) / 3)   # all of the gate, up where g > 0, down where h != 0
     del sparse, dense, w
     torch.cuda.empty_cache()
     return {"model": EXACT, "weights": "random bf16 of the real shape, dReLU, one constant gate-bias channel",
