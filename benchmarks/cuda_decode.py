@@ -164,25 +164,33 @@ def tokens_per_second(sparse, dense, prompt: list[int], repeats: int) -> dict:
             "samples_dense": d_tps, "step_census": census}
 
 
-def bench_model(name: str, repeats: int) -> dict:
-    cfg, rank = MODELS[name]
-    lib = kernel_library(cfg, rank, name)
-    w = random_weights(cfg, rank)
+def random_prompt(cfg: ArchConfig) -> list[int]:
+    return torch.randint(0, cfg.vocab_size, (CONTEXT,), generator=torch.Generator().manual_seed(1)).tolist()
+
+
+def calibrated_runners(cfg: ArchConfig, lib: KernelLibrary, w: dict, prompt: list[int]) -> tuple:
+    """(sparse, dense) runners of a shape model whose predictors keep about ACTIVE of the neurons: each layer's
+    threshold is the 90th percentile of its predictor logits over the prompt's last 256 tokens."""
     ffns = [FFNSpec("swiglu", 0.0, gated=True) for _ in range(cfg.num_layers)]
     sparse = CudaRunner(GPUDecoder(cfg, ffns, dict(w), lib, torch.bfloat16))
-    prompt = torch.randint(0, cfg.vocab_size, (CONTEXT,), generator=torch.Generator().manual_seed(1)).tolist()
-
-    # thresholds: 90th percentile of each layer's predictor logits over the prompt's tokens
     sparse.model.capture = []
     sparse.generate(prompt, 1)
     for i, hn in sparse.model.capture:
         if hn.shape[0] != CONTEXT:   # warm-up and graph-capture steps also pass through
             continue
         ffns[i].predictor_threshold = float(torch.quantile(predictor_logits(w, i, hn)[-256:].flatten(), 1 - ACTIVE))
-    fractions = decode_active_fractions(sparse, prompt)
-    sparse.graph = None   # re-capture with the calibrated thresholds (they are baked into the graph)
+    sparse.model.capture = None
+    sparse.graph = None   # re-captured with the calibrated thresholds (they are baked into the graph)
+    return sparse, CudaRunner(GPUDecoder(cfg, ffns, dict(w), lib, torch.bfloat16, dense=True))
 
-    dense = CudaRunner(GPUDecoder(cfg, ffns, dict(w), lib, torch.bfloat16, dense=True))
+
+def bench_model(name: str, repeats: int) -> dict:
+    cfg, rank = MODELS[name]
+    lib = kernel_library(cfg, rank, name)
+    w = random_weights(cfg, rank)
+    prompt = random_prompt(cfg)
+    sparse, dense = calibrated_runners(cfg, lib, w, prompt)
+    fractions = decode_active_fractions(sparse, prompt)
     speed = tokens_per_second(sparse, dense, prompt, repeats)
 
     active = statistics.mean(fractions)
@@ -207,7 +215,7 @@ def bench_exact(repeats: int) -> dict:
         w[n["gate"]][:, 0] = 0
     ffns = [FFNSpec("drelu", 0.0, gated=False) for _ in range(cfg.num_layers)]
     sparse = CudaRunner(GPUDecoder(cfg, ffns, dict(w), lib, torch.bfloat16))
-    prompt = torch.randint(0, cfg.vocab_size, (CONTEXT,), generator=torch.Generator().manual_seed(1)).tolist()
+    prompt = random_prompt(cfg)
     for _ in range(2):   # a layer's gate bias changes the inputs of the layers after it: calibrate twice
         sparse.model.capture = []
         sparse.generate(prompt, 1)

@@ -70,6 +70,21 @@ def test_compiles_for_sm80_too(tmp_path, monkeypatch):
     assert lib.is_relative_to(tmp_path / "cuda") and ctypes.CDLL(str(lib)).tsc_hidden_size() == 64
 
 
+@needs_nvcc
+def test_timeline_hooks_still_apply(tmp_path, monkeypatch):
+    """benchmarks/cuda_timeline.py hooks the generated decode source at anchors that must each occur once: they
+    are all still there, and the hooked source compiles."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[3] / "benchmarks"))
+    monkeypatch.setenv("TSCOMPILE_CACHE", str(tmp_path))
+    from cuda_timeline import KERNELS, MARKS, with_hooks
+    shape = KernelShape("timeline", 64, 192, "bfloat16", ("swiglu",), 16, batches=(1,), heads=4, kv_heads=2,
+                        head_dim=16)
+    src = with_hooks(render_source(shape))
+    assert src.count("TraceBlock trace_block(") == len(KERNELS)
+    assert src.count("    TRACE_MARK(") == sum(len(m) for m in MARKS.values())
+    assert ctypes.CDLL(str(compile_library(src, "sm_90"))).tsc_trace_read
+
+
 def test_bad_models_are_refused(tmp_path):
     with pytest.raises(UserError, match="hidden_size 60 is not a multiple of 8"):
         lower_cuda(make_tiny_ir("llama", hidden=60, heads=4, kv_heads=2), CudaConfig(), tmp_path / "h60")

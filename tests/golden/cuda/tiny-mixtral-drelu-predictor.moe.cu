@@ -303,10 +303,7 @@ int tsc_moe_predict(const void* x, const void* fc1, const void* fc2, int rank, c
 
 // y = residual + sum over the routed experts of weight * FFN_e(x). grid: blocks of the persistent grid (one per
 // multiprocessor), capped at partial_rows (rows of `partials`) and at the blocks that fit on the GPU at once (the
-// grid barrier needs every block resident). The block asks for more than half a multiprocessor's shared memory
-// (the ring uses the first ring_bytes): launched early (programmatic dependent launch) beside the previous kernels,
-// a grid that could fit two blocks per multiprocessor was placed two to some and none to others (route + experts
-// 35.4 us, one block per multiprocessor 29.5 us on an H200; backends/cuda/NOTES.md).
+// grid barrier needs every block resident), one block per multiprocessor (persistent_blocks).
 int tsc_moe_experts(int activation, int grid, const void* x, const void* w_gate, const void* w_up,
                     const void* w_down_t, const void* params, const float* logits, const int32_t* lists,
                     const int32_t* counts, float* partials, int partial_rows, unsigned* barrier,
@@ -314,15 +311,9 @@ int tsc_moe_experts(int activation, int grid, const void* x, const void* w_gate,
     if (activation == 3) {
         // ring: 16 stages x 2 rows x 128 bytes
         auto kernel = moe_experts<1, 32, 32, 16, 3>;
-        const int ring_bytes = 16 * 2 * 1 * 32 * 16;
-        static int resident = 0, smem = 0;
+        static int resident = 0, smem = 16 * 2 * 1 * 32 * 16;
         if (resident == 0) {
-            int device = 0, per_sm = 0;
-            cudaError_t err = cudaGetDevice(&device);
-            if (err == cudaSuccess)
-                err = cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
-            smem = max(ring_bytes, per_sm / 2 + 1);
-            if (err == cudaSuccess) err = persistent_blocks(kernel, 32, smem, &resident);
+            cudaError_t err = persistent_blocks(kernel, 32, &smem, &resident);
             if (err != cudaSuccess) return (int)err;
         }
         grid = min(grid, min(partial_rows, resident));
