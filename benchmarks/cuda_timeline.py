@@ -185,7 +185,6 @@ def main():
             marks = ", ".join(f"{k} {v}" for k, v in r.get("marks_us", {}).items())
             print(f"{r['kernel']:>18} {r['blocks']:>6} {r['after_wait_us']:>10.1f} {r['gap_us']:>5.1f} "
                   f"{r['early_us']:>6.1f}  {marks}")
-        del runner
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
