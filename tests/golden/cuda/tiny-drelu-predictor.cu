@@ -699,21 +699,27 @@ static int launch_sparse_ffn(int grid, int partial_rows, cudaStream_t stream, Ar
 }
 
 // One sparse_ffn_exact instantiation: the grid and its list (beside the ring) must fit on the GPU at once, so the
-// grid shrinks until they do.
+// grid shrinks until they do (worked out once per requested grid).
 template <int VPT, int THREADS, int CHUNK, int STAGES, int ACT, typename... Args>
 static int launch_sparse_ffn_exact(int grid, int partial_rows, cudaStream_t stream, Args... args) {
     auto kernel = sparse_ffn_exact<VPT, THREADS, CHUNK, STAGES, ACT>;
     constexpr int ring_bytes = STAGES * 2 * VPT * THREADS * 16;
-    grid = min(grid, partial_rows);
-    int smem = 0;
-    for (int resident = grid;; grid = resident) {
-        if (grid < 1) return (int)cudaErrorInvalidConfiguration;
-        smem = ring_bytes + 4 * ((INTER + grid - 1) / grid);
-        cudaError_t err = persistent_blocks(kernel, THREADS, &smem, &resident);
-        if (err != cudaSuccess) return (int)err;
-        if (resident >= grid) break;
+    static int requested = 0, fitted = 0, smem = 0;   // the last request, and the grid and memory that fit it
+    if (min(grid, partial_rows) != requested) {
+        requested = 0;   // until a grid fits
+        for (int g = min(grid, partial_rows), resident = g;; g = resident) {
+            if (g < 1) return (int)cudaErrorInvalidConfiguration;
+            smem = ring_bytes + 4 * ((INTER + g - 1) / g);
+            cudaError_t err = persistent_blocks(kernel, THREADS, &smem, &resident);
+            if (err != cudaSuccess) return (int)err;
+            if (resident >= g) {
+                fitted = g;
+                break;
+            }
+        }
+        requested = min(grid, partial_rows);
     }
-    return (int)launch(kernel, grid, THREADS, smem, stream, args...);
+    return (int)launch(kernel, fitted, THREADS, smem, stream, args...);
 }
 
 extern "C" {
