@@ -25,6 +25,7 @@ class KernelLibrary:
             self.lib.tsc_sparse_ffn_exact.argtypes = [_I, _I, _P, _P, _F, _P, _P, _P, _P, _P, _F, _P, _I, _P, _P, _P,
                                                       _P]
         self.lib.tsc_predict.argtypes = [_I, _P, _P, _F, _P, _P, _I, _I, _F, _P, _P, _P, _P, _P]
+        self.lib.tsc_predict_active.argtypes = [_I, _P, _P, _F, _P, _I, _I, _F, _P, _P, _P, _P]
         self.lib.tsc_error_string.restype = ctypes.c_char_p
         self.lib.tsc_set_dependent_launch.argtypes = [_I]
         self.hidden = self.lib.tsc_hidden_size()
@@ -32,7 +33,8 @@ class KernelLibrary:
         self.max_batch = self.lib.tsc_max_batch()
         self.has_decode_kernels = hasattr(self.lib, "tsc_gemv")   # built from a shape with attention heads
         if self.has_decode_kernels:
-            self.lib.tsc_gemv.argtypes = [_I, _I, _I, _P, _P, _F, _P, _P, _P, _P, _F, _I, _P, _P, _P]
+            self.lib.tsc_gemv.argtypes = [_I, _I, _I, _P, _P, _F, _P, _P, _P, _P, _F, _I, _P, _P, _P, _P, _P, _I,
+                                          _P, _P, _P]
             self.lib.tsc_decode_attention.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _P, _P]
             self.heads, self.kv_heads = self.lib.tsc_num_heads(), self.lib.tsc_num_kv_heads()
             self.head_dim, self.attention_split = self.lib.tsc_head_dim(), self.lib.tsc_attention_split()
@@ -85,19 +87,35 @@ class KernelLibrary:
             float(threshold), ws.z.data_ptr(), ws.active.data_ptr(), ws.active_count.data_ptr(),
             ws.token_mask.data_ptr(), stream), "predict")
 
+    def predict_folded(self, x, fc2, relu: bool, threshold: float, ws: "Workspace", eps: float) -> None:
+        """The predictor of one token whose first layer ran in the decode step's o_proj GEMV (GPUDecoder), which
+        left ws.z = fc1 (w_post x): ws.active[:ws.active_count] = neurons with fc2 act(ws.z / rms(x)) >= threshold,
+        x [1, hidden] the FFN's input before its RMSNorm, ws.active_count zeroed beforehand (gemv(..., zero=))."""
+        import torch
+        stream = torch.cuda.current_stream().cuda_stream
+        self._check(self.lib.tsc_predict_active(
+            1, ws.z.data_ptr(), x.data_ptr(), eps, fc2.data_ptr(), fc2.shape[1], int(relu),
+            float(threshold), ws.active.data_ptr(), ws.active_count.data_ptr(), ws.token_mask.data_ptr(), stream),
+            "predict_folded")
+
     def gemv(self, x, w, y, norm=None, eps: float = 0.0, bias=None, residual=None, up=None,
-             activation: str | None = None, threshold: float = 0.0, positive=None) -> None:
+             activation: str | None = None, threshold: float = 0.0, positive=None, extra=None, zero=None) -> None:
         """One token: y [n] = w [n, k] rmsnorm(x) (+ bias) (+ residual), x [k] (norm None: x as is); y may be
         float32 (logits) or the model dtype and may be the residual itself. With `up` and `activation`:
         y = act(w rmsnorm(x), up rmsnorm(x)), zero where |y| <= threshold. positive (int16 [ceil(n / 16)], without
-        activation): bit r % 16 of word r / 16 set where y[r] > 0."""
+        activation): bit r % 16 of word r / 16 set where y[r] > 0. extra = (w_extra, w_extra2 [m, k], x2 [k],
+        y_extra float32 [m]) (without activation or positive, n a multiple of 16): y_extra = w_extra (x * norm)
+        + w_extra2 x2 in the same launch, without the norm's 1/rms. zero (int32 [1]): set to 0 once the previous
+        kernel is done."""
         import torch
         stream = torch.cuda.current_stream().cuda_stream
         act = -1 if activation is None else ACTIVATION_ENUM[activation]
+        w_extra, w_extra2, x2, y_extra = extra or (None,) * 4
         self._check(self.lib.tsc_gemv(
             w.shape[1], act, w.shape[0], x.data_ptr(), _ptr(norm), eps, w.data_ptr(), _ptr(up), _ptr(bias),
-            _ptr(residual), float(threshold), int(y.dtype == torch.float32), y.data_ptr(), _ptr(positive), stream),
-            "gemv")
+            _ptr(residual), float(threshold), int(y.dtype == torch.float32), y.data_ptr(), _ptr(positive),
+            _ptr(w_extra), _ptr(w_extra2), _ptr(x2), 0 if w_extra is None else w_extra.shape[0], _ptr(y_extra),
+            _ptr(zero), stream), "gemv")
 
     def decode_attention(self, qkv, pos, cos, sin, k_cache, v_cache, window: int, out) -> None:
         """One token at pos [1] (int64): rope, k/v into the caches [kv_heads, capacity, head_dim] at pos, and

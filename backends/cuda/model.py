@@ -2,7 +2,8 @@
 
 A decode step (one token) runs on the generated kernels: per layer a GEMV for q/k/v with the input RMSNorm folded
 in, one attention kernel (rope, KV-cache write, split-KV attention), a GEMV for o_proj + residual, then the FFN
-with the post-attention RMSNorm folded in: predictor + sparse_ffn (mode predictor); exact gating with
+with the post-attention RMSNorm folded in: predictor + sparse_ffn (mode predictor; the predictor's first layer
+rides on the o_proj GEMV, see fold_predictor); exact gating with
 sparse_ffn_exact, after a GEMV of the gate that picks its rows for relu and drelu; or, where no h is ever zero and
 for the dense baseline, a GEMV for act(gate) * up and cuBLAS for down + residual. The LM head is a GEMV with the
 final norm. Prompts (several tokens) run in PyTorch with the dense exact FFN.
@@ -39,6 +40,16 @@ class FFNSpec:
             self.experts = [e if isinstance(e, FFNSpec) else FFNSpec(**e) for e in self.experts]
 
 
+def fold_predictor(fc1, post_norm, w_o) -> tuple[torch.Tensor, torch.Tensor]:
+    """The predictor's first layer as extra rows of a decode step's o_proj GEMV (a load-time rewrite), which saves it
+    a kernel of its own. fc1 rmsnorm(x) = fc1 (w_post x) / rms(x), and x = x_in + W_o att (x_in: the layer's input,
+    att: the heads' outputs), so fc1 (w_post x) = (F W_o) att + F x_in with F = fc1 diag(w_post): o_proj's GEMV
+    computes both dots of each rank row beside its own rows; predict_active divides by rms(x).
+    Returns (F W_o [rank, heads * head_dim], F [rank, hidden])."""
+    f = fc1.float() * post_norm.float()
+    return (f @ w_o.float()).to(fc1.dtype), f.to(fc1.dtype)
+
+
 def layer_weight_names(i: int) -> dict[str, str]:
     """Names of layer i's tensors in weights.safetensors (shapes in backends/cuda/lower.py)."""
     p = f"layers.{i}."
@@ -54,6 +65,7 @@ class GPUDecoder:
                  lib: KernelLibrary | None, dtype: torch.dtype, dense: bool = False):
         self.cfg, self.ffns, self.lib, self.dtype, self.dense = cfg, ffns, lib, dtype, dense
         self.w = weights
+        self.folded: dict[int, tuple] = {}   # layer -> its predictor's first layer as o_proj rows (fold_predictor)
         self.dev = weights["embed"].device
         self.head = weights["embed"] if cfg.tie_word_embeddings else weights["lm_head"]
         if cfg.is_moe:   # every FFN is a mixture of experts (backends/cuda/moe.py)
@@ -65,6 +77,12 @@ class GPUDecoder:
             ranks = [weights[layer_weight_names(i)["fc1"]].shape[0] for i, f in enumerate(ffns) if f.gated]
             self.ws = Workspace(lib, max(ranks, default=8), 1, self.dev)
             self.grid = default_grid(self.dev)
+            # the GEMV takes extra rows after whole blocks of 16 of its own, of the length of its input (att)
+            if cfg.hidden_size % 16 == 0 and cfg.num_heads * cfg.head_dim == cfg.hidden_size:
+                for i, f in enumerate(ffns):
+                    n = layer_weight_names(i)
+                    if f.gated:
+                        self.folded[i] = fold_predictor(weights[n["fc1"]], weights[n["post_norm"]], weights[n["o"]])
         self.inv_freq = rope_inv_freq(cfg).to(self.dev)
         self.capacity = 0
         self.capture: list | None = None   # when a list: receives (layer, FFN input) of every forward
@@ -128,9 +146,7 @@ class GPUDecoder:
         if f.gated:
             lib.predict(x, self.w[n["fc1"]], self.w[n["fc2"]], f.predictor_relu, f.predictor_threshold, ws,
                         norm=norm, eps=eps)
-            lib.sparse_ffn(x, gate, up, down_t, f.activation, f.threshold, ws.active, ws.active_count, None, ws, x,
-                           self.grid, residual=x, norm=norm, eps=eps)
-            return x
+            return self._sparse_ffn(i, x, x)
         if f.threshold == 0 and f.activation in ("swiglu", "geglu"):   # no h is ever zero: the dense kernels
             return self._ffn_gemv(i, x, down_t)
         g = None
@@ -141,6 +157,14 @@ class GPUDecoder:
                              norm=norm, eps=eps)
         return x
 
+    def _sparse_ffn(self, i: int, x, out) -> torch.Tensor:
+        """out = x + FFN(rmsnorm(x)) over the neurons the predictor listed in ws.active (out may be x)."""
+        f, n, ws = self.ffns[i], layer_weight_names(i), self.ws
+        self.lib.sparse_ffn(x, self.w[n["gate"]], self.w[n["up"]], self.w[n["down_t"]], f.activation, f.threshold,
+                            ws.active, ws.active_count, None, ws, out, self.grid, residual=x,
+                            norm=self.w[n["post_norm"]], eps=self.cfg.rms_norm_eps)
+        return out
+
     def _ffn_gemv(self, i: int, x, down_t) -> torch.Tensor:
         """x + FFN(rmsnorm(x)) on the dense kernels: a GEMV for act(gate) * up with the norm folded in, then cuBLAS
         for h @ down_t + x (down_t [inter, hidden], a transposed view of the HF layout or the sparse layout)."""
@@ -150,19 +174,30 @@ class GPUDecoder:
                       up=self.w[n["up"]], activation=f.activation, threshold=f.threshold)
         return torch.addmm(x, h, down_t)
 
+    def _capture(self, i: int, x) -> None:
+        if self.capture is not None:
+            self.capture.append((i, self._norm(x, self.w[layer_weight_names(i)["post_norm"]])))
+
     def _decode(self, token, pos):
         """One token [1] at pos [1] through the generated kernels -> float32 logits [1, vocab]."""
         c, lib, w = self.cfg, self.lib, self.w
         x = w["embed"][token]                                                   # [1, hidden] residual stream
         qkv = torch.empty((c.num_heads + 2 * c.num_kv_heads) * c.head_dim, dtype=self.dtype, device=self.dev)
         att = torch.empty(c.num_heads * c.head_dim, dtype=self.dtype, device=self.dev)
+        mid = torch.empty_like(x)   # o_proj's output where the predictor's rows read x (the layer's input) meanwhile
         for i in range(c.num_layers):
             n = layer_weight_names(i)
             lib.gemv(x, w[n["qkv"]], qkv, norm=w[n["input_norm"]], eps=c.rms_norm_eps, bias=w.get(n["qkv_bias"]))
             lib.decode_attention(qkv, pos, self.cos, self.sin, self.k[i], self.v[i], c.sliding_window or 0, att)
+            if i in self.folded:   # mid = x + o_proj(att); ws.z = fc1 (w_post mid); the active count reset
+                f, ws = self.ffns[i], self.ws
+                lib.gemv(att, w[n["o"]], mid, residual=x, extra=(*self.folded[i], x, ws.z), zero=ws.active_count)
+                self._capture(i, mid)
+                lib.predict_folded(mid, w[n["fc2"]], f.predictor_relu, f.predictor_threshold, ws, c.rms_norm_eps)
+                x = self._sparse_ffn(i, mid, x)
+                continue
             lib.gemv(att, w[n["o"]], x, residual=x)                            # x += o_proj(att), in place
-            if self.capture is not None:
-                self.capture.append((i, self._norm(x, w[n["post_norm"]])))
+            self._capture(i, x)
             x = self._ffn_into(i, x)
         logits = torch.empty(1, c.vocab_size, dtype=torch.float32, device=self.dev)
         lib.gemv(x, self.head, logits, norm=w["norm"], eps=c.rms_norm_eps)

@@ -12,6 +12,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from tscompile.backends.cuda.kernels import BATCHES, KernelShape, compile_library, device_arch, render_source  # noqa: E402
 from tscompile.backends.cuda.library import KernelLibrary, Workspace, default_grid  # noqa: E402
+from tscompile.backends.cuda.model import fold_predictor  # noqa: E402
 from tscompile.reference import activate  # noqa: E402
 
 KINDS = ("swiglu", "geglu", "relu", "drelu")
@@ -155,6 +156,55 @@ def test_predictor_selects_the_reference_set(lib, batch):
         if batch > 1:
             tm = ws.token_mask[:batch].bool()
             assert ((tm != keep) <= near).all()
+
+
+def test_predictor_folded_into_o_proj_selects_the_reference_set(lib):
+    """A decode step's predictor with its first layer folded into the o_proj GEMV (fold_predictor): o_proj with the
+    extra rows, then predict_folded, pick the set the float64 predictor picks on rmsnorm(x_in + W_o att); the
+    GEMV's own output is untouched by them and it resets the active count. Extra rows need o_proj's rows in whole
+    blocks of 16: refused otherwise."""
+    lib, dtype = lib
+    H, I, A = lib.hidden, lib.inter, lib.heads * lib.head_dim
+    ws = Workspace(lib, RANK, lib.max_batch)
+    if H % 16:
+        y = torch.zeros(1, A, device="cuda", dtype=dtype)
+        with pytest.raises(RuntimeError, match="gemv"):
+            lib.gemv(y, torch.zeros(H, A, device="cuda", dtype=dtype), torch.zeros(1, H, device="cuda", dtype=dtype),
+                     extra=(y, y, y, ws.z))
+        return
+    if A != H:
+        pytest.skip("the fold needs heads * head_dim == hidden (x_in is o_proj's second input)")
+    for trial, (rank, relu) in enumerate([(RANK, True), (24, False)]):
+        gen = torch.Generator(device="cuda").manual_seed(11 + trial)
+
+        def rnd(*shape, scale=1.0, gen=gen):
+            return (scale * torch.randn(*shape, device="cuda", generator=gen)).to(dtype)
+        fc1, fc2 = rnd(rank, H, scale=H ** -0.5), rnd(I, rank, scale=rank ** -0.5)
+        w_o, w_post = rnd(H, A, scale=A ** -0.5), (1 + 0.2 * torch.randn(H, device="cuda", generator=gen)).to(dtype)
+        x_in, att = rnd(1, H), rnd(1, A)
+        rows_att, rows_in = fold_predictor(fc1, w_post, w_o)
+        mid = torch.full((1, H), float("nan"), device="cuda", dtype=dtype)
+        ws.z.fill_(float("nan"))
+        ws.active_count.fill_(12345)
+        lib.gemv(att, w_o, mid, residual=x_in, extra=(rows_att, rows_in, x_in, ws.z), zero=ws.active_count)
+        torch.cuda.synchronize()
+        assert int(ws.active_count.item()) == 0
+        assert rel_err(mid, x_in.double() + att.double() @ w_o.double().T) <= 1e-2
+        want_z = att[0].double() @ rows_att.double().T + x_in[0].double() @ rows_in.double().T
+        assert rel_err(ws.z[0, :rank], want_z) <= 1e-2
+        assert ws.z[0, rank:].isnan().all(), "rows past the extra ones written"
+        z = rms_normed(mid, w_post) @ fc1.double().T
+        logits = ((F.relu(z) if relu else z) @ fc2.double().T)[0]
+        thr = float(logits.float().quantile(0.8))
+        lib.predict_folded(mid, fc2, relu, thr, ws, EPS)
+        torch.cuda.synchronize()
+        n = int(ws.active_count.item())
+        got = ws.active[:n].long()
+        assert got.unique().numel() == n and (got >= 0).all() and (got < I).all()
+        near = (logits - thr).abs() <= 2e-2 * logits.abs().max()   # the bf16 rows may flip these
+        got_mask = torch.zeros(I, dtype=torch.bool, device="cuda")
+        got_mask[got] = True
+        assert ((got_mask != (logits >= thr)) <= near).all() and near.float().mean() < 0.2, trial
 
 
 @pytest.mark.parametrize("kind", (None,) + KINDS)
