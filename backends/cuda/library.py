@@ -104,9 +104,9 @@ class KernelLibrary:
         float32 (logits) or the model dtype and may be the residual itself. With `up` and `activation`:
         y = act(w rmsnorm(x), up rmsnorm(x)), zero where |y| <= threshold. positive (int16 [ceil(n / 16)], without
         activation): bit r % 16 of word r / 16 set where y[r] > 0. extra = (w_extra, w_extra2 [m, k], x2 [k],
-        y_extra float32 [m]) (without activation or positive, n a multiple of 16): y_extra = w_extra (x * norm)
-        + w_extra2 x2 in the same launch, without the norm's 1/rms. zero (int32 [1]): set to 0 once the previous
-        kernel is done."""
+        y_extra float32 [m]) (y in the model dtype, no activation or positive, n a multiple of 16): y_extra =
+        w_extra (x * norm) + w_extra2 x2 in the same launch, without the norm's 1/rms. zero (int32 [1]): set to 0
+        once the previous kernel is done."""
         import torch
         stream = torch.cuda.current_stream().cuda_stream
         act = -1 if activation is None else ACTIVATION_ENUM[activation]

@@ -588,11 +588,11 @@ __global__ void __launch_bounds__(256) predict_active(
     const weight_t* __restrict__ fc2,    // [INTER, rank]
     int rank, float predictor_threshold,
     int32_t* __restrict__ active,        // [INTER]
-    int32_t* __restrict__ active_count,  // [1]  zero on entry (predict_hidden, or the q/k/v GEMV)
+    int32_t* __restrict__ active_count,  // [1]  zero on entry (predict_hidden, or the GEMV that computed z)
     uint8_t* __restrict__ token_mask)    // [B, INTER]  written when B > 1
 {
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const int j0 = (blockIdx.x * 8 + threadIdx.x / 32) * NPW;   // 8 warps a block
+    const int j0 = (blockIdx.x * 8 + warp) * NPW;   // 8 warps a block
     const int rvec = rank / 8;
     // fc2 (the larger predictor matrix) streams in while predict_hidden still runs: loads before the wait
     uint4 w[NPW][RVEC_PER_LANE];
@@ -1295,16 +1295,15 @@ __global__ void __launch_bounds__(ATT_THREADS) decode_attention(
 template <int K, int ACT, typename OUT, bool EXTRA, typename... Args>
 static int launch_gemv(int n, int n_extra, cudaStream_t stream, Args... args) {
     auto kernel = gemv<K, ACT, OUT, EXTRA>;
-    constexpr int warps = GEMV_THREADS / 32, rows_per_block = (ACT >= 0 ? 1 : 2) * warps;
+    constexpr int smem = (1 + EXTRA) * K * 4, warps = GEMV_THREADS / 32, rows_per_block = (ACT >= 0 ? 1 : 2) * warps;
     static bool smem_allowed = false;
     if (!smem_allowed) {
-        const int smem = (1 + EXTRA) * K * 4;
         cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
         if (err != cudaSuccess) return (int)err;
         smem_allowed = true;
     }
     const int blocks = (n + rows_per_block - 1) / rows_per_block + (n_extra + warps - 1) / warps;
-    return (int)launch(kernel, blocks, GEMV_THREADS, (1 + EXTRA) * K * 4, stream, args...);
+    return (int)launch(kernel, blocks, GEMV_THREADS, smem, stream, args...);
 }
 
 extern "C" {
