@@ -16,6 +16,7 @@
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <stdint.h>
+#include <type_traits>
 
 #define HIDDEN 64
 #define INTER 192
@@ -97,43 +98,58 @@ __device__ __forceinline__ void load_columns(const weight_t* __restrict__ x, flo
         }
 }
 
-// The RMSNorm folded into a kernel: xr <- xr * norm_w / sqrt(mean(x^2) + eps) per token, on the columns this
-// thread holds. Every thread of the block calls it (two barriers).
-template <int B, int VPT, int THREADS>
-__device__ __forceinline__ void rms_normalize(float xr[B][VPT][8], const weight_t* __restrict__ norm_w, float eps) {
+// 1 / sqrt(mean(x^2) + eps) of each token's x [HIDDEN] from this thread's partial sums of its squares, ss[b]:
+// every thread of the block calls it and gets the block's result (two barriers; `between` runs between them:
+// loads issued there overlap the first).
+template <int B, int THREADS, typename Between>
+__device__ __forceinline__ void block_inv_rms(const float ss[B], float eps, float inv_rms[B], Between between) {
     constexpr int WARPS = THREADS / 32;
     __shared__ float sum_sq[B][WARPS];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
     for (int b = 0; b < B; ++b) {
-        float s = 0.f;
-#pragma unroll
-        for (int k = 0; k < VPT; ++k)
-#pragma unroll
-            for (int e = 0; e < 8; ++e) s = fmaf(xr[b][k][e], xr[b][k][e], s);
-        s = warp_sum(s);
+        const float s = warp_sum(ss[b]);
         if (lane == 0) sum_sq[b][warp] = s;
     }
     __syncthreads();
-    float g[VPT][8];
-#pragma unroll
-    for (int k = 0; k < VPT; ++k) {
-        const int v = threadIdx.x + k * THREADS;
-        if (v < HVEC) unpack8(load_weights(norm_w + v * 8), g[k]);
-        else for (int e = 0; e < 8; ++e) g[k][e] = 0.f;
-    }
+    between();
 #pragma unroll
     for (int b = 0; b < B; ++b) {
         float t = 0.f;
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) t += sum_sq[b][w];
-        const float scale = rsqrtf(t / HIDDEN + eps);
+        inv_rms[b] = rsqrtf(t / HIDDEN + eps);
+    }
+    __syncthreads();   // sum_sq is rewritten by the next call
+}
+
+// The RMSNorm folded into a kernel: xr <- xr * norm_w / sqrt(mean(x^2) + eps) per token, on the columns this
+// thread holds. Every thread of the block calls it.
+template <int B, int VPT, int THREADS>
+__device__ __forceinline__ void rms_normalize(float xr[B][VPT][8], const weight_t* __restrict__ norm_w, float eps) {
+    float ss[B], inv_rms[B], g[VPT][8];
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+        ss[b] = 0.f;
 #pragma unroll
         for (int k = 0; k < VPT; ++k)
 #pragma unroll
-            for (int e = 0; e < 8; ++e) xr[b][k][e] *= g[k][e] * scale;
+            for (int e = 0; e < 8; ++e) ss[b] = fmaf(xr[b][k][e], xr[b][k][e], ss[b]);
     }
-    __syncthreads();   // sum_sq is rewritten by the next call
+    block_inv_rms<B, THREADS>(ss, eps, inv_rms, [&] {
+#pragma unroll
+        for (int k = 0; k < VPT; ++k) {
+            const int v = threadIdx.x + k * THREADS;
+            if (v < HVEC) unpack8(load_weights(norm_w + v * 8), g[k]);
+            else for (int e = 0; e < 8; ++e) g[k][e] = 0.f;
+        }
+    });
+#pragma unroll
+    for (int b = 0; b < B; ++b)
+#pragma unroll
+        for (int k = 0; k < VPT; ++k)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) xr[b][k][e] *= g[k][e] * inv_rms[b];
 }
 
 // ---- sparse FFN -----------------------------------------------------------------------------------------------
@@ -606,31 +622,21 @@ __global__ void __launch_bounds__(256) predict_active(
     allow_next_kernel();
     wait_for_previous_kernel();
     float inv_rms[B];
+#pragma unroll
+    for (int b = 0; b < B; ++b) inv_rms[b] = 1.f;
     if (x != nullptr) {
-        __shared__ float sum_sq[8][B];
+        float ss[B];
 #pragma unroll
         for (int b = 0; b < B; ++b) {
-            float ss = 0.f;
+            ss[b] = 0.f;
             for (int v = threadIdx.x; v < HVEC; v += 256) {
                 float xv[8];
                 unpack8(__ldcg(reinterpret_cast<const uint4*>(x + (size_t)b * HIDDEN) + v), xv);
 #pragma unroll
-                for (int e = 0; e < 8; ++e) ss = fmaf(xv[e], xv[e], ss);
+                for (int e = 0; e < 8; ++e) ss[b] = fmaf(xv[e], xv[e], ss[b]);
             }
-            ss = warp_sum(ss);
-            if (lane == 0) sum_sq[warp][b] = ss;
         }
-        __syncthreads();
-#pragma unroll
-        for (int b = 0; b < B; ++b) {
-            float t = 0.f;
-#pragma unroll
-            for (int i = 0; i < 8; ++i) t += sum_sq[i][b];
-            inv_rms[b] = rsqrtf(t / HIDDEN + eps);
-        }
-    } else {
-#pragma unroll
-        for (int b = 0; b < B; ++b) inv_rms[b] = 1.f;
+        block_inv_rms<B, 256>(ss, eps, inv_rms, [] {});
     }
     if (j0 >= INTER) return;
     float mine[B];
@@ -954,7 +960,7 @@ __global__ void __launch_bounds__(GEMV_THREADS, 3) gemv(
     int32_t* zero)                         // [1] or null: set to 0 (the next predict_active's active count)
 {
     constexpr int KV = K / 8, NV = (KV + 31) / 32;                 // 16-byte vectors per row, per lane
-    constexpr int CHUNK = ACT < 0 && sizeof(OUT) == 2 ? (NV < 6 ? NV : 6) : (NV < 4 ? NV : 4);   // per row and lane
+    constexpr int CHUNK = ACT < 0 && std::is_same<OUT, weight_t>::value ? (NV < 6 ? NV : 6) : (NV < 4 ? NV : 4);
     constexpr int WARPS = GEMV_THREADS / 32;
     static_assert(2 * WARPS == 16, "positive: a block's rows are one 16-bit word");
     extern __shared__ float4 x_stage[];                             // [K / 4]  x * norm_w as fp32, then x2 (extra)
