@@ -11,7 +11,9 @@ Shape models are random bf16 weights of the real shapes (built on the GPU, nothi
 vocab 49152, tied embeddings). Every FFN has a random low-rank predictor (rank 256 for Mistral, 64 for SmolLM2)
 evaluated at every step, its threshold set per layer to the 90th percentile of its logits on the prompt, so about
 10% of neurons are active; the active fraction actually reached during decode is measured and reported.
-Tokens/s of the two runners are measured interleaved, median of repeats.
+Tokens/s of the two runners are measured interleaved, median of repeats. Where the sparse step's time goes: the
+same step with every layer after the first reusing the first layer's active list (no predictor), and with no FFN
+after the first layer (attention and the GEMVs around it only); timing only, their outputs are not the model's.
 
 mistral-7b-exact is the same shape with dReLU FFNs in mode exact (no predictor: a GEMV of the gate, then the up rows
 of the neurons whose gate is positive and the down rows where h != 0). Random gates are positive half the time; a
@@ -184,6 +186,30 @@ def calibrated_runners(cfg: ArchConfig, lib: KernelLibrary, w: dict, prompt: lis
     return sparse, CudaRunner(GPUDecoder(cfg, ffns, dict(w), lib, torch.bfloat16, dense=True))
 
 
+class AblatedDecoder(GPUDecoder):
+    """The sparse decoder with a part of every layer after the first left out (drop: "predictor", the first layer's
+    active list serves them all; "ffn", no FFN): a timing tool, its outputs are not the model's."""
+
+    def __init__(self, *args, drop: str, **kw):
+        super().__init__(*args, **kw)
+        self.drop = drop
+        self.folded = {i: f for i, f in self.folded.items() if i == 0}   # layer 0 alone runs the predictor
+
+    def _ffn_into(self, i: int, x) -> torch.Tensor:
+        return x if self.drop == "ffn" else self._sparse_ffn(i, x, x)
+
+
+def ablation(cfg: ArchConfig, lib: KernelLibrary, w: dict, ffns: list, prompt: list[int], repeats: int) -> dict:
+    """Tokens/s of the sparse step without its predictors, and without its FFNs (AblatedDecoder)."""
+    out = {}
+    for drop in ("predictor", "ffn"):
+        runner = CudaRunner(AblatedDecoder(cfg, ffns, dict(w), lib, torch.bfloat16, drop=drop))
+        out[f"without_{drop}_tokens_per_s"] = statistics.median(
+            runner.decode_tokens_per_second(prompt, TOKENS) for _ in range(repeats))
+        del runner
+    return out
+
+
 def bench_model(name: str, repeats: int) -> dict:
     cfg, rank = MODELS[name]
     lib = kernel_library(cfg, rank, name)
@@ -192,6 +218,7 @@ def bench_model(name: str, repeats: int) -> dict:
     sparse, dense = calibrated_runners(cfg, lib, w, prompt)
     fractions = decode_active_fractions(sparse, prompt)
     speed = tokens_per_second(sparse, dense, prompt, repeats)
+    speed["ablation"] = ablation(cfg, lib, w, sparse.model.ffns, prompt, repeats)
 
     active = statistics.mean(fractions)
     ideal = bytes_ideal_speedup(cfg, active, cfg.num_layers * rank * (cfg.hidden_size + cfg.intermediate_size))
@@ -338,6 +365,14 @@ def main():
     for r in rows:
         print(f"{r['model']:>16} {100 * r.get('active_fraction_decode', 1.0):>6.1f}% {r['sparse_tokens_per_s']:>12.1f} "
               f"{r['dense_tokens_per_s']:>11.1f} {r['speedup']:>7.2f} {r.get('bytes_ideal_speedup', 0):>6.2f}")
+    for r in rows:
+        if "ablation" in r:
+            us = {k: 1e6 / v / MODELS[r["model"]][0].num_layers for k, v in
+                  [("step", r["sparse_tokens_per_s"]), ("dense", r["dense_tokens_per_s"])]
+                  + [(k.split("_")[1], v) for k, v in r["ablation"].items()]}
+            print(f"{r['model']}: us per layer (whole step / layers): sparse {us['step']:.1f} = without FFNs "
+                  f"{us['ffn']:.1f} + sparse FFN {us['predictor'] - us['ffn']:.1f} + predictor "
+                  f"{us['step'] - us['predictor']:.1f}; dense {us['dense']:.1f}")
 
 
 if __name__ == "__main__":

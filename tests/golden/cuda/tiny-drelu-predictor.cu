@@ -593,13 +593,15 @@ __global__ void __launch_bounds__(THREADS) predict_hidden(
 // One warp scores NPW consecutive neurons, all their loads in flight at once (lane l < NPW keeps neuron l's
 // logits), then appends the ones any token keeps to `active`. The order of the list depends on which warp gets
 // there first; the set does not.
-// The predictor's hidden layer is relu(z) (or z): z from predict_hidden, or with x given, z / rms(x) for a z =
+// The predictor's hidden layer is relu(z) (or z): z from predict_hidden, or with SCALE, z / rms(x) for a z =
 // fc1 (w_post x) that a decode step's o_proj GEMV computed (x: the FFN's input before its RMSNorm, whose 1/rms
-// every block works out for itself).
-template <int B, int RVEC_PER_LANE, int NPW>
+// every block works out for itself). SCALE is an instantiation of its own: compiled into every call, that path
+// (64 registers instead of 48 at B = 1, a block barrier) cost predict_hidden -> predict_active -> sparse_ffn 0.85 us
+// on an H200 (NOTES.md).
+template <int B, int RVEC_PER_LANE, int NPW, bool SCALE>
 __global__ void __launch_bounds__(256) predict_active(
     const float* __restrict__ z,         // [B, rank]
-    const weight_t* __restrict__ x,      // [B, HIDDEN] whose 1/rms scales z, or null
+    const weight_t* __restrict__ x,      // [B, HIDDEN] whose 1/rms scales z (SCALE), else unused
     float eps, int relu,
     const weight_t* __restrict__ fc2,    // [INTER, rank]
     int rank, float predictor_threshold,
@@ -624,7 +626,7 @@ __global__ void __launch_bounds__(256) predict_active(
     float inv_rms[B];
 #pragma unroll
     for (int b = 0; b < B; ++b) inv_rms[b] = 1.f;
-    if (x != nullptr) {
+    if constexpr (SCALE) {
         float ss[B];
 #pragma unroll
         for (int b = 0; b < B; ++b) {
@@ -833,22 +835,26 @@ int tsc_predict_active(int batch, const float* z, const void* x, float eps, cons
                        uint8_t* token_mask, cudaStream_t stream) {
     if (rank % 8 != 0 || rank > 8) return (int)cudaErrorInvalidValue;
     if (batch == 1)
-        return (int)launch(predict_active<1, 1, 8>,
+        return (int)launch(x != nullptr ? predict_active<1, 1, 8, true>
+                                          : predict_active<1, 1, 8, false>,
                            (INTER + 63) / 64, 256, 0, stream, z,
                            (const weight_t*)x, eps, relu, (const weight_t*)fc2, rank, predictor_threshold, active,
                            active_count, token_mask);
     if (batch == 2)
-        return (int)launch(predict_active<2, 1, 8>,
+        return (int)launch(x != nullptr ? predict_active<2, 1, 8, true>
+                                          : predict_active<2, 1, 8, false>,
                            (INTER + 63) / 64, 256, 0, stream, z,
                            (const weight_t*)x, eps, relu, (const weight_t*)fc2, rank, predictor_threshold, active,
                            active_count, token_mask);
     if (batch == 4)
-        return (int)launch(predict_active<4, 1, 8>,
+        return (int)launch(x != nullptr ? predict_active<4, 1, 8, true>
+                                          : predict_active<4, 1, 8, false>,
                            (INTER + 63) / 64, 256, 0, stream, z,
                            (const weight_t*)x, eps, relu, (const weight_t*)fc2, rank, predictor_threshold, active,
                            active_count, token_mask);
     if (batch == 8)
-        return (int)launch(predict_active<8, 1, 8>,
+        return (int)launch(x != nullptr ? predict_active<8, 1, 8, true>
+                                          : predict_active<8, 1, 8, false>,
                            (INTER + 63) / 64, 256, 0, stream, z,
                            (const weight_t*)x, eps, relu, (const weight_t*)fc2, rank, predictor_threshold, active,
                            active_count, token_mask);
