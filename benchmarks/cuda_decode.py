@@ -367,12 +367,12 @@ def main():
               f"{r['dense_tokens_per_s']:>11.1f} {r['speedup']:>7.2f} {r.get('bytes_ideal_speedup', 0):>6.2f}")
     for r in rows:
         if "ablation" in r:
-            us = {k: 1e6 / v / MODELS[r["model"]][0].num_layers for k, v in
-                  [("step", r["sparse_tokens_per_s"]), ("dense", r["dense_tokens_per_s"])]
-                  + [(k.split("_")[1], v) for k, v in r["ablation"].items()]}
-            print(f"{r['model']}: us per layer (whole step / layers): sparse {us['step']:.1f} = without FFNs "
-                  f"{us['ffn']:.1f} + sparse FFN {us['predictor'] - us['ffn']:.1f} + predictor "
-                  f"{us['step'] - us['predictor']:.1f}; dense {us['dense']:.1f}")
+            a, layers = r["ablation"], MODELS[r["model"]][0].num_layers
+            step, dense, no_pred, no_ffn = (1e6 / tps / layers for tps in (
+                r["sparse_tokens_per_s"], r["dense_tokens_per_s"], a["without_predictor_tokens_per_s"],
+                a["without_ffn_tokens_per_s"]))
+            print(f"{r['model']}: us per layer (whole step / layers): sparse {step:.1f} = without FFNs {no_ffn:.1f} "
+                  f"+ sparse FFN {no_pred - no_ffn:.1f} + predictor {step - no_pred:.1f}; dense {dense:.1f}")
 
 
 if __name__ == "__main__":
