@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tscompile.backends.cuda.kernels import KernelShape, compile_library, device_arch, render_source  # noqa: E402
-from tscompile.backends.cuda.library import KernelLibrary, Workspace, pack_bits, unpack_bits  # noqa: E402
+from tscompile.backends.cuda.library import KernelLibrary, Workspace  # noqa: E402
 
 H, I, RANK = 4096, 14336, 256
 SETS = 8   # active sets cycled within one graph replay
@@ -259,9 +259,10 @@ def main():
     grids = {"1/SM": sms, "2/SM": 2 * sms}   # the library caps the grid at the blocks that fit at once
     for batch, sparsity in [(1, 0.5), (1, 0.8), (1, 0.9), (1, 0.95), (2, 0.9), (4, 0.9), (8, 0.9)]:
         n = round((1 - sparsity) * I)
-        ids = torch.stack([torch.randperm(I, device=dev)[:n] for _ in range(SETS)])
-        active = torch.stack([pack_bits(torch.zeros(I, dtype=torch.bool, device=dev).index_fill_(0, ids[k], True))
-                              for k in range(SETS)])
+        ids = torch.stack([torch.randperm(I, device=dev)[:n] for _ in range(SETS)]).int()
+        ids_full = torch.zeros(SETS, I, dtype=torch.int32, device=dev)
+        ids_full[:, :n] = ids
+        count = torch.full((1,), n, dtype=torch.int32, device=dev)
         xb = torch.randn(SETS, batch, H, device=dev, dtype=bf)
         masks = (torch.rand(SETS, batch, I, device=dev) < 0.8) if batch > 1 else None
         masks_u8 = masks.to(torch.uint8) if masks is not None else None
@@ -272,7 +273,7 @@ def main():
         for grid in grids.values():
             y.fill_(float("nan"))
             for k in range(SETS):
-                lib.sparse_ffn(xb[k], wg, wu, wdt, "swiglu", threshold, active[k],
+                lib.sparse_ffn(xb[k], wg, wu, wdt, "swiglu", threshold, ids_full[k], count,
                                None if masks is None else masks_u8[k], ws, y[k], grid)
             torch.cuda.synchronize()
             errs.append(max(rel_err(y[k], ffn_reference(xb[k], wg, wu, wdt, ids[k].long(), threshold,
@@ -283,7 +284,7 @@ def main():
         for gname, grid in grids.items():
             def sparse(grid=grid):
                 for k in range(SETS):
-                    lib.sparse_ffn(xb[k], wg, wu, wdt, "swiglu", threshold, active[k],
+                    lib.sparse_ffn(xb[k], wg, wu, wdt, "swiglu", threshold, ids_full[k], count,
                                    None if masks is None else masks_u8[k], ws, y[k], grid)
             times[gname] = time_graph(sparse, SETS)
         best = min(times, key=times.get)
@@ -307,7 +308,7 @@ def main():
     y1 = torch.empty(1, H, device=dev, dtype=bf)
     lib.predict(x[0], fc1, fc2, True, thr, ws)
     torch.cuda.synchronize()
-    got = set(torch.nonzero(unpack_bits(ws.active, I)).flatten().tolist())
+    got = set(ws.active[: int(ws.active_count.item())].tolist())
     logits = (F.relu(x[0].double() @ fc1.double().T) @ fc2.double().T)[0]
     want = set(torch.nonzero(logits >= thr).flatten().tolist())
     near = set(torch.nonzero((logits - thr).abs() < 1e-2 * logits.abs().max()).flatten().tolist())
@@ -320,7 +321,7 @@ def main():
     def predict_and_ffn(grid=sms):
         for k in range(SETS):
             lib.predict(x[k], fc1, fc2, True, thr, ws)
-            lib.sparse_ffn(x[k], wg, wu, wdt, "swiglu", 0.0, ws.active, None, ws, y1, grid)
+            lib.sparse_ffn(x[k], wg, wu, wdt, "swiglu", 0.0, ws.active, ws.active_count, None, ws, y1, grid)
     pred_us = time_graph(predict_only, SETS)
     both_us = time_graph(predict_and_ffn, SETS)
     lib.set_dependent_launch(False)   # the same two, with plain launches

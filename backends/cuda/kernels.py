@@ -86,7 +86,8 @@ def render_source(shape: KernelShape) -> str:
             ffn_variants.append(launch | {"act_enum": ACTIVATION_ENUM[act]})
         predictor_variants.append({"batch": b, "vpt": launch["vpt"], "threads": launch["threads"],
                                    "rpb": 2 if b <= 2 else 1,
-                                   "rvec_per_lane": max(1, math.ceil(shape.max_rank / 8 / 32))})
+                                   "rvec_per_lane": max(1, math.ceil(shape.max_rank / 8 / 32)),
+                                   "npw": 8})
     gemv_variants = []   # (k, act, y_float): q/k/v and o projections, LM head (fp32 logits), dense gate+up
     exact_variants = []  # the decode runtime's exact-gating FFN (one token)
     if shape.heads:

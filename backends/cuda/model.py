@@ -158,10 +158,10 @@ class GPUDecoder:
         return x
 
     def _sparse_ffn(self, i: int, x, out) -> torch.Tensor:
-        """out = x + FFN(rmsnorm(x)) over the neurons the predictor marked in ws.active (out may be x)."""
+        """out = x + FFN(rmsnorm(x)) over the neurons the predictor listed in ws.active (out may be x)."""
         f, n, ws = self.ffns[i], layer_weight_names(i), self.ws
         self.lib.sparse_ffn(x, self.w[n["gate"]], self.w[n["up"]], self.w[n["down_t"]], f.activation, f.threshold,
-                            ws.active, None, ws, out, self.grid, residual=x,
+                            ws.active, ws.active_count, None, ws, out, self.grid, residual=x,
                             norm=self.w[n["post_norm"]], eps=self.cfg.rms_norm_eps)
         return out
 
@@ -189,9 +189,9 @@ class GPUDecoder:
             n = layer_weight_names(i)
             lib.gemv(x, w[n["qkv"]], qkv, norm=w[n["input_norm"]], eps=c.rms_norm_eps, bias=w.get(n["qkv_bias"]))
             lib.decode_attention(qkv, pos, self.cos, self.sin, self.k[i], self.v[i], c.sliding_window or 0, att)
-            if i in self.folded:   # mid = x + o_proj(att); ws.z = fc1 (w_post mid)
+            if i in self.folded:   # mid = x + o_proj(att); ws.z = fc1 (w_post mid); the active count reset
                 f, ws = self.ffns[i], self.ws
-                lib.gemv(att, w[n["o"]], mid, residual=x, extra=(*self.folded[i], x, ws.z))
+                lib.gemv(att, w[n["o"]], mid, residual=x, extra=(*self.folded[i], x, ws.z), zero=ws.active_count)
                 self._capture(i, mid)
                 lib.predict_folded(mid, w[n["fc2"]], f.predictor_relu, f.predictor_threshold, ws, c.rms_norm_eps)
                 x = self._sparse_ffn(i, mid, x)

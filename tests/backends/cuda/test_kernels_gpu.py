@@ -11,7 +11,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 import torch.nn.functional as F  # noqa: E402
 
 from tscompile.backends.cuda.kernels import BATCHES, KernelShape, compile_library, device_arch, render_source  # noqa: E402
-from tscompile.backends.cuda.library import KernelLibrary, Workspace, default_grid, pack_bits, unpack_bits  # noqa: E402
+from tscompile.backends.cuda.library import KernelLibrary, Workspace, default_grid  # noqa: E402
 from tscompile.backends.cuda.model import fold_predictor  # noqa: E402
 from tscompile.reference import activate  # noqa: E402
 
@@ -42,6 +42,13 @@ def rms_normed(x, w):
     return xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + EPS) * w.double()
 
 
+def sign_bits(v):
+    """int16 [ceil(n / 16)]: bit r % 16 of word r / 16 set where v[r] > 0 (what gemv writes to `positive`)."""
+    b = (v.flatten() > 0).long()
+    b = torch.cat([b, b.new_zeros(-b.numel() % 16)]).view(-1, 16)
+    return (b << torch.arange(16, device=b.device)).sum(1).to(torch.int32).to(torch.int16)
+
+
 def rel_err(got, want) -> float:
     got = got.double()
     assert torch.isfinite(got).all(), "unwritten (poisoned) or non-finite outputs"
@@ -60,17 +67,16 @@ def test_sparse_ffn_matches_reference(lib, kind, batch):
         x = torch.randn(batch, H, device="cuda", generator=gen).to(dtype)
         n = int(torch.randint(0, I + 1, (1,), generator=gen, device="cuda")) if trial else I // 10
         ids = torch.randperm(I, device="cuda", generator=gen)[:n]
-        listed = torch.zeros(I, dtype=torch.bool, device="cuda")
-        listed[ids] = True
-        # bits past I in the last word are set: the kernel must ignore them
-        active = pack_bits(torch.cat([listed, listed.new_ones(-I % 16)]))
+        active = torch.zeros(I, dtype=torch.int32, device="cuda")
+        active[:n] = ids.int()
+        count = torch.tensor([n], dtype=torch.int32, device="cuda")
         mask = torch.rand(batch, I, device="cuda", generator=gen) < 0.7 if batch > 1 else None
         threshold = [0.0, 0.01, 0.05][trial]
         grid = [default_grid(), 7, 1][trial]
         y = torch.full((batch, H), float("nan"), device="cuda", dtype=dtype)
         residual = torch.randn(batch, H, device="cuda", generator=gen).to(dtype) if trial == 1 else None
         norm = (1 + 0.2 * torch.randn(H, device="cuda", generator=gen)).to(dtype) if trial == 2 else None
-        lib.sparse_ffn(x, *w, kind, threshold, active, None if mask is None else mask.to(torch.uint8),
+        lib.sparse_ffn(x, *w, kind, threshold, active, count, None if mask is None else mask.to(torch.uint8),
                        ws, y, grid, residual, norm=norm, eps=EPS)
         torch.cuda.synchronize()
         xd = x.double() if norm is None else rms_normed(x, norm)
@@ -111,7 +117,7 @@ def test_sparse_ffn_exact_matches_reference(lib, kind):
         grid = [default_grid(), 7, 1, default_grid()][trial]
         residual = torch.randn(1, H, device="cuda", generator=gen).to(dtype) if trial == 1 else None
         y = torch.full((1, H), float("nan"), device="cuda", dtype=dtype)
-        gate = None if gate_values is None else (gate_values, pack_bits(gate_values > 0))
+        gate = None if gate_values is None else (gate_values, sign_bits(gate_values))
         lib.sparse_ffn_exact(x, *w, kind, threshold, gate, ws, y, grid, residual, norm=norm, eps=EPS)
         torch.cuda.synchronize()
         h = activate(kind, g if gate_values is None else gate_values.double(), xd @ w[1].double().T)
@@ -135,12 +141,17 @@ def test_predictor_selects_the_reference_set(lib, batch):
         z = (x.double() if norm is None else rms_normed(x, norm)) @ fc1.double().T
         logits = (F.relu(z) if relu else z) @ fc2.double().T
         thr = float(logits.float().quantile(0.8))
-        ws.active.fill_(-1)   # every bit set: each must be written
+        ws.active.fill_(-1)
+        ws.active_count.fill_(12345)   # predict_hidden must reset it
         lib.predict(x, fc1, fc2, relu, thr, ws, norm=norm, eps=EPS)
         torch.cuda.synchronize()
-        got_mask = unpack_bits(ws.active, I)
+        n = int(ws.active_count.item())
+        got = ws.active[:n].long()
+        assert got.unique().numel() == n and (got >= 0).all() and (got < I).all()
         keep = logits >= thr
         near = (logits - thr).abs() <= 1e-2 * logits.abs().max()   # bf16 rounding may flip these
+        got_mask = torch.zeros(I, dtype=torch.bool, device="cuda")
+        got_mask[got] = True
         assert ((got_mask != keep.any(0)) <= near.any(0)).all()
         if batch > 1:
             tm = ws.token_mask[:batch].bool()
@@ -150,7 +161,8 @@ def test_predictor_selects_the_reference_set(lib, batch):
 def test_predictor_folded_into_o_proj_selects_the_reference_set(lib):
     """A decode step's predictor with its first layer folded into the o_proj GEMV (fold_predictor): o_proj with the
     extra rows, then predict_folded, pick the set the float64 predictor picks on rmsnorm(x_in + W_o att); the
-    GEMV's own output is untouched by them. Extra rows need o_proj's rows in whole blocks of 16: refused otherwise."""
+    GEMV's own output is untouched by them and it resets the active count. Extra rows need o_proj's rows in whole
+    blocks of 16: refused otherwise."""
     lib, dtype = lib
     H, I, A = lib.hidden, lib.inter, lib.heads * lib.head_dim
     ws = Workspace(lib, RANK, lib.max_batch)
@@ -173,8 +185,10 @@ def test_predictor_folded_into_o_proj_selects_the_reference_set(lib):
         rows_att, rows_in = fold_predictor(fc1, w_post, w_o)
         mid = torch.full((1, H), float("nan"), device="cuda", dtype=dtype)
         ws.z.fill_(float("nan"))
-        lib.gemv(att, w_o, mid, residual=x_in, extra=(rows_att, rows_in, x_in, ws.z))
+        ws.active_count.fill_(12345)
+        lib.gemv(att, w_o, mid, residual=x_in, extra=(rows_att, rows_in, x_in, ws.z), zero=ws.active_count)
         torch.cuda.synchronize()
+        assert int(ws.active_count.item()) == 0
         assert rel_err(mid, x_in.double() + att.double() @ w_o.double().T) <= 1e-2
         want_z = att[0].double() @ rows_att.double().T + x_in[0].double() @ rows_in.double().T
         assert rel_err(ws.z[0, :rank], want_z) <= 1e-2
@@ -182,11 +196,14 @@ def test_predictor_folded_into_o_proj_selects_the_reference_set(lib):
         z = rms_normed(mid, w_post) @ fc1.double().T
         logits = ((F.relu(z) if relu else z) @ fc2.double().T)[0]
         thr = float(logits.float().quantile(0.8))
-        ws.active.fill_(-1)
         lib.predict_folded(mid, fc2, relu, thr, ws, EPS)
         torch.cuda.synchronize()
-        got_mask = unpack_bits(ws.active, I)
+        n = int(ws.active_count.item())
+        got = ws.active[:n].long()
+        assert got.unique().numel() == n and (got >= 0).all() and (got < I).all()
         near = (logits - thr).abs() <= 2e-2 * logits.abs().max()   # the bf16 rows may flip these
+        got_mask = torch.zeros(I, dtype=torch.bool, device="cuda")
+        got_mask[got] = True
         assert ((got_mask != (logits >= thr)) <= near).all() and near.float().mean() < 0.2, trial
 
 
@@ -227,7 +244,7 @@ def test_gemv_matches_reference(lib, kind):
                      threshold=case.get("threshold", 0.0), positive=positive)
             torch.cuda.synchronize()
             if positive is not None:
-                assert torch.equal(positive, pack_bits(y > 0)), case
+                assert torch.equal(positive, sign_bits(y)), case
         torch.cuda.synchronize()
         assert rel_err(y, want) <= 1e-2, (kind, case)
 

@@ -3,7 +3,7 @@
 // One decode step of one FFN, for B tokens (B in {1, 2, 4, 8}):
 //   predict_hidden   z = fc1 x                           fc1 [rank, HIDDEN]     -> z [B, rank] (fp32)
 //   predict_active   logit = fc2 relu(z); keep j where logit >= predictor threshold, for any token
-//                                                        fc2 [INTER, rank]      -> active bits, token_mask
+//                                                        fc2 [INTER, rank]      -> active ids, count, token_mask
 //                    (a decode step folds fc1 into its o_proj GEMV instead: z = (fc1 w_post x) / rms(x))
 //   sparse_ffn       for the active neurons only:
 //                      h = act(x Wg[j]) * (x Wu[j]);  h = 0 where |h| <= threshold (or the token's predictor said no)
@@ -12,9 +12,7 @@
 //                    for relu and drelu, g from a gemv of Wg; every neuron otherwise); down rows only where h != 0
 // x may be given before its RMSNorm (norm weight [HIDDEN] and eps): every block then normalizes its own copy.
 // Weights are __nv_bfloat16; every sum is fp32. Buffers have fixed, worst-case sizes, so a step that calls these
-// kernels can be captured in a CUDA graph: the active neurons are a bit set in device memory (bit j % 16 of
-// 16-bit word j / 16, the layout the gemv's sign bits share), listed in order by the FFN kernels themselves, so
-// a step is bitwise reproducible run to run.
+// kernels can be captured in a CUDA graph: the active count lives in device memory and is read by the kernels.
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -422,55 +420,6 @@ __device__ __forceinline__ void stream_rows(
     }
 }
 
-// The neurons j < INTER whose bit is set in bits (bit j % 16 of word j / 16: the predictor's active set, or the
-// gate's sign bits from a gemv), in order: this block keeps list positions blockIdx.x, + G, ... in listed[].
-// Returns the list's length (the same in every block). Warp w scans the words from w * SEG on, one per lane and
-// round; the warps' counts give each its first position. Bits past INTER in the last word are ignored.
-template <int THREADS>
-__device__ __forceinline__ int list_set_bits(const uint16_t* __restrict__ bits_in, int* listed) {
-    constexpr int WORDS = (INTER + 15) / 16, WARPS = THREADS / 32, SEG = (WORDS + WARPS - 1) / WARPS;
-    constexpr unsigned LAST = INTER % 16 ? (1u << INTER % 16) - 1 : 0xffffu;   // the valid bits of the last word
-    constexpr int ROUNDS = (SEG + 31) / 32;
-    __shared__ int warp_count[WARPS];
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, seg0 = warp * SEG;
-    unsigned bits[ROUNDS];   // every load in flight before the first is used
-#pragma unroll
-    for (int r = 0; r < ROUNDS; ++r) {
-        const int k = r * 32 + lane;
-        bits[r] = k < SEG && seg0 + k < WORDS ? __ldcg(bits_in + seg0 + k) & (seg0 + k + 1 < WORDS ? 0xffffu : LAST)
-                                              : 0u;
-    }
-    int count = 0;
-#pragma unroll
-    for (int r = 0; r < ROUNDS; ++r) count += __popc(bits[r]);
-    count = __reduce_add_sync(0xffffffffu, count);
-    if (lane == 0) warp_count[warp] = count;
-    __syncthreads();
-    int p = 0, total = 0;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) {
-        if (w < warp) p += warp_count[w];
-        total += warp_count[w];
-    }
-#pragma unroll
-    for (int r = 0; r < ROUNDS; ++r) {
-        const int c = __popc(bits[r]);
-        int upto = c;   // inclusive prefix over the lanes
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const int t = __shfl_up_sync(0xffffffffu, upto, o);
-            if (lane >= o) upto += t;
-        }
-        int q = p + upto - c;
-        for (unsigned b = bits[r]; b != 0; b &= b - 1, ++q)   // the set bits, lowest first
-            if (q % (int)gridDim.x == (int)blockIdx.x)
-                listed[q / gridDim.x] = 16 * (seg0 + r * 32 + lane) + __ffs(b) - 1;
-        p += __shfl_sync(0xffffffffu, upto, 31);
-    }
-    __syncthreads();
-    return total;
-}
-
 // y = FFN(x) over the active neurons: row j of the weights is neuron j; h = 0 where |h| <= threshold or where
 // token b's predictor did not keep the neuron.
 template <int B, int VPT, int THREADS, int CHUNK, int STAGES, int ACT>
@@ -481,7 +430,8 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_ffn(
     const weight_t* __restrict__ w_gate,     // [INTER, HIDDEN]
     const weight_t* __restrict__ w_up,       // [INTER, HIDDEN]
     const weight_t* __restrict__ w_down_t,   // [INTER, HIDDEN]  down_proj transposed
-    const uint16_t* __restrict__ active,     // [ceil(INTER / 16)]  bit j % 16 of word j / 16: neuron j is active
+    const int32_t* __restrict__ active,      // [INTER]  neuron ids, the first *active_count are valid
+    const int32_t* __restrict__ active_count,// [1]
     const uint8_t* __restrict__ token_mask,  // [B, INTER]  1 where token b's predictor kept neuron j; null = all
     float threshold,                         // h = 0 where |h| <= threshold
     float* __restrict__ partials,            // [gridDim.x, B, HIDDEN]  fp32 partial y of each block
@@ -489,20 +439,74 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_ffn(
     const weight_t* residual,                // [B, HIDDEN]  added to y, or null (may alias y)
     weight_t* y)                             // [B, HIDDEN]  output
 {
-    extern __shared__ uint4 ring[];   // stream_rows' ring, then this block's listed neurons
-    int* listed = reinterpret_cast<int*>(ring + STAGES * 2 * VPT * THREADS);   // [ceil(INTER / gridDim.x)]
     allow_next_kernel();
     wait_for_previous_kernel();
-    const int n = list_set_bits<THREADS>(active, listed);
+    const int n = *active_count;
+    const int p0 = blockIdx.x + threadIdx.x * gridDim.x;          // the list has room for INTER ids: no fault
+    const int first_id = threadIdx.x < CHUNK && p0 < INTER ? active[p0] : 0;
     stream_rows<B, VPT, THREADS, CHUNK, STAGES, false, false>(
         n, x, norm_w, eps, w_gate, w_up, w_down_t, partials, barrier, residual, y,
-        [&](int i) { return listed[i]; },
+        [&](int i) { return i < CHUNK ? first_id : active[blockIdx.x + i * gridDim.x]; },
         [&](int, int id, int b, float g, float u) {
             float a = activate<ACT>(g, u);
             if (fabsf(a) <= threshold) a = 0.f;
             if (token_mask != nullptr && !token_mask[b * INTER + id]) a = 0.f;
             return a;
         });
+}
+
+// The neurons j < INTER whose bit is set in positive (bit j % 16 of word j / 16, from the gemv of the gate), in
+// order: this block keeps list positions blockIdx.x, + G, ... in listed[].
+// Returns the list's length (the same in every block). Thread t reads PER_THREAD consecutive words (all loads in
+// flight at once); one scan over the lanes and the warps' counts give each thread the list position of its first
+// set bit, and it writes only this block's positions among its bits (the scan before, one per word a lane read
+// and a modulo per set bit, made sparse_ffn_exact 1.6-3.3 us slower on a Mistral-7B FFN, H200). Bits past INTER
+// are ignored.
+template <int THREADS>
+__device__ __forceinline__ int list_positive(const uint16_t* __restrict__ positive, int* listed) {
+    constexpr int WORDS = (INTER + 15) / 16, WARPS = THREADS / 32, PER_THREAD = (WORDS + THREADS - 1) / THREADS;
+    constexpr unsigned LAST = INTER % 16 ? (1u << INTER % 16) - 1 : 0xffffu;   // the valid bits of the last word
+    __shared__ int warp_count[WARPS];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, w0 = threadIdx.x * PER_THREAD;
+    unsigned bits[PER_THREAD];
+#pragma unroll
+    for (int k = 0; k < PER_THREAD; ++k) {
+        const int w = w0 + k;
+        bits[k] = w < WORDS ? __ldcg(positive + w) & (w + 1 < WORDS ? 0xffffu : LAST) : 0u;
+    }
+    int count = 0;
+#pragma unroll
+    for (int k = 0; k < PER_THREAD; ++k) count += __popc(bits[k]);
+    int upto = count;   // inclusive prefix over the lanes
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int t = __shfl_up_sync(0xffffffffu, upto, o);
+        if (lane >= o) upto += t;
+    }
+    if (lane == 31) warp_count[warp] = upto;
+    __syncthreads();
+    int q = upto - count, total = 0;   // q: the list position of this thread's first set bit
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+        if (w < warp) q += warp_count[w];
+        total += warp_count[w];
+    }
+    const int G = gridDim.x;
+    for (int o = ((int)blockIdx.x - q % G + G) % G; o < count; o += G) {   // this block's positions among them
+        int left = o;
+#pragma unroll
+        for (int k = 0; k < PER_THREAD; ++k) {
+            const int c = __popc(bits[k]);
+            if (left >= 0 && left < c) {
+                unsigned b = bits[k];
+                for (int s = 0; s < left; ++s) b &= b - 1;   // drop the lower set bits
+                listed[(q + o) / G] = 16 * (w0 + k) + __ffs(b) - 1;
+            }
+            left -= c;
+        }
+    }
+    __syncthreads();
+    return total;
 }
 
 // Exact gating of one token without a predictor (ProSparse's exact operator). relu and drelu: the neurons are those
@@ -530,7 +534,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_ffn_exact(
     constexpr bool GATE_LISTS = ACT == ACT_RELU || ACT == ACT_DRELU;   // act(g, u) = 0 wherever g <= 0
     allow_next_kernel();
     wait_for_previous_kernel();
-    const int n = GATE_LISTS ? list_set_bits<THREADS>(gate_positive, listed) : INTER;
+    const int n = GATE_LISTS ? list_positive<THREADS>(gate_positive, listed) : INTER;
     stream_rows<1, VPT, THREADS, CHUNK, STAGES, true, GATE_LISTS>(
         n, x, norm_w, eps, w_gate, w_up, w_down_t, partials, barrier, residual, y,
         [&](int i) { return GATE_LISTS ? listed[i] : (int)blockIdx.x + i * (int)gridDim.x; },
@@ -542,7 +546,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_ffn_exact(
 
 // ---- predictor ------------------------------------------------------------------------------------------------
 
-// z[b][r] = fc1[r] . x[b] for RPB rows per block.
+// z[b][r] = fc1[r] . x[b] for RPB rows per block; also resets the active count for predict_active.
 template <int B, int VPT, int THREADS, int RPB>
 __global__ void __launch_bounds__(THREADS) predict_hidden(
     const weight_t* __restrict__ x,      // [B, HIDDEN]
@@ -550,7 +554,8 @@ __global__ void __launch_bounds__(THREADS) predict_hidden(
     float eps,
     const weight_t* __restrict__ fc1,    // [rank, HIDDEN]
     int rank,
-    float* __restrict__ z)               // [B, rank]
+    float* __restrict__ z,               // [B, rank]
+    int32_t* __restrict__ active_count)  // [1]  set to 0 here
 {
     constexpr int WARPS = THREADS / 32;
     __shared__ float part[WARPS][RPB][B];
@@ -568,6 +573,7 @@ __global__ void __launch_bounds__(THREADS) predict_hidden(
         }
     allow_next_kernel();
     wait_for_previous_kernel();
+    if (blockIdx.x == 0 && threadIdx.x == 0) *active_count = 0;
 
     float xr[B][VPT][8];
     load_columns<B, VPT, THREADS>(x, xr);
@@ -592,25 +598,25 @@ __global__ void __launch_bounds__(THREADS) predict_hidden(
     }
 }
 
-// One warp scores 8 consecutive neurons, all their loads in flight at once (lane l < 8 keeps neuron l's logits),
-// and writes the byte of `active` that holds their bits (set where any token keeps the neuron): no atomics, so
-// the set and the order the FFN lists it in are the same every run.
+// One warp scores NPW consecutive neurons, all their loads in flight at once (lane l < NPW keeps neuron l's
+// logits), then appends the ones any token keeps to `active`. The order of the list depends on which warp gets
+// there first; the set does not.
 // The predictor's hidden layer is relu(z) (or z): z from predict_hidden, or with SCALE, z / rms(x) for a z =
 // fc1 (w_post x) that a decode step's o_proj GEMV computed (x: the FFN's input before its RMSNorm, whose 1/rms
 // every block works out for itself). SCALE is an instantiation of its own: compiled into every call, that path
 // (64 registers instead of 48 at B = 1, a block barrier) cost predict_hidden -> predict_active -> sparse_ffn 0.85 us
 // on an H200 (NOTES.md).
-template <int B, int RVEC_PER_LANE, bool SCALE>
+template <int B, int RVEC_PER_LANE, int NPW, bool SCALE>
 __global__ void __launch_bounds__(256) predict_active(
     const float* __restrict__ z,         // [B, rank]
     const weight_t* __restrict__ x,      // [B, HIDDEN] whose 1/rms scales z (SCALE), else unused
     float eps, int relu,
     const weight_t* __restrict__ fc2,    // [INTER, rank]
     int rank, float predictor_threshold,
-    uint16_t* __restrict__ active,       // [ceil(INTER / 16)]  bit j % 16 of word j / 16: neuron j is kept
+    int32_t* __restrict__ active,        // [INTER]
+    int32_t* __restrict__ active_count,  // [1]  zero on entry (predict_hidden, or the GEMV that computed z)
     uint8_t* __restrict__ token_mask)    // [B, INTER]  written when B > 1
 {
-    constexpr int NPW = 8;   // neurons per warp: one byte of `active` (the GPU is little-endian: byte j / 8)
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int j0 = (blockIdx.x * 8 + warp) * NPW;   // 8 warps a block
     const int rvec = rank / 8;
@@ -677,7 +683,10 @@ __global__ void __launch_bounds__(256) predict_active(
         any |= keep;
     }
     const unsigned ballot = __ballot_sync(0xffffffffu, any);
-    if (lane == 0) reinterpret_cast<uint8_t*>(active)[j0 / 8] = (uint8_t)ballot;
+    int base = 0;
+    if (lane == 0 && ballot) base = atomicAdd(active_count, __popc(ballot));
+    base = __shfl_sync(0xffffffffu, base, 0);
+    if (any) active[base + __popc(ballot & ((1u << lane) - 1))] = j;
 }
 
 // ---- C entry points (loaded with ctypes) ------------------------------------------------------------------------
@@ -730,11 +739,23 @@ static cudaError_t persistent_blocks(Kernel kernel, int threads, int* smem, int*
     return err;
 }
 
-// A sparse_ffn or sparse_ffn_exact instantiation (`kernel`, a ring of STAGES steps of two rows): the grid and the
-// block's list (beside the ring) must fit on the GPU at once, so the grid shrinks until they do (worked out once
-// per requested grid), then the launch.
-template <auto kernel, int VPT, int THREADS, int STAGES, typename... Args>
-static int launch_listing(int grid, int partial_rows, cudaStream_t stream, Args... args) {
+// One sparse_ffn instantiation: its grid capped at the blocks that fit at once (counted once), then the launch.
+template <int B, int VPT, int THREADS, int CHUNK, int STAGES, int ACT, typename... Args>
+static int launch_sparse_ffn(int grid, int partial_rows, cudaStream_t stream, Args... args) {
+    auto kernel = sparse_ffn<B, VPT, THREADS, CHUNK, STAGES, ACT>;
+    static int resident = 0, smem = STAGES * 2 * VPT * THREADS * 16;   // the ring: STAGES steps of two rows
+    if (resident == 0) {
+        cudaError_t err = persistent_blocks(kernel, THREADS, &smem, &resident);
+        if (err != cudaSuccess) return (int)err;
+    }
+    return (int)launch(kernel, min(grid, min(partial_rows, resident)), THREADS, smem, stream, args...);
+}
+
+// One sparse_ffn_exact instantiation: the grid and its list (beside the ring) must fit on the GPU at once, so the
+// grid shrinks until they do (worked out once per requested grid).
+template <int VPT, int THREADS, int CHUNK, int STAGES, int ACT, typename... Args>
+static int launch_sparse_ffn_exact(int grid, int partial_rows, cudaStream_t stream, Args... args) {
+    auto kernel = sparse_ffn_exact<VPT, THREADS, CHUNK, STAGES, ACT>;
     constexpr int ring_bytes = STAGES * 2 * VPT * THREADS * 16;
     static int requested = 0, fitted = 0, smem = 0;   // the last request, and the grid and memory that fit it
     if (min(grid, partial_rows) != requested) {
@@ -764,13 +785,13 @@ int tsc_intermediate_size(void) { return INTER; }
 int tsc_max_batch(void) { return MAX_BATCH; }
 const char* tsc_error_string(int err) { return cudaGetErrorString((cudaError_t)err); }
 
-// y = FFN(rmsnorm(x) if norm_w else x) (+ residual) over the active neurons (bit j % 16 of active[j / 16]).
-// grid: blocks of the persistent grid (one per multiprocessor), capped at partial_rows (rows of `partials`) and at
-// the blocks that fit on the GPU at once (the grid barrier needs every block resident).
+// y = FFN(rmsnorm(x) if norm_w else x) (+ residual) over the active neurons. grid: blocks of the persistent grid
+// (one per multiprocessor), capped at partial_rows (rows of `partials`) and at the blocks that fit on the GPU at
+// once (the grid barrier needs every block resident).
 int tsc_sparse_ffn(int batch, int activation, int grid, const void* x, const void* norm_w, float eps,
-                   const void* w_gate, const void* w_up, const void* w_down_t, const uint16_t* active,
-                   const uint8_t* token_mask, float threshold, float* partials, int partial_rows, unsigned* barrier,
-                   const void* residual, void* y, cudaStream_t stream) {
+                   const void* w_gate, const void* w_up, const void* w_down_t, const int32_t* active,
+                   const int32_t* active_count, const uint8_t* token_mask, float threshold, float* partials,
+                   int partial_rows, unsigned* barrier, const void* residual, void* y, cudaStream_t stream) {
     const weight_t* xw = (const weight_t*)x;
     const weight_t* nw = (const weight_t*)norm_w;
     const weight_t* wg = (const weight_t*)w_gate;
@@ -779,25 +800,21 @@ int tsc_sparse_ffn(int batch, int activation, int grid, const void* x, const voi
     const weight_t* res = (const weight_t*)residual;
     weight_t* yw = (weight_t*)y;
     if (batch == 1 && activation == 3)
-        return launch_listing<sparse_ffn<1, 1, 32, 32, 16, 3>,
-                              1, 32, 16>(
-            grid, partial_rows, stream, xw, nw, eps, wg, wu, wd, active, token_mask, threshold, partials, barrier,
-            res, yw);
+        return launch_sparse_ffn<1, 1, 32, 32, 16, 3>(
+            grid, partial_rows, stream, xw, nw, eps, wg, wu, wd, active, active_count, token_mask, threshold,
+            partials, barrier, res, yw);
     if (batch == 2 && activation == 3)
-        return launch_listing<sparse_ffn<2, 1, 32, 32, 16, 3>,
-                              1, 32, 16>(
-            grid, partial_rows, stream, xw, nw, eps, wg, wu, wd, active, token_mask, threshold, partials, barrier,
-            res, yw);
+        return launch_sparse_ffn<2, 1, 32, 32, 16, 3>(
+            grid, partial_rows, stream, xw, nw, eps, wg, wu, wd, active, active_count, token_mask, threshold,
+            partials, barrier, res, yw);
     if (batch == 4 && activation == 3)
-        return launch_listing<sparse_ffn<4, 1, 32, 16, 16, 3>,
-                              1, 32, 16>(
-            grid, partial_rows, stream, xw, nw, eps, wg, wu, wd, active, token_mask, threshold, partials, barrier,
-            res, yw);
+        return launch_sparse_ffn<4, 1, 32, 16, 16, 3>(
+            grid, partial_rows, stream, xw, nw, eps, wg, wu, wd, active, active_count, token_mask, threshold,
+            partials, barrier, res, yw);
     if (batch == 8 && activation == 3)
-        return launch_listing<sparse_ffn<8, 1, 32, 16, 16, 3>,
-                              1, 32, 16>(
-            grid, partial_rows, stream, xw, nw, eps, wg, wu, wd, active, token_mask, threshold, partials, barrier,
-            res, yw);
+        return launch_sparse_ffn<8, 1, 32, 16, 16, 3>(
+            grid, partial_rows, stream, xw, nw, eps, wg, wu, wd, active, active_count, token_mask, threshold,
+            partials, barrier, res, yw);
     return (int)cudaErrorInvalidValue;
 }
 
@@ -812,69 +829,73 @@ int tsc_sparse_ffn_exact(int activation, int grid, const void* x, const void* no
     if ((activation == ACT_RELU || activation == ACT_DRELU) && (gate_values == nullptr || gate_positive == nullptr))
         return (int)cudaErrorInvalidValue;
     if (activation == 3)
-        return launch_listing<sparse_ffn_exact<1, 32, 32, 16, 3>,
-                              1, 32, 16>(
+        return launch_sparse_ffn_exact<1, 32, 32, 16, 3>(
             grid, partial_rows, stream, (const weight_t*)x, (const weight_t*)norm_w, eps, (const weight_t*)w_gate,
             (const weight_t*)w_up, (const weight_t*)w_down_t, gate_values, gate_positive, threshold, partials,
             barrier, (const weight_t*)residual, (weight_t*)y);
     return (int)cudaErrorInvalidValue;
 }
 
-// The predictor's second half: bit j of active set where fc2(relu(z))_j >= predictor_threshold for some token;
-// z / rms(x) in place of z where x is given (see predict_active).
+// The predictor's second half: active = { j : fc2(relu(z))_j >= predictor_threshold for some token }, count in
+// *active_count (0 on entry); z / rms(x) in place of z where x is given (see predict_active).
 int tsc_predict_active(int batch, const float* z, const void* x, float eps, const void* fc2,
-                       int rank, int relu, float predictor_threshold, uint16_t* active, uint8_t* token_mask,
-                       cudaStream_t stream) {
+                       int rank, int relu, float predictor_threshold, int32_t* active, int32_t* active_count,
+                       uint8_t* token_mask, cudaStream_t stream) {
     if (rank % 8 != 0 || rank > 8) return (int)cudaErrorInvalidValue;
     if (batch == 1)
-        return (int)launch(x != nullptr ? predict_active<1, 1, true>
-                                          : predict_active<1, 1, false>,
-                           (INTER + 63) / 64, 256, 0, stream, z, (const weight_t*)x, eps, relu,
-                           (const weight_t*)fc2, rank, predictor_threshold, active, token_mask);
+        return (int)launch(x != nullptr ? predict_active<1, 1, 8, true>
+                                          : predict_active<1, 1, 8, false>,
+                           (INTER + 63) / 64, 256, 0, stream, z,
+                           (const weight_t*)x, eps, relu, (const weight_t*)fc2, rank, predictor_threshold, active,
+                           active_count, token_mask);
     if (batch == 2)
-        return (int)launch(x != nullptr ? predict_active<2, 1, true>
-                                          : predict_active<2, 1, false>,
-                           (INTER + 63) / 64, 256, 0, stream, z, (const weight_t*)x, eps, relu,
-                           (const weight_t*)fc2, rank, predictor_threshold, active, token_mask);
+        return (int)launch(x != nullptr ? predict_active<2, 1, 8, true>
+                                          : predict_active<2, 1, 8, false>,
+                           (INTER + 63) / 64, 256, 0, stream, z,
+                           (const weight_t*)x, eps, relu, (const weight_t*)fc2, rank, predictor_threshold, active,
+                           active_count, token_mask);
     if (batch == 4)
-        return (int)launch(x != nullptr ? predict_active<4, 1, true>
-                                          : predict_active<4, 1, false>,
-                           (INTER + 63) / 64, 256, 0, stream, z, (const weight_t*)x, eps, relu,
-                           (const weight_t*)fc2, rank, predictor_threshold, active, token_mask);
+        return (int)launch(x != nullptr ? predict_active<4, 1, 8, true>
+                                          : predict_active<4, 1, 8, false>,
+                           (INTER + 63) / 64, 256, 0, stream, z,
+                           (const weight_t*)x, eps, relu, (const weight_t*)fc2, rank, predictor_threshold, active,
+                           active_count, token_mask);
     if (batch == 8)
-        return (int)launch(x != nullptr ? predict_active<8, 1, true>
-                                          : predict_active<8, 1, false>,
-                           (INTER + 63) / 64, 256, 0, stream, z, (const weight_t*)x, eps, relu,
-                           (const weight_t*)fc2, rank, predictor_threshold, active, token_mask);
+        return (int)launch(x != nullptr ? predict_active<8, 1, 8, true>
+                                          : predict_active<8, 1, 8, false>,
+                           (INTER + 63) / 64, 256, 0, stream, z,
+                           (const weight_t*)x, eps, relu, (const weight_t*)fc2, rank, predictor_threshold, active,
+                           active_count, token_mask);
     return (int)cudaErrorInvalidValue;
 }
 
-// bit j of active set where fc2(relu(fc1 x))_j >= predictor_threshold for some token (x = rmsnorm(x) first
-// when norm_w is given).
+// active = { j : fc2(relu(fc1 x))_j >= predictor_threshold for some token }, count in *active_count
+// (x = rmsnorm(x) first when norm_w is given).
 int tsc_predict(int batch, const void* x, const void* norm_w, float eps, const void* fc1, const void* fc2,
-                int rank, int relu, float predictor_threshold, float* z, uint16_t* active, uint8_t* token_mask,
+                int rank, int relu,
+                float predictor_threshold, float* z, int32_t* active, int32_t* active_count, uint8_t* token_mask,
                 cudaStream_t stream) {
     if (rank % 8 != 0 || rank > 8) return (int)cudaErrorInvalidValue;
     cudaError_t err = cudaErrorInvalidValue;
     if (batch == 1)
         err = launch(predict_hidden<1, 1, 32, 2>,
                      (rank + 1) / 2, 32, 0, stream, (const weight_t*)x,
-                     (const weight_t*)norm_w, eps, (const weight_t*)fc1, rank, z);
+                     (const weight_t*)norm_w, eps, (const weight_t*)fc1, rank, z, active_count);
     if (batch == 2)
         err = launch(predict_hidden<2, 1, 32, 2>,
                      (rank + 1) / 2, 32, 0, stream, (const weight_t*)x,
-                     (const weight_t*)norm_w, eps, (const weight_t*)fc1, rank, z);
+                     (const weight_t*)norm_w, eps, (const weight_t*)fc1, rank, z, active_count);
     if (batch == 4)
         err = launch(predict_hidden<4, 1, 32, 1>,
                      (rank + 0) / 1, 32, 0, stream, (const weight_t*)x,
-                     (const weight_t*)norm_w, eps, (const weight_t*)fc1, rank, z);
+                     (const weight_t*)norm_w, eps, (const weight_t*)fc1, rank, z, active_count);
     if (batch == 8)
         err = launch(predict_hidden<8, 1, 32, 1>,
                      (rank + 0) / 1, 32, 0, stream, (const weight_t*)x,
-                     (const weight_t*)norm_w, eps, (const weight_t*)fc1, rank, z);
+                     (const weight_t*)norm_w, eps, (const weight_t*)fc1, rank, z, active_count);
     if (err != cudaSuccess) return (int)err;
-    return tsc_predict_active(batch, z, nullptr, 0.f, fc2, rank, relu, predictor_threshold, active, token_mask,
-                              stream);
+    return tsc_predict_active(batch, z, nullptr, 0.f, fc2, rank, relu, predictor_threshold, active,
+                              active_count, token_mask, stream);
 }
 
 }  // extern "C"
@@ -949,7 +970,8 @@ __global__ void __launch_bounds__(GEMV_THREADS, 3) gemv(
     const weight_t* __restrict__ w_extra2, // [n_extra, K]
     const weight_t* __restrict__ x2,       // [K]  the second input of the extra rows
     int n_extra,
-    float* __restrict__ y_extra)           // [n_extra]
+    float* __restrict__ y_extra,           // [n_extra]
+    int32_t* zero)                         // [1] or null: set to 0 (the next predict_active's active count)
 {
     constexpr int KV = K / 8, NV = (KV + 31) / 32;                 // 16-byte vectors per row, per lane
     constexpr int CHUNK = ACT < 0 && std::is_same<OUT, weight_t>::value ? (NV < 6 ? NV : 6) : (NV < 4 ? NV : 4);
@@ -980,6 +1002,7 @@ __global__ void __launch_bounds__(GEMV_THREADS, 3) gemv(
     fetch(0);
     allow_next_kernel();
     wait_for_previous_kernel();
+    if (zero != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *zero = 0;
 
     float ss = 0.f;
     for (int v = threadIdx.x; v < KV; v += GEMV_THREADS) {
@@ -1314,10 +1337,11 @@ int tsc_attention_split(void) { return SPLIT; }
 // |y| <= threshold. norm_w null: no norm. y_float: y is fp32 (logits), else the model dtype. positive (act < 0, or
 // null): bit r % 16 of positive[r / 16] set where y[r] > 0 (the rows exact gating reads, sparse_ffn_exact).
 // n_extra > 0 (act < 0, no positive, n % 16 == 0): also y_extra [n_extra] = W_extra [n_extra, k] (x * norm_w)
-// + W_extra2 [n_extra, k] x2 [k], fp32, without the norm's 1/rms.
+// + W_extra2 [n_extra, k] x2 [k], fp32, without the norm's 1/rms. zero (or null): an int set to 0 once the
+// previous kernel is done.
 int tsc_gemv(int k, int act, int n, const void* x, const void* norm_w, float eps, const void* w, const void* w2,
              const void* bias, const void* residual, float threshold, int y_float, void* y, uint16_t* positive,
-             const void* w_extra, const void* w_extra2, const void* x2, int n_extra, float* y_extra,
+             const void* w_extra, const void* w_extra2, const void* x2, int n_extra, float* y_extra, int32_t* zero,
              cudaStream_t stream) {
     if (positive != nullptr && act >= 0) return (int)cudaErrorInvalidValue;
     if (n_extra > 0 && (act >= 0 || y_float || positive != nullptr || n % (2 * GEMV_THREADS / 32) != 0))
@@ -1332,20 +1356,20 @@ int tsc_gemv(int k, int act, int n, const void* x, const void* norm_w, float eps
         if (n_extra > 0)
             return launch_gemv<64, -1, weight_t, true>(
                 n, n_extra, stream, xw, nw, eps, w1, wu, bw, res, threshold, n, (weight_t*)y, positive,
-                (const weight_t*)w_extra, (const weight_t*)w_extra2, (const weight_t*)x2, n_extra, y_extra);
+                (const weight_t*)w_extra, (const weight_t*)w_extra2, (const weight_t*)x2, n_extra, y_extra, zero);
         return launch_gemv<64, -1, weight_t, false>(
             n, 0, stream, xw, nw, eps, w1, wu, bw, res, threshold, n, (weight_t*)y, positive, nullptr, nullptr,
-            nullptr, 0, nullptr);
+            nullptr, 0, nullptr, zero);
     }
     if (k == 64 && act == -1 && y_float == 1) {
         return launch_gemv<64, -1, float, false>(
             n, 0, stream, xw, nw, eps, w1, wu, bw, res, threshold, n, (float*)y, positive, nullptr, nullptr,
-            nullptr, 0, nullptr);
+            nullptr, 0, nullptr, zero);
     }
     if (k == 64 && act == 3 && y_float == 0) {
         return launch_gemv<64, 3, weight_t, false>(
             n, 0, stream, xw, nw, eps, w1, wu, bw, res, threshold, n, (weight_t*)y, positive, nullptr, nullptr,
-            nullptr, 0, nullptr);
+            nullptr, 0, nullptr, zero);
     }
     return (int)cudaErrorInvalidValue;
 }
