@@ -157,4 +157,4 @@ def plot_profile(ir: ModelIR, out_png: str | os.PathLike) -> Path:
 
 
 PASS = PassInfo(name="profile", version="1", doc="measure per-layer and per-neuron activation frequency",
-                config=ProfileConfig, run=apply_profile, needs_data=True)
+                config=ProfileConfig, run=apply_profile, needs_data=("calib",))

@@ -26,6 +26,9 @@ class ThresholdConfig(PassConfig):
             raise ValueError("give exactly one of value or target_sparsity")
         return self
 
+    def data_sections(self, declared: tuple[str, ...]) -> tuple[str, ...]:
+        return declared if self.target_sparsity is not None else ()    # a given value reads no text
+
 
 class AbsHistogram:
     """Streaming histogram of |h| for one FFN: exact zeros counted apart, the rest in log2 bins."""
@@ -96,4 +99,4 @@ def apply_threshold(ir: ModelIR, cfg: ThresholdConfig, ctx: Context) -> ModelIR:
 
 
 PASS = PassInfo(name="threshold", version="1", doc="FATReLU: zero |h| <= t, t given or calibrated per layer",
-                config=ThresholdConfig, run=apply_threshold, needs_data=True)
+                config=ThresholdConfig, run=apply_threshold, needs_data=("calib",))

@@ -27,6 +27,10 @@ class PassConfig(BaseModel):
     could not write them back: JSON has no NaN)."""
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+    def data_sections(self, declared: tuple[str, ...]) -> tuple[str, ...]:
+        """Which of the spec.data sections its pass declares this config reads (a config may need fewer)."""
+        return declared
+
 
 @dataclass
 class Context:
@@ -48,7 +52,7 @@ class PassInfo:
     doc: str                       # one line
     config: type[PassConfig]
     run: Callable[..., Any]        # (ir, cfg, ctx) -> ir
-    needs_data: bool = False       # reads spec.data (calibration or training text)
+    needs_data: bool | tuple[str, ...] = False   # spec.data sections it reads ("train", "calib"); True: unsaid
     gpu: str = "no"                # no | optional | required
     requires: tuple[str, ...] = () # passes that must come earlier in the pipeline
 

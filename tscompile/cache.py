@@ -58,8 +58,14 @@ def temp_dir(parent: Path, name: str) -> Path:
     """A fresh hidden directory beside where `name` will be published (same filesystem: rename is atomic)."""
     parent.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=parent))
-    path.chmod(0o777 & ~_umask())        # mkdtemp makes it 0700; once published it is an ordinary directory
+    ordinary_permissions(path)
     return path
+
+
+def ordinary_permissions(path: Path) -> None:
+    """The mode open()/mkdir() would give `path` (0666/0777 less the umask): mkstemp, mkdtemp and safetensors
+    make files 0600 and dirs 0700, but published they are ordinary build files."""
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~_umask())
 
 
 def _umask() -> int:
@@ -80,15 +86,30 @@ def publish_dir(tmp: Path, final: Path) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one rename: readers see the old file or the new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        ordinary_permissions(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 hex digest of a file, read in chunks (a multi-GB file never sits in memory)."""
+    from tqdm import tqdm
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"hash {path.name}",
+                                     disable=size < 256 * 1024**2, leave=False) as bar:
+        while chunk := f.read(16 * 1024**2):
+            h.update(chunk)
+            bar.update(len(chunk))
+    return h.hexdigest()
 
 
 def sweep_stale(root: Path) -> None:

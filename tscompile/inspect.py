@@ -1,6 +1,7 @@
 """A model's anatomy: sizes, parameter counts, where the bytes of a decode step go, sparsity annotations.
 
-Reads tensor shapes and dtypes from the checkpoint headers only, so it is instant on a 7B model.
+`describe` reads tensor names, shapes and dtypes only (from the safetensors headers of a loaded checkpoint),
+never tensor data, so it is instant on a 7B model.
 """
 from __future__ import annotations
 
@@ -35,6 +36,13 @@ def _ffn_unit(layer: int, expert: int | None, ann, nbytes) -> dict[str, Any]:
                 "bytes": sum(nbytes[n] for n in predictor_names(layer, expert))}
     return {"expert": expert, "activation": ann.activation, "threshold": ann.threshold, "mode": ann.mode,
             "predictor": pred, "stats": ann.stats, "bytes": {"gate": gate, "up": up, "down": down}}
+
+
+def _pass_label(record: Any) -> str:
+    """`drelu v1` for a pass the engine recorded as {"pass", "version", "config"}; anything else as it is."""
+    if isinstance(record, dict) and "pass" in record:
+        return f"{record['pass']} v{record['version']}" if "version" in record else str(record["pass"])
+    return str(record)
 
 
 def _sparse_ffn_bytes(unit: dict[str, Any]) -> float | None:
@@ -83,6 +91,7 @@ def describe(ir: ModelIR) -> dict[str, Any]:
     decode = {"embedding": cfg.hidden_size * elem["embedding"], "attention": stored["attention"],
               "ffn": ffn_dense, "norm": stored["norm"], "lm_head": head}
     decode_total = sum(decode.values())
+    passes = ir.meta.get("passes", [])          # the engine's list of records; a foreign checkpoint may differ
     out = {
         "family": cfg.family, "source": ir.meta.get("source"),
         "config": {"vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
@@ -98,7 +107,7 @@ def describe(ir: ModelIR) -> dict[str, Any]:
         "ffn_share_of_decode_bytes": ffn_dense / decode_total,
         "kv_cache_bytes_per_token": 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4,
         "layers": layers,
-        "passes": [p.get("name", p) if isinstance(p, dict) else p for p in ir.meta.get("passes", [])],
+        "passes": [_pass_label(p) for p in passes] if isinstance(passes, list) else [_pass_label(passes)],
     }
     units = [u for layer in layers for u in layer["ffns"]]
     sparse = [_sparse_ffn_bytes(u) for u in units]
@@ -158,7 +167,7 @@ def format_description(d: dict[str, Any]) -> str:
         lines.append(f"  at the measured sparsity a decode step reads {_size(e['total_bytes'])} "
                      f"(FFN {_size(e['ffn_bytes'])}, {e['ffn_reduction']:.2f}x less)")
     if d["passes"]:
-        lines.append(f"  passes applied: {', '.join(map(str, d['passes']))}")
+        lines.append(f"  passes applied: {', '.join(d['passes'])}")
     header = ["layer", "activation", "threshold", "mode", "pred rank", "pred bytes", "sparsity"]
     rows = [header] + [_layer_row(layer) for layer in d["layers"]]
     widths = [max(len(r[k]) for r in rows) for k in range(len(header))]

@@ -23,6 +23,7 @@ from .errors import UserError
 
 FAMILIES = ("llama", "mistral", "qwen2", "mixtral")
 ACTIVATIONS = ("swiglu", "geglu", "relu", "drelu")   # FATReLU = relu/drelu with threshold > 0
+RELU_KINDS = ("relu", "drelu")                       # act(gate) is exactly zero where gate <= 0
 MODES = ("dense", "exact", "predictor")              # how a backend picks the neurons to compute
 FORMAT_VERSION = 1
 SHARD_BYTES = 2 * 1024**3
@@ -230,6 +231,9 @@ class Weights(Mapping):
         if name not in self._files:
             raise KeyError(name)
         return self._handle(name).get_tensor(name)
+
+    def __contains__(self, name) -> bool:   # Mapping's default would read the tensor
+        return name in self._mem or name in self._files
 
     def info(self, name) -> tuple[tuple[int, ...], int]:
         """(shape, bytes per element) of a tensor, without reading its data."""

@@ -3,17 +3,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+from .cache import write_text_atomic
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
@@ -142,5 +135,5 @@ def write_report(build_dir: Path, ir, results: dict[str, Any]) -> None:
     plots_dir.mkdir(exist_ok=True)
     plots = [p for p in (plot_layer_sparsity(results, plots_dir), plot_predictors(results, plots_dir),
                          plot_speedup(results, plots_dir)) if p]
-    _atomic_write(build_dir / "verify.json", json.dumps(results, indent=1, default=str))
-    _atomic_write(build_dir / "report.md", render_markdown(results, plots))
+    write_text_atomic(build_dir / "verify.json", json.dumps(results, indent=1, default=str))
+    write_text_atomic(build_dir / "report.md", render_markdown(results, plots))

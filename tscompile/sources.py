@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, field_validator, model_validator
 
+from .cache import sha256_file, write_text_atomic
+
+MAX_TINY_PARAMS = 1 << 28      # 1 GiB of float32: above this a "tiny" model is a typo that would exhaust memory
 
 
 def resolve_local_path(text: str, info: ValidationInfo) -> str:
@@ -32,13 +34,13 @@ class TinySource(BaseModel):
     family: Literal["llama", "mistral", "qwen2", "mixtral"] = "mistral"
     activation: Literal["swiglu", "geglu", "relu", "drelu"] = "swiglu"
     seed: int = 0
-    layers: PositiveInt = 2
-    hidden: PositiveInt = 64
-    intermediate: PositiveInt = 192
+    layers: int = Field(2, gt=0, le=64)
+    hidden: int = Field(64, gt=0, le=8192)
+    intermediate: int = Field(192, gt=0, le=32768)
     heads: PositiveInt = 4
     kv_heads: PositiveInt = 2
-    vocab: int = Field(384, ge=260)          # 256 byte tokens + <unk>, <s>, </s> + at least one merge
-    experts: int = Field(0, ge=0)
+    vocab: int = Field(384, ge=260, le=262144)   # 256 byte tokens + <unk>, <s>, </s> + at least one merge
+    experts: int = Field(0, ge=0, le=64)
     top_k: PositiveInt = 2
     sliding_window: PositiveInt | None = None
 
@@ -64,6 +66,16 @@ class TinySource(BaseModel):
             raise ValueError(f"mixtral needs experts >= top_k ({self.top_k}), got experts={self.experts}")
         if self.family != "mixtral" and self.experts:
             raise ValueError(f"experts is only for family mixtral, not {self.family}")
+        return self
+
+    @model_validator(mode="after")
+    def _small_enough(self):
+        # an upper bound: untied embeddings, k/v as wide as q
+        n = 2 * self.vocab * self.hidden + self.layers * (
+            4 * self.hidden ** 2 + max(self.experts, 1) * 3 * self.hidden * self.intermediate)
+        if n > MAX_TINY_PARAMS:
+            raise ValueError(f"a tiny model of about {n / 1e6:.0f}M parameters is not tiny "
+                             f"(at most {MAX_TINY_PARAMS / 1e6:.0f}M: lower layers, hidden, intermediate or vocab)")
         return self
 
 
@@ -101,11 +113,11 @@ def source_key(src: SourceSpec, memo_file: Path | None = None, write_memo: bool 
         # The importer pins what it downloads; the requirement text is what identifies it here.
         h.update(b"pypi\0" + src.path.encode())
     else:
-        h.update(b"path\0" + _tree_hash(Path(src.path), memo_file, write_memo).encode())
+        h.update(b"path\0" + tree_hash(Path(src.path), memo_file, write_memo).encode())
     return h.hexdigest()
 
 
-def _tree_hash(root: Path, memo_file: Path | None, write_memo: bool) -> str:
+def tree_hash(root: Path, memo_file: Path | None, write_memo: bool) -> str:
     """sha256 over relative names and bytes of every file under root; memoized by (path, size, mtime)."""
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     memo = {}
@@ -118,26 +130,11 @@ def _tree_hash(root: Path, memo_file: Path | None, write_memo: bool) -> str:
     for p in files:
         st = p.stat()
         stamp = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-        digest = memo.get(stamp) or _file_hash(p)
+        digest = memo.get(stamp) or sha256_file(p)
         memo[stamp] = digest
         h.update(f"{p.relative_to(root) if p != root else p.name}\0{digest}\0".encode())
     if memo_file is not None and write_memo:
-        memo_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_file.with_name(memo_file.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo, indent=0))
-        os.replace(tmp, memo_file)
-    return h.hexdigest()
-
-
-def _file_hash(path: Path) -> str:
-    from tqdm import tqdm
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"hash {path.name}",
-                                     disable=size < 256 * 1024**2, leave=False) as bar:
-        while chunk := f.read(16 * 1024**2):
-            h.update(chunk)
-            bar.update(len(chunk))
+        write_text_atomic(memo_file, json.dumps(memo, indent=0))
     return h.hexdigest()
 
 

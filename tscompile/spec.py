@@ -23,6 +23,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, 
 
 from . import registry
 from .api import PassConfig
+from .data import CORPORA
 from .errors import UserError
 from .sources import SourceSpec, resolve_local_path
 
@@ -33,14 +34,30 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+def resolve_text_path(text: str, info: ValidationInfo) -> str:
+    """A text path of the spec: corpus:NAME[@train|@heldout] naming a known corpus (built on first use, so
+    checked here by name), or a local file or directory made absolute (see `resolve_local_path`)."""
+    if not text.startswith("corpus:"):
+        return resolve_local_path(text, info)
+    name, _, part = text[len("corpus:"):].partition("@")
+    if part not in ("", "train", "heldout"):
+        raise ValueError(f"{text}: expected corpus:NAME, corpus:NAME@train or corpus:NAME@heldout")
+    if name not in CORPORA:
+        raise ValueError(f"{text}: unknown corpus {name!r}{registry.suggest(name, list(CORPORA))}")
+    return text
+
+
 class TextSource(Strict):
-    path: str                              # a file, a directory, or corpus:NAME[@heldout]
+    """A training or calibration source (both read the train split of a corpus)."""
+    path: str                              # a file, a directory, or corpus:NAME[@train]
     weight: PositiveFloat = 1.0
 
     @field_validator("path")
     @classmethod
-    def _local_path_exists(cls, v: str, info: ValidationInfo) -> str:
-        return v if v.startswith("corpus:") else resolve_local_path(v, info)
+    def _text_path(cls, v: str, info: ValidationInfo) -> str:
+        if v.startswith("corpus:") and v.endswith("@heldout"):
+            raise ValueError(f"{v}: a held-out corpus split cannot be used as training or calibration data")
+        return resolve_text_path(v, info)
 
 
 class Mixture(Strict):
@@ -73,8 +90,8 @@ class EvalData(Strict):
 
     @field_validator("texts")
     @classmethod
-    def _local_paths_exist(cls, v: dict[str, str], info: ValidationInfo) -> dict[str, str]:
-        return {k: p if p.startswith("corpus:") else resolve_local_path(p, info) for k, p in v.items()}
+    def _text_paths(cls, v: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        return {k: resolve_text_path(p, info) for k, p in v.items()}
 
 
 class DataSpec(Strict):
@@ -345,6 +362,21 @@ def _load_plugins(raw: Any, errors: list) -> None:
                 errors.append((("plugins", i), str(e)))
 
 
+def _goal_errors(spec: Spec) -> list[tuple[Loc, str]]:
+    """Goals that name a target the spec does not build, or that cannot be measured."""
+    goals, out = spec.verify.goals, []
+    for goal in ("min_speedup", "max_rel_err_by_target"):
+        for target in getattr(goals, goal):
+            if target not in spec.targets:
+                hint = registry.suggest(target, list(spec.targets)) if spec.targets else " (it has no targets)"
+                out.append((("verify", "goals", goal, target),
+                            f"{target!r} is not a target of this spec{hint}"))
+    if goals.min_speedup and spec.verify.speed_tokens == 0:
+        out.append((("verify", "speed_tokens"),
+                    "must be > 0 when goals.min_speedup is set (0 measures no speed)"))
+    return out
+
+
 class _SpecLoader(yaml.SafeLoader):
     """SafeLoader refusing what would hang or crash the checks below: nesting deeper than PyYAML's recursive
     composer can take, an alias inside its own anchor (a cycle), and aliases expanding to a huge tree."""
@@ -418,11 +450,7 @@ def parse_spec(text: str, file: str = "spec", spec_dir: str | None = None) -> Sp
     except ValidationError as e:
         other_errors += _pydantic_errors(e, (), Spec)
     if spec is not None:
-        for target in spec.verify.goals.min_speedup:
-            if target not in spec.targets:
-                hint = registry.suggest(target, list(spec.targets))
-                other_errors.append((("verify", "goals", "min_speedup", target),
-                                     f"{target!r} is not a target of this spec{hint}"))
+        other_errors += _goal_errors(spec)
     errors += [(loc, message, origin.line(loc)) for loc, message in other_errors]
     if errors:
         loc, message, line = min(errors, key=lambda e: e[2])

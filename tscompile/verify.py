@@ -12,7 +12,6 @@ A missed goal raises GoalMissed (exit 1) with a table of what missed; verify.jso
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .cache import sha256_file
 from .errors import GoalMissed, UserError
 
 DEFAULT_PROMPTS = [
@@ -35,7 +35,7 @@ def file_digests(root: Path) -> dict[str, str]:
     out = {}
     for p in sorted(root.rglob("*")):
         if p.is_file() and p.name != "manifest.json":
-            out[p.relative_to(root).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
+            out[p.relative_to(root).as_posix()] = sha256_file(p)
     return out
 
 
@@ -213,7 +213,7 @@ def verify_build(build_dir: Path, spec, targets: list[str] | None = None) -> dic
     model_dir = build_dir / "model"
     if not model_dir.is_dir():
         raise UserError(f"{build_dir}: no model/ checkpoint (was it built?)")
-    names = targets if targets else list(spec.targets)
+    names = list(spec.targets) if targets is None else targets     # []: no target, only the model-level checks
     missing = [t for t in names if not (build_dir / t / "manifest.json").exists()]
     if missing:
         raise UserError(f"{build_dir}: target(s) {', '.join(missing)} not built (no manifest.json)")

@@ -84,3 +84,22 @@ def test_calibration_without_data_is_a_user_error():
     ctx = Context(spec=SimpleNamespace(data=None), build_dir=Path("."), work_dir=Path("."))
     with pytest.raises(UserError, match="needs data.calib"):
         PASS.run(make_tiny_ir(), ThresholdConfig(target_sparsity=0.5), ctx)
+
+
+def test_a_given_value_needs_no_data_and_no_data_in_its_key(tmp_path, capsys):
+    from tscompile.cli import main
+    from tscompile.engine import plan_build
+    from tscompile.ir import ModelIR
+    from tscompile.spec import parse_spec
+    text = ("version: 1\nname: t\nsource: {tiny: {layers: 1, hidden: 32, intermediate: 64, heads: 2, kv_heads: 1}}\n"
+            "pipeline:\n  - drelu: {}\n  - threshold: {value: 0.01}\n")
+    (tmp_path / "s.yaml").write_text(text)
+    for args in (["--dry-run"], ["--no-verify"]):
+        with pytest.raises(SystemExit) as e:
+            main(["build", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "b"), *args])
+        assert e.value.code == 0, capsys.readouterr().err
+    model = ModelIR.load(tmp_path / "b" / "model")
+    assert [ann.threshold for _, _, ann in model.ffn_units()] == [0.01]
+    (tmp_path / "c.txt").write_text("calibration text")
+    with_data = parse_spec(text + f"data: {{calib: {{path: {tmp_path / 'c.txt'}}}}}\n", "s.yaml")
+    assert plan_build(with_data, tmp_path / "b").steps[1].cached      # the data is not an input of this step

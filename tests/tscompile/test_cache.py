@@ -17,6 +17,7 @@ from tsc_test_plugin import PASSES, tiny_spec
 from tscompile import cache, registry
 from tscompile.api import PassInfo
 from tscompile.engine import build, plan_build
+from tscompile.sources import SourceSpec, source_key
 from tscompile.spec import parse_spec
 
 HERE = Path(__file__).parent
@@ -245,3 +246,46 @@ def test_kill_9_at_any_moment_leaves_nothing_that_looks_finished(tmp_path, monke
     assert not list(out.rglob(".*.tmp-*")) and not list(out.rglob(".*.old-*"))
     assert _digest(out) == _digest(ref)
     shutil.rmtree(ref)
+
+
+def test_files_are_hashed_in_chunks_with_the_same_digests(tmp_path, monkeypatch):
+    from tscompile.verify import file_digests
+    data = os.urandom(40 * 1024**2 + 7)                 # more than one chunk
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "big.bin").write_bytes(data)
+    (tmp_path / "small.txt").write_text("x")
+    (tmp_path / "manifest.json").write_text("{}")
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail(f"read all of {self} at once"))
+    want = {"small.txt": hashlib.sha256(b"x").hexdigest(), "sub/big.bin": hashlib.sha256(data).hexdigest()}
+    assert file_digests(tmp_path) == want
+    assert cache.sha256_file(tmp_path / "sub" / "big.bin") == want["sub/big.bin"]
+
+
+def test_atomic_text_files_get_ordinary_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        cache.write_text_atomic(tmp_path / "a" / "f.txt", "one")
+        cache.write_text_atomic(tmp_path / "a" / "f.txt", "two")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a" / "f.txt").read_text() == "two"
+    assert (tmp_path / "a" / "f.txt").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["f.txt"]
+
+
+def test_a_killed_memo_write_leaves_a_temp_file_that_the_sweep_removes(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "w.bin").write_bytes(b"weights")
+    memo = tmp_path / "build" / "source-hashes.json"
+    kill_at_publish = ("import os, signal\n"
+                       "os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"   # killed renaming
+                       "from pathlib import Path\n"
+                       "from tscompile.sources import SourceSpec, source_key\n"
+                       f"source_key(SourceSpec(path={str(tmp_path / 'model')!r}), Path({str(memo)!r}))\n")
+    r = subprocess.run([sys.executable, "-c", kill_at_publish])
+    assert r.returncode == -signal.SIGKILL
+    assert len(list(memo.parent.iterdir())) == 1 and not memo.exists()
+    cache.sweep_stale(memo.parent)
+    assert list(memo.parent.iterdir()) == []
+    key = source_key(SourceSpec(path=str(tmp_path / "model")), memo)
+    assert memo.is_file() and source_key(SourceSpec(path=str(tmp_path / "model")), memo) == key

@@ -115,16 +115,21 @@ def test_broken_safetensors_file(tmp_path, corrupt, expect):
         assert "tensor model." in msg
 
 
-def test_header_size_disagrees_with_shape(tmp_path):
-    path = saved(tmp_path)
-    f = path / "model.safetensors"
+def edit_down_header(f, key, value):
+    """Rewrite the safetensors header entry `key` of the down tensor in file f, keeping the header's size."""
     data = f.read_bytes()
     n = struct.unpack("<Q", data[:8])[0]
     header = json.loads(data[8:8 + n])
-    header[DOWN]["shape"] = [64, 190]
+    header[DOWN][key] = value
     raw = json.dumps(header, separators=(",", ":")).encode().ljust(n)
     assert len(raw) == n
     f.write_bytes(data[:8] + raw + data[8 + n:])
+
+
+def test_header_size_disagrees_with_shape(tmp_path):
+    path = saved(tmp_path)
+    f = path / "model.safetensors"
+    edit_down_header(f, "shape", [64, 190])
     msg = load_error(path)
     assert str(f) in msg and DOWN in msg and "do not match" in msg
 
@@ -287,3 +292,88 @@ def test_plan_shards():
     from tscompile.checkpoint import plan_shards
     assert plan_shards({"b": 5, "a": 5, "c": 20, "d": 1}, 10) == [["a", "b"], ["c"], ["d"]]
     assert plan_shards({}, 10) == [[]]
+
+
+@pytest.mark.parametrize("edit,expect", [
+    (lambda c: c.update(tscompile=[1]), "config.json: tscompile: expected an object"),
+    (lambda c: c["tscompile"].update(meta="x"), "config.json: tscompile.meta: expected an object"),
+    (lambda c: c["tscompile"].update(layers=[1, 2]), "config.json: tscompile.layers[0]: expected an object"),
+    (lambda c: c["tscompile"]["layers"][1].update(experts=[]),
+     "config.json: tscompile.layers[1].experts: not allowed (the model has no experts)"),
+])
+def test_malformed_tscompile_section(tmp_path, edit, expect):
+    path = saved(tmp_path)
+    edit_config(path, edit)
+    assert load_error(path) == f"{path}/{expect}"
+
+
+@pytest.mark.parametrize("experts", [5, [1, 2], [{"activation": "relu"}], None])
+def test_malformed_expert_annotations(tmp_path, experts):
+    path = saved(tmp_path, make_tiny_ir("mixtral", experts=2, top_k=2))
+    edit_config(path, lambda c: c["tscompile"]["layers"][0].update(experts=experts))
+    assert load_error(path) == f"{path}/config.json: tscompile.layers[0].experts: expected a list of 2 objects"
+
+
+def test_unhashable_dtype_in_a_safetensors_header(tmp_path):
+    path = saved(tmp_path)
+    f = path / "model.safetensors"
+    edit_down_header(f, "dtype", [32])   # a list: unhashable
+    assert load_error(path) == f"{f}: tensor {DOWN}: unsupported dtype [32]"
+
+
+@pytest.mark.parametrize("make", [
+    lambda out: (out.mkdir(), (out / "notes.txt").write_text("precious")),
+    lambda out: out.write_text("precious"),
+    lambda out: (out.mkdir(), (out / "config.json").write_text('{"model_type": "llama"}')),   # an HF dir
+])
+def test_save_refuses_to_replace_what_is_not_a_sparse_checkpoint(tmp_path, make):
+    out = tmp_path / "victim"
+    make(out)
+    before = {p: p.read_bytes() for p in [out, *out.rglob("*")] if p.is_file()}
+    with pytest.raises(UserError) as e:
+        make_tiny_ir("llama").save(out)
+    assert str(e.value) == f"{out}: exists and is not a tscompile checkpoint (refusing to replace it)"
+    assert {p: p.read_bytes() for p in [out, *out.rglob("*")] if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["victim"]        # no temp dir left behind
+
+
+def test_save_into_an_empty_dir_and_over_a_sparse_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "m"
+    out.mkdir()
+    monkeypatch.chdir(out)
+    make_tiny_ir("llama", seed=1).save(".")                       # `--out .` in an empty directory
+    assert load_checkpoint(out).content_hash() == make_tiny_ir("llama", seed=1).content_hash()
+    make_tiny_ir("llama", seed=2).save(out)
+    assert load_checkpoint(out).content_hash() == make_tiny_ir("llama", seed=2).content_hash()
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_a_killed_save_leaves_a_temp_dir_that_the_sweep_removes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from tscompile.cache import sweep_stale
+    kill_at_publish = ("import os, signal\n"
+                       "os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"   # killed renaming
+                       "from tscompile.tiny import make_tiny_ir\n"
+                       f"make_tiny_ir('llama').save({str(tmp_path / 'm')!r})\n")
+    r = subprocess.run([sys.executable, "-c", kill_at_publish])
+    assert r.returncode == -signal.SIGKILL
+    left = list(tmp_path.iterdir())
+    assert len(left) == 1 and (left[0] / "model.safetensors").is_file()      # the temp dir, complete
+    sweep_stale(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_saved_checkpoint_has_ordinary_permissions(tmp_path):
+    import os
+    old = os.umask(0o022)
+    try:
+        path = saved(tmp_path, shard_bytes=40_000)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in path.iterdir()} == \
+        dict.fromkeys([p.name for p in path.iterdir()], 0o644)
+    assert len(list(path.glob("model-*.safetensors"))) > 1

@@ -213,6 +213,58 @@ def test_verify_reads_the_resolved_spec_and_maps_goal_missed_to_exit_1(cli_build
     assert rc == 2 and err == f"error: --target onnx: not built in {d / 'build' / 't'} (built: ckpt)\n"
 
 
+def _fake_verifier(monkeypatch) -> list:
+    """Stands in for the verifier: records the targets and writes verify.json and report.md like it does."""
+    import tscompile.verify
+    calls = []
+
+    def fake(build_dir, spec, targets):
+        calls.append(targets)
+        (build_dir / "verify.json").write_text(json.dumps({"ok": True, "targets": targets}))
+        (build_dir / "report.md").write_text(f"report of {targets}")
+        return {"ok": True}
+    monkeypatch.setattr(tscompile.verify, "verify_build", fake)
+    return calls
+
+
+def test_report_is_shown_only_when_it_describes_this_build(tmp_path, capsys, monkeypatch):
+    _fake_verifier(monkeypatch)
+    spec, out = tmp_path / "s.yaml", tmp_path / "b"
+    spec.write_text(tiny_spec(pipeline="[scale: {factor: 2}]", targets="{ckpt: {}}"))
+    rc, stdout, err = run_main(capsys, "build", str(spec), "--out", str(out))
+    assert rc == 0 and stdout == f"report: {out / 'report.md'}\n", err
+    rc, stdout, err = run_main(capsys, "build", str(spec), "--out", str(out), "--no-verify")
+    assert rc == 0 and stdout == "" and (out / "report.md").is_file()    # same outputs: the report still holds
+    spec.write_text(tiny_spec(pipeline="[scale: {factor: 3}]", targets="{ckpt: {}}"))
+    rc, stdout, err = run_main(capsys, "build", str(spec), "--out", str(out), "--no-verify")
+    assert rc == 0 and stdout == "", err
+    assert not (out / "report.md").exists() and not (out / "verify.json").exists()   # it described the old model
+
+
+def test_verify_skips_targets_built_from_an_earlier_model(tmp_path, capsys, monkeypatch):
+    from tsc_test_plugin import CkptConfig, lower_ckpt
+
+    from tscompile import registry
+    from tscompile.api import BackendInfo
+    calls = _fake_verifier(monkeypatch)
+    registry.register_backend(BackendInfo("ckpt2", "1", "a second ckpt (test)", CkptConfig, lower_ckpt, None))
+    try:
+        spec, out = tmp_path / "s.yaml", tmp_path / "b"
+        spec.write_text(tiny_spec(pipeline="[scale: {factor: 2}]", targets="{ckpt: {}, ckpt2: {}}"))
+        assert run_main(capsys, "build", str(spec), "--out", str(out), "--no-verify")[0] == 0
+        spec.write_text(tiny_spec(pipeline="[scale: {factor: 3}]", targets="{ckpt: {}, ckpt2: {}}"))
+        assert run_main(capsys, "build", str(spec), "--out", str(out), "--no-verify", "--target", "ckpt")[0] == 0
+        rc, stdout, err = run_main(capsys, "verify", str(out))
+        assert rc == 0 and calls == [["ckpt"]]
+        assert err == f"note: skipping ckpt2: {out / 'ckpt2'} was built from an earlier model than model/\n"
+        rc, stdout, err = run_main(capsys, "verify", str(out), "--target", "ckpt2")
+        assert rc == 2 and calls == [["ckpt"]]
+        assert err == (f"error: --target ckpt2: {out / 'ckpt2'} was built from an earlier model than model/; "
+                       "build it again (tscompile build SPEC --target ckpt2)\n")
+    finally:
+        registry.unregister("ckpt2")
+
+
 def test_import_and_inspect_a_checkpoint_dir(cli_build, capsys, tmp_path):
     model = cli_build[0] / "build" / "t" / "model"
     rc, out, err = run_main(capsys, "import", str(model), "--out", str(tmp_path / "copy"))

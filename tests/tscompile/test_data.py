@@ -126,6 +126,22 @@ def test_token_stream_mixture_weights_seed_and_splits(tiny_tok, tmp_path, privat
     assert len([next(train) for _ in range(2 * n_all)]) == 2 * n_all   # train cycles forever
 
 
+def test_train_and_heldout_of_one_file_never_share_cached_tokens(tiny_tok, tmp_path, monkeypatch):
+    a = _write_docs(tmp_path / "a.txt", [f"alpha {i} " * 40 for i in range(400)])
+
+    def heldout():
+        return list(data.token_stream(tiny_tok, [(a, 1.0)], 16, seed=0, split="heldout", held_out=0.1))
+    monkeypatch.setenv("TSCOMPILE_CACHE", str(tmp_path / "fresh"))
+    want = heldout()
+    monkeypatch.setenv("TSCOMPILE_CACHE", str(tmp_path / "shared"))
+    train = data.token_stream(tiny_tok, [(a, 1.0)], 16, seed=0, split="train", held_out=0.1)
+    first_train = [next(train) for _ in range(1000)]        # more than an epoch: every train shard is cached
+    got = heldout()
+    assert len(got) == len(want) and all(x.equal(y) for x, y in zip(got, want))
+    assert not got[0].equal(first_train[0])
+    assert len(list(data.token_stream(tiny_tok, [(a, 1.0)], 16, seed=0, split="heldout", held_out=0.2))) > len(got)
+
+
 def test_heldout_corpus_is_never_training_data(corpora, tiny_tok):
     with pytest.raises(UserError, match="cannot be used as training data"):
         next(data.token_stream(tiny_tok, [("corpus:prose@heldout", 1.0)], 16, split="train"))

@@ -44,6 +44,36 @@ def test_plan_rejects_bad_pipelines(pipeline, want, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("pipeline, data, want", [
+    ("[scale: {}, profile: {}]", "data: {train: {path: TEXT}}\n",
+     "s.yaml:5: pipeline[1].profile: needs data.calib (calibration text): add it to the spec's data: section"),
+    ("[threshold: {target_sparsity: 0.9}]", "",
+     "s.yaml:5: pipeline[0].threshold: needs data.calib (calibration text): add it to the spec's data: section"),
+])
+def test_plan_names_the_data_section_a_pass_needs(pipeline, data, want, tmp_path):
+    (tmp_path / "t.txt").write_text("some text")
+    (tmp_path / "s.yaml").write_text(tiny_spec(pipeline=pipeline, targets="{ckpt: {}}",
+                                               extra=data.replace("TEXT", str(tmp_path / "t.txt"))))
+    r = subprocess.run([sys.executable, "-m", "tscompile", "build", "s.yaml", "--dry-run"], cwd=tmp_path,
+                       capture_output=True, text=True, env={**_env(), "PYTHONPATH": str(HERE)})
+    assert (r.returncode, r.stderr, r.stdout) == (2, f"error: {want}\n", "")
+    assert not (tmp_path / "build").exists()
+
+
+def test_data_pass_keys_follow_the_text_it_reads(tmp_path):
+    calib, held_out = tmp_path / "calib.txt", tmp_path / "eval.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 100)
+    held_out.write_text("Text only the verifier reads. " * 100)
+    data = f"data:\n  calib: {{path: {calib}, tokens: 64, seq_len: 16}}\n"
+    spec = spec_of("[scale: {}, profile: {}]", extra=data)
+    out = tmp_path / "b"
+    assert build(spec, out_dir=out, verify=False).ran == ["source", "scale", "profile", "target ckpt"]
+    with_eval = spec_of("[scale: {}, profile: {}]", extra=data + f"  eval: {{texts: {{x: {held_out}}}}}\n")
+    assert build(with_eval, out_dir=out, verify=False).ran == []        # data.eval is not an input of any pass
+    calib.write_text("Other calibration text under the same name. " * 100)
+    assert build(spec, out_dir=out, verify=False).ran == ["profile", "target ckpt"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
 def test_gpu_required_pass_needs_a_gpu_unless_dry_run(tmp_path):
     spec = spec_of("[wants_gpu: {}]")

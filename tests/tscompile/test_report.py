@@ -16,3 +16,17 @@ def test_moe_layers_report_one_row_per_expert():
     assert [a["stats"].get("recall") for _, a in rows] == [None, 0.9, 0.91, 0.92]
     md = render_markdown(_results(layers), [])
     assert "| 1.2 | drelu | 0 | predictor |" in md and "| 0 | swiglu | 0 | dense |" in md
+
+
+def test_report_files_get_ordinary_permissions(tmp_path):
+    import os
+
+    from tscompile.report import write_report
+    old = os.umask(0o022)
+    try:
+        write_report(tmp_path, None, _results([LayerSparsity(activation="relu")]))
+    finally:
+        os.umask(old)
+    for name in ("verify.json", "report.md"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]

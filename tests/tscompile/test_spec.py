@@ -74,6 +74,40 @@ BAD = {
 }
 
 
+BAD |= {   # spec errors the build would otherwise meet only once running
+    "misspelt corpus": (tiny_spec(extra='data:\n  calib: {path: "corpus:prosee"}\n'),
+                        "x.yaml:8: data.calib.mixture[0].path: corpus:prosee: unknown corpus 'prosee'; "
+                        "did you mean 'prose'?"),
+    "bad corpus split": (tiny_spec(extra="data:\n  eval:\n    texts: {p: corpus:prose@test}\n"),
+                         "x.yaml:9: data.eval.texts: corpus:prose@test: expected corpus:NAME, corpus:NAME@train "
+                         "or corpus:NAME@heldout"),
+    "unknown eval corpus": (tiny_spec(extra="data:\n  eval:\n    texts: {p: corpus:nope@heldout}\n"),
+                            "x.yaml:9: data.eval.texts: corpus:nope@heldout: unknown corpus 'nope' "
+                            "(known: prose, code, docs, dict, math)"),
+    "held-out split as calibration data": (tiny_spec(extra="data:\n  calib:\n    mixture:\n"
+                                                     "      - {path: corpus:code@heldout}\n"),
+                                           "x.yaml:10: data.calib.mixture[0].path: corpus:code@heldout: a held-out "
+                                           "corpus split cannot be used as training or calibration data"),
+    "error bound for a target not built": (tiny_spec(targets="{ckpt: {}}", extra="verify:\n  goals:\n"
+                                                     "    max_rel_err_by_target: {onxx: 3.0e-2}\n"),
+                                           "x.yaml:9: verify.goals.max_rel_err_by_target.onxx: 'onxx' is not a "
+                                           "target of this spec (known: ckpt)"),
+    "speedup goal in a spec without targets": (tiny_spec(extra="verify:\n  goals:\n    min_speedup: {onnx: 2}\n"),
+                                               "x.yaml:9: verify.goals.min_speedup.onnx: 'onnx' is not a target "
+                                               "of this spec (it has no targets)"),
+    "speedup goal without speed measurement": (tiny_spec(targets="{ckpt: {}}", extra="verify:\n  speed_tokens: 0\n"
+                                                         "  goals:\n    min_speedup: {ckpt: 2}\n"),
+                                               "x.yaml:8: verify.speed_tokens: must be > 0 when goals.min_speedup "
+                                               "is set (0 measures no speed)"),
+    "huge tiny vocab": (tiny_spec().replace("vocab: 300", "vocab: 50000000"),
+                        "x.yaml:4: source.tiny.vocab: must be <= 262144, got 50000000"),
+    "tiny model too big in all": (tiny_spec().replace("hidden: 32, intermediate: 64", "hidden: 8192, "
+                                                      "intermediate: 32768"),
+                                  "x.yaml:4: source.tiny: a tiny model of about 1079M parameters is not tiny "
+                                  "(at most 268M: lower layers, hidden, intermediate or vocab)"),
+}
+
+
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_spec_one_exact_line(case, tmp_path, monkeypatch):
     text, want = BAD[case]
@@ -142,3 +176,14 @@ def test_schema_holds_every_pass_and_target_config():
     assert "ckpt" in schema["properties"]["targets"]["properties"]
     assert schema["properties"]["version"]["const"] == 1
     assert "Step" not in schema["$defs"]
+
+
+# Mistakes a dry run must catch (each used to pass it and fail mid-build or at verification, or be ignored).
+
+
+def test_corpus_paths_that_the_build_reads_pass():
+    spec = parse_spec(tiny_spec(targets="{ckpt: {}}", extra=(
+        "data:\n  train: {path: corpus:code@train}\n  calib: {path: corpus:prose}\n"
+        "  eval: {texts: {p: corpus:prose@heldout, c: corpus:code}}\n"
+        "verify:\n  speed_tokens: 0\n  goals: {max_rel_err_by_target: {ckpt: 0.1}}\n")), "x.yaml")
+    assert spec.data.eval.texts == {"p": "corpus:prose@heldout", "c": "corpus:code"}
