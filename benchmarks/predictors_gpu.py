@@ -55,10 +55,11 @@ def heldout_metrics(ir, windows: dict[str, np.ndarray], device: str, n_windows: 
 
 
 def auto_mode(stats: dict, gap: float) -> tuple[str, str]:
-    """The mode `mode: auto` would give this FFN, from the bytes the pass recorded."""
+    """The mode `mode: auto` would give this FFN, from the validation figures the pass decides on."""
     from tscompile.passes.predictors import choose_mode
-    return choose_mode("auto", 3 * stats["bytes_exact"], 3 * stats["bytes_predictor"],
-                       stats["true_sparsity"] - stats["predicted_sparsity"], gap)
+    val = stats["val"]
+    return choose_mode("auto", 3 * val["bytes_exact"], 3 * val["bytes_predictor"],
+                       val["true_sparsity"] - val["predicted_sparsity"], gap)
 
 
 def _mean(xs) -> float:

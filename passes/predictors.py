@@ -4,8 +4,9 @@ For every FFN (each layer; each expert of an MoE layer) the pass streams calibra
 reference model, collects (FFN input after the norm, active mask) pairs, and trains
 `logits = fc2(relu(fc1 x))` (fc1 [rank, hidden], fc2 [inter, rank]) with class-weighted BCE and AdamW,
 keeping the epoch that predicts most sparsity at the target recall on held-out sequences.
-The per-FFN logit threshold is set on held-out "val" sequences to reach `target_recall`; recall, precision and
-sparsity are then reported on separate held-out "test" sequences.
+The per-FFN logit threshold is set on held-out "val" sequences to reach `target_recall`, and rank and mode are
+chosen on val too; recall, precision, sparsity and bytes are then reported on separate held-out "test" sequences
+(the val figures the mode was chosen on are kept under the FFN's `stats["val"]`).
 
 `rank: auto` picks per FFN the smallest rank of a ladder (capped by a byte budget) whose predicted sparsity is
 within `max_sparsity_gap` of the true sparsity. `mode: auto` then compares bytes read per token
@@ -23,12 +24,11 @@ from pydantic import Field, PositiveInt
 
 from tscompile.api import Context, PassConfig, PassInfo
 from tscompile.errors import UserError
-from tscompile.ir import ModelIR, Predictor, ffn_names, predictor_names
+from tscompile.ir import RELU_KINDS, ModelIR, Predictor, ffn_names, predictor_names
 
-RELU_KINDS = ("relu", "drelu")   # act(gate) is exactly zero for gate <= 0: exact mode skips those up rows
 STATS_KEYS = ("true_sparsity", "gate_sparsity", "bytes_exact", "mode_reason", "samples", "candidate_predictor",
               "recall", "precision", "predicted_sparsity", "rank", "predictor_threshold", "ranks_tried", "epochs",
-              "predictor_bytes_share", "bytes_predictor")   # what this pass writes into an FFN's stats
+              "predictor_bytes_share", "bytes_predictor", "val")   # what this pass writes into an FFN's stats
 
 
 class PredictorsConfig(PassConfig):
@@ -296,7 +296,7 @@ def fit_unit(train: FFNSamples, val: FFNSamples, cfg: PredictorsConfig, device: 
     """
     H, I = train.x.shape[1], train.inter
     ladder = rank_ladder(cfg, H, I)
-    true_sparsity = 1 - float(val.mask().float().mean())
+    true_sparsity = observed_sparsity(val)
     tried: dict[int, TrainedPredictor] = {}
 
     def good(k: int) -> bool:
@@ -317,6 +317,25 @@ def fit_unit(train: FFNSamples, val: FFNSamples, cfg: PredictorsConfig, device: 
             else:
                 lo = mid + 1
     return tried[ladder[hi]], sorted(tried)
+
+
+def observed_sparsity(*splits: FFNSamples) -> float:
+    """Share of inactive entries in the first of `splits` holding samples (an expert may get few routed tokens);
+    NaN if none does."""
+    seen = next((d for d in splits if len(d)), None)
+    return 1 - float(seen.mask().float().mean()) if seen is not None else float("nan")
+
+
+def exact_bytes(s_gate: float, true_sparsity: float) -> float:
+    """Bytes exact gating reads per token / FFN bytes: the gate fully, up where act(gate) != 0 (a share 1 - s_gate),
+    down where h != 0."""
+    return (1 + (1 - s_gate) + (1 - true_sparsity)) / 3
+
+
+def predictor_bytes(share: float, predicted_sparsity: float) -> float:
+    """Bytes predictor gating reads per token / FFN bytes: the predictor, then the predicted-active rows of all
+    three matrices."""
+    return share + 1 - predicted_sparsity
 
 
 def gate_sparsity(ir: ModelIR, layer: int, expert: int | None, samples: FFNSamples) -> float:
@@ -418,27 +437,30 @@ def fit_predictors(ir: ModelIR, cfg: PredictorsConfig, calib_ids, device: str = 
             tr, va, te = data["train"].pop(u), data["val"].pop(u), data["test"].pop(u)
             where = f"layer {layer}" + (f" expert {expert}" if expert is not None else "")
             s_gate = gate_sparsity(out, layer, expert, va)
-            pred = None
+            # `mode: auto` decides on val (train where an expert got no val token); test sequences only report
+            val = {"true_sparsity": observed_sparsity(va, tr)}
+            val["bytes_exact"] = exact_bytes(s_gate, val["true_sparsity"])
+            pred = pred_rows = gap = None
             if cfg.mode != "exact" and len(tr) >= 16 and len(va) >= 4 and len(te) >= 1:
-                val_exact_rows = 2 - s_gate + float(va.mask().float().mean())
                 pred, tried = fit_unit(tr, va, cfg, device, seed + u,
-                                       val_exact_rows if cfg.mode == "auto" else None)
-            seen = next((d for d in (te, va, tr) if len(d)), None)   # an expert may get few routed tokens
-            true_sparsity = 1 - float(seen.mask().float().mean()) if seen is not None else float("nan")
-            exact_rows = 1 + (1 - s_gate) + (1 - true_sparsity)
-            pred_rows = gap = cand = None
+                                       3 * val["bytes_exact"] if cfg.mode == "auto" else None)
+                share = predictor_share(pred.rank, H, I)
+                val |= {"predicted_sparsity": pred.val_sparsity,
+                        "bytes_predictor": predictor_bytes(share, pred.val_sparsity)}
+                pred_rows, gap = 3 * val["bytes_predictor"], val["true_sparsity"] - pred.val_sparsity
+            mode, why = choose_mode(cfg.mode, 3 * val["bytes_exact"], pred_rows, gap, cfg.max_sparsity_gap)
+            if mode == "exact" and val["true_sparsity"] < 0.01:   # nothing to skip: the dense kernels are faster
+                mode, why = "dense", f"{why}; no activation sparsity ({val['true_sparsity']:.4f}): dense"
+            true_sparsity = observed_sparsity(te, va, tr)
+            stats = {"true_sparsity": true_sparsity, "gate_sparsity": s_gate,
+                     "bytes_exact": exact_bytes(s_gate, true_sparsity), "mode_reason": why, "val": val,
+                     "samples": {"train": len(tr), "val": len(va), "test": len(te)}}
+            cand = None
             if pred is not None:
                 cand = predictor_metrics(pred, te, pred.threshold)
-                share = predictor_share(pred.rank, H, I)
-                pred_rows = 3 * share + 3 * (1 - cand["predicted_sparsity"])
-                gap = true_sparsity - cand["predicted_sparsity"]
                 cand |= {"rank": pred.rank, "predictor_threshold": pred.threshold, "ranks_tried": tried,
-                         "epochs": pred.epochs, "predictor_bytes_share": share, "bytes_predictor": pred_rows / 3}
-            mode, why = choose_mode(cfg.mode, exact_rows, pred_rows, gap, cfg.max_sparsity_gap)
-            if mode == "exact" and true_sparsity < 0.01:   # nothing to skip: the dense kernels are faster
-                mode, why = "dense", f"{why}; no activation sparsity ({true_sparsity:.4f}): dense"
-            stats = {"true_sparsity": true_sparsity, "gate_sparsity": s_gate, "bytes_exact": exact_rows / 3,
-                     "mode_reason": why, "samples": {"train": len(tr), "val": len(va), "test": len(te)}}
+                         "epochs": pred.epochs, "predictor_bytes_share": share,
+                         "bytes_predictor": predictor_bytes(share, cand["predicted_sparsity"])}
             # a rejected predictor's figures stay apart, so tables read recall/predicted sparsity of gated FFNs only
             stats |= cand if mode == "predictor" else {"candidate_predictor": cand} if cand else {}
             ann.mode = mode
@@ -548,4 +570,4 @@ def plot_predictors(ir: ModelIR, out_png) -> None:
 
 PASS = PassInfo(name="predictors", version="2",
                 doc="low-rank activation predictor per FFN (or exact gating where cheaper)",
-                config=PredictorsConfig, run=apply_predictors, needs_data=True, gpu="optional")
+                config=PredictorsConfig, run=apply_predictors, needs_data=("calib",), gpu="optional")

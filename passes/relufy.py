@@ -23,9 +23,8 @@ from pydantic import ConfigDict, Field, model_validator
 
 from tscompile.api import Context, PassConfig, PassInfo
 from tscompile.errors import UserError
-from tscompile.ir import ModelIR
+from tscompile.ir import RELU_KINDS, ModelIR
 
-RELU_KINDS = ("relu", "drelu")
 DEFAULT_MAX_TRAIN_TOKENS = 32_000_000
 
 
@@ -223,4 +222,4 @@ def apply_relufy(ir: ModelIR, cfg: RelufyConfig, ctx: Context) -> ModelIR:
 
 
 PASS = PassInfo(name="relufy", version="1", doc="ReLUfication fine-tune: LM/KL loss + staged L1 on FFN activations",
-                config=RelufyConfig, run=apply_relufy, needs_data=True, gpu="optional", requires=("drelu",))
+                config=RelufyConfig, run=apply_relufy, needs_data=("train",), gpu="optional", requires=("drelu",))

@@ -17,14 +17,11 @@ import tempfile
 from pathlib import Path
 
 from tscompile.errors import UserError
+from tscompile.importers import cache_root
 
 PLUGIN_SOURCE = Path(__file__).parent / "tools" / "insn_count.c"
 DEBIAN_MIRRORS = (("http://deb.debian.org/debian", "bookworm bookworm-updates"),
                   ("http://deb.debian.org/debian-security", "bookworm-security"))
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("TSCOMPILE_CACHE") or Path.home() / ".cache" / "tscompile")
 
 
 def qemu_source_version() -> str:
@@ -40,7 +37,7 @@ def qemu_source_version() -> str:
 def plugin_header() -> Path:
     """Path of qemu-plugin.h for the installed qemu (fetched and cached on first use)."""
     version = qemu_source_version()
-    dest = cache_dir() / "qemu-plugin" / re.sub(r"[^A-Za-z0-9.+-]", "_", version) / "qemu-plugin.h"
+    dest = cache_root() / "qemu-plugin" / re.sub(r"[^A-Za-z0-9.+-]", "_", version) / "qemu-plugin.h"
     if dest.exists():
         return dest
     with tempfile.TemporaryDirectory(prefix="tscompile-qemu-src-") as tmp:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tscompile.errors import UserError
+from tscompile.importers import cache_root
 
 ACTIVATION_ENUM = {"swiglu": 0, "geglu": 1, "relu": 2, "drelu": 3}
 DTYPES = {  # dtype name -> (C type, header, packed pair type, pair -> float2, 2 floats -> pair)
@@ -121,10 +122,6 @@ def nvcc_command(nvcc: str, arch: str, source: Path, out: Path) -> list[str]:
             "-o", str(out), str(source)]
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("TSCOMPILE_CACHE") or Path.home() / ".cache" / "tscompile") / "cuda"
-
-
 def device_arch() -> str:
     """nvcc's -arch for the GPU torch sees here (e.g. sm_90)."""
     import torch
@@ -139,7 +136,7 @@ def compile_library(source: str, arch: str, dest: Path | None = None) -> Path:
         raise UserError("nvcc not found (PATH, CUDA_HOME, /usr/local/cuda): cannot compile the cuda target")
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(f"{arch}\n{version}\n{source}".encode()).hexdigest()[:32]
-    cached = cache_dir() / key / LIBRARY
+    cached = cache_root() / "cuda" / key / LIBRARY
     if not cached.exists():
         cached.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="tsc-nvcc-") as tmp:

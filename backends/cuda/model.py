@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tscompile.ir import ArchConfig
+from tscompile.ir import RELU_KINDS, ArchConfig
 from tscompile.reference import activate, rope_inv_freq
 
 from .library import KernelLibrary, Workspace, default_grid
@@ -150,7 +150,7 @@ class GPUDecoder:
         if f.threshold == 0 and f.activation in ("swiglu", "geglu"):   # no h is ever zero: the dense kernels
             return self._ffn_gemv(i, x, down_t)
         g = None
-        if f.activation in ("relu", "drelu"):   # act is exactly zero where g <= 0: the gate GEMV picks the rows
+        if f.activation in RELU_KINDS:   # act is exactly zero where g <= 0: the gate GEMV picks the rows
             g = ws.gate
             lib.gemv(x, gate, g[0], norm=norm, eps=eps, positive=g[1])
         lib.sparse_ffn_exact(x, gate, up, down_t, f.activation, f.threshold, g, ws, x, self.grid, residual=x,

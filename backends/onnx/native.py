@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 
 from tscompile.errors import UserError
+from tscompile.importers import cache_root
 
 from .builder import DOMAIN
 
@@ -59,12 +60,6 @@ WEIGHT_TYPES = [
 _warned = False
 
 
-def _cache_root() -> Path:
-    from tscompile.importers import cache_root
-
-    return cache_root()
-
-
 def render_source() -> str:
     """The C++ source of the kernel library (the same text for every model: it is generic in the sizes)."""
     import jinja2
@@ -97,7 +92,7 @@ def ort_include_dir() -> tuple[Path | None, str]:
         if (Path(env) / "onnxruntime_c_api.h").is_file():
             return Path(env), ""
         raise UserError(f"ORT_INCLUDE_DIR={env}: no onnxruntime_c_api.h there")
-    root = _cache_root() / "ort-headers" / HEADERS_VERSION
+    root = cache_root() / "ort-headers" / HEADERS_VERSION
     inc = root / "include"
     if (inc / "onnxruntime_c_api.h").is_file():
         return inc, ""
@@ -162,7 +157,7 @@ def build_library(outdir: Path, log=None) -> Path | None:
             [source, _compiler_id(cxx), " ".join(CXXFLAGS), (inc / "onnxruntime_c_api.h").read_text()]
         ).encode()
     ).hexdigest()[:16]
-    cached = _cache_root() / "onnx-kernels" / key / LIBRARY_NAME
+    cached = cache_root() / "onnx-kernels" / key / LIBRARY_NAME
     if not cached.is_file():
         cached.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cached.parent, prefix=".build.") as tmp:

@@ -24,10 +24,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tscompile.ir import RELU_KINDS
+
 from .builder import DOMAIN, OPSET, GraphBuilder
 
 OP_TYPE = "SparseFFN"
-RELU_KINDS = ("relu", "drelu")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,6 @@
 """profile: per-FFN sparsity and per-neuron activation frequency, stored in the IR; the profile plot."""
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest

@@ -10,10 +10,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#if defined(__aarch64__)
-#include <sys/auxv.h>
-#include <asm/hwcap.h>
-#endif
 
 #include "model.h"
 
@@ -42,15 +38,6 @@ static const void *bench_weights(size_t rows, size_t cols, float scale) {
     half_from_float(h, m, (int)(rows * cols));
     free(m);
     return h;
-}
-
-static const Kernels *bench_kernels(void) {   // the same choice as tsrun's main.c
-#if defined(__aarch64__)
-    if (WEIGHT_DTYPE == 0) return &kernels_neon_f32;
-    return (getauxval(AT_HWCAP) & HWCAP_ASIMDHP) ? &kernels_neon_f16_arith : &kernels_neon_f16;
-#else
-    return WEIGHT_DTYPE == 0 ? &kernels_scalar_f32 : &kernels_scalar_f16;
-#endif
 }
 
 static void bench_input(float *x, int call) {
@@ -84,12 +71,8 @@ int main(int argc, char **argv) {
     f->pred_fc2 = bench_matrix(HIDDEN_DIM, (size_t)rank, 1.4142f / 8.4853f); // score ~ N(0, ~1)
     static RunState s;
     if (state_alloc(&s, 1)) return 1;
-#if defined(__aarch64__)
-    const Kernels *k32 = &kernels_neon_f32;
-#else
-    const Kernels *k32 = &kernels_scalar_f32;
-#endif
-    Model m = {&w, &s, bench_kernels(), k32, pool_create(threads), strcmp(argv[1], "dense") ? -1 : MODE_DENSE};
+    Model m = {&w, &s, pick_kernels(), pick_float32_kernels(), pool_create(threads),
+               strcmp(argv[1], "dense") ? -1 : MODE_DENSE};
     float x[DIM], y[DIM], checksum = 0.0f;
     double seconds = 0.0;
     for (int c = 0; c < calls; c++) {

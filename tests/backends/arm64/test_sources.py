@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -107,14 +106,36 @@ def test_sources_read_like_hand_written_code(name):
             assert max(len(line) for line in text.splitlines()) <= 120, fname
             if fname.endswith(".c") and len(text.splitlines()) > 60:
                 assert "// ------------" in text, f"{fname}: no section banners"
-    # every buffer in the structs says its shape (arrays in their declaration, pointers in a comment)
-    header = generated(name)["model.h"]
-    for body, sname in re.findall(r"typedef struct \{(.*?)\} (\w+);", header, re.DOTALL):
+    # every buffer says its shape: arrays in their declaration, pointers in a comment, in the struct that holds
+    # them or on the line that allocates them
+    sources = {f: text for f, text in generated(name).items() if f.endswith((".c", ".h"))}
+    members = set()
+    for fname, text in sources.items():
+        for names, line in buffer_members(text):
+            assert SHAPE.search(line), f"{fname}: buffer without a shape comment: {line.strip()}"
+            members.update(names)
+    assert {"out", "coef", "data", "merge_keys", "logits", "threads"} <= members
+    for fname, text in sources.items():
+        for line in filter(ALLOC.search, text.splitlines()):
+            member = re.match(r"\s*\w+->(\w+) = ", line)
+            assert member[1] in members if member else SHAPE.search(line), \
+                f"{fname}: allocated buffer without a shape comment: {line.strip()}"
+
+
+SHAPE = re.compile(r"//.*\[")
+ALLOC = re.compile(r"\b(?:malloc|calloc|mmap)\((?!1, |sizeof\()")   # not of one object
+NOT_BUFFERS = {"ctx", "slot"}   # the pool job's opaque argument; the one Weights field a tensor goes to
+
+
+def buffer_members(text: str):
+    """(names, line) of each struct member line declaring pointers that are buffers: not pointers to one
+    struct (a capitalised type), not C strings, not NOT_BUFFERS."""
+    for body in re.findall(r"\bstruct(?: \w+)? \{(.*?)\}", text, re.DOTALL):
         for line in body.splitlines():
-            if sname in ("FFNWeights", "LayerWeights", "Weights", "RunState") and re.search(r"\*\s*\w+;", line):
-                if "void *map" in line or "Kernels" in line:
-                    continue
-                assert re.search(r"//.*\[", line), f"{sname}: buffer without a shape comment: {line.strip()}"
+            m = re.match(r"\s*(?:const )?(\w+)\s+(\*+\w+(?:, \*+\w+)*);", line)
+            names = set(re.findall(r"\w+", m[2])) if m else set()
+            if m and not m[1][0].isupper() and m[1] != "char" and not names <= NOT_BUFFERS:
+                yield names, line
 
 
 @needs("clang")

@@ -30,9 +30,10 @@ def lowered(tmp_path_factory):
 def test_generated_source_matches_golden(lowered):
     out, _ = lowered
     src = (out / "ffn.cu").read_text()
-    if UPDATE or not GOLDEN.exists():
+    if UPDATE:
         GOLDEN.parent.mkdir(parents=True, exist_ok=True)
         GOLDEN.write_text(src)
+    assert GOLDEN.exists(), f"{GOLDEN} is missing: create it with TSCOMPILE_UPDATE_GOLDENS=1"
     assert src == GOLDEN.read_text(), "generated CUDA changed: review, then TSCOMPILE_UPDATE_GOLDENS=1"
     assert "#define HIDDEN 64" in src and "#define INTER 192" in src
     assert "ACT_DRELU" in src and "sparse_ffn<1, 1, 32," in src   # only the activation the model uses

@@ -19,8 +19,9 @@ UPDATE = os.environ.get("TSCOMPILE_UPDATE_GOLDENS") == "1"
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the golden is the x86_64 rendering")
 def test_generated_kernel_source_matches_golden():
     src = render_source()
-    if UPDATE or not GOLDEN.exists():
+    if UPDATE:
         GOLDEN.parent.mkdir(parents=True, exist_ok=True)
         GOLDEN.write_text(src)
+    assert GOLDEN.exists(), f"{GOLDEN} is missing: write it with TSCOMPILE_UPDATE_GOLDENS=1 and review it"
     assert src == GOLDEN.read_text(), "generated C++ changed: review the diff, then TSCOMPILE_UPDATE_GOLDENS=1"
     assert "RegisterCustomOps" in src and "ai.tscompile" in src

@@ -2,6 +2,10 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__aarch64__)
+#include <sys/auxv.h>
+#include <asm/hwcap.h>
+#endif
 
 #include "model.h"
 
@@ -28,16 +32,37 @@ void state_free(RunState *s) {
 }
 
 // ----------------------------------------------------------------------------
+// Kernel dispatch
+
+const Kernels *pick_kernels(void) {
+#if defined(__aarch64__)
+    if (WEIGHT_DTYPE == 0) return &kernels_neon_f32;
+    // fp16 arithmetic only where the CPU has it: elsewhere those instructions are SIGILL
+    return (getauxval(AT_HWCAP) & HWCAP_ASIMDHP) ? &kernels_neon_f16_arith : &kernels_neon_f16;
+#else
+    return WEIGHT_DTYPE == 0 ? &kernels_scalar_f32 : &kernels_scalar_f16;
+#endif
+}
+
+const Kernels *pick_float32_kernels(void) {
+#if defined(__aarch64__)
+    return &kernels_neon_f32;
+#else
+    return &kernels_scalar_f32;
+#endif
+}
+
+// ----------------------------------------------------------------------------
 // Parallel products: each task runs one kernel over a slice of rows (or columns)
 
-typedef struct {
+typedef struct {              // one product: a [rows, n] matrix, `count` slots of its rows (sparse kernels)
     const Kernels *k;
-    float *out;
-    const void *w;
-    const float *x;
-    const uint16_t *xh;
-    const int32_t *idx;
-    const float *coef;
+    float *out;               // matvec [rows]; rows_dot [count], one per slot; rows_axpy [n], accumulated
+    const void *w;            // [rows, n] in the kernels' weight dtype
+    const float *x;           // [n] input (NULL for rows_axpy)
+    const uint16_t *xh;       // [n] x as fp16 for fp16-arithmetic kernels, else NULL
+    const int32_t *idx;       // [count] the matrix row of each slot (rows_dot, rows_axpy)
+    const float *coef;        // [count] the factor of each slot's row (rows_axpy)
     int count, n;
 } ProductTask;
 

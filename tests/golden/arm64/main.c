@@ -29,7 +29,7 @@
 
 typedef struct {
     const char *weights, *tokenizer, *prompt, *dump_logits;
-    int32_t *prompt_ids, *force_ids, *decode_ids;
+    int32_t *prompt_ids, *force_ids, *decode_ids;   // [n_prompt_ids], [n_force_ids], [n_decode_ids]
     int n_prompt_ids, n_force_ids, n_decode_ids;
     int steps, threads, force_mode, print_ids, ignore_eos, print_isa, encode_only;
     float temperature, top_p;
@@ -72,7 +72,7 @@ static float parse_float(const char *flag, const char *s, float lo, float hi) {
 static int32_t *parse_ids(const char *flag, const char *s, int *count, long limit) {
     int n = 1;
     for (const char *p = s; *p; p++) n += *p == ',';
-    int32_t *ids = malloc((size_t)n * sizeof(int32_t));
+    int32_t *ids = malloc((size_t)n * sizeof(int32_t));   // [n]
     const char *p = s;
     for (int i = 0; i < n; i++) {
         char *end;
@@ -130,27 +130,6 @@ static Options parse_options(int argc, char **argv) {
     if (!o.prompt && !o.prompt_ids && !o.print_isa && !o.decode_ids) usage_error("give --prompt or --prompt-ids", "");
     if (o.prompt && o.prompt_ids) usage_error("--prompt and --prompt-ids exclude each other", "");
     return o;
-}
-
-// ----------------------------------------------------------------------------
-// Kernel dispatch
-
-static const Kernels *pick_kernels(void) {
-#if defined(__aarch64__)
-    if (WEIGHT_DTYPE == 0) return &kernels_neon_f32;
-    // fp16 arithmetic only where the CPU has it: elsewhere those instructions are SIGILL
-    return (getauxval(AT_HWCAP) & HWCAP_ASIMDHP) ? &kernels_neon_f16_arith : &kernels_neon_f16;
-#else
-    return WEIGHT_DTYPE == 0 ? &kernels_scalar_f32 : &kernels_scalar_f16;
-#endif
-}
-
-static const Kernels *pick_float32_kernels(void) {
-#if defined(__aarch64__)
-    return &kernels_neon_f32;
-#else
-    return &kernels_scalar_f32;
-#endif
 }
 
 // ----------------------------------------------------------------------------
@@ -230,7 +209,7 @@ static int run_tokenizer_only(const Options *o, const char *tok_path) {
     if (tokenizer_open(&tok, tok_path, err, sizeof(err))) die(2, "%s", err);
     if (o->encode_only) {
         int cap = (int)strlen(o->prompt) + tok.n_prefix + 1;
-        int32_t *ids = malloc((size_t)cap * sizeof(int32_t));
+        int32_t *ids = malloc((size_t)cap * sizeof(int32_t));   // [cap]: the prefix, at most one id per byte
         int n = tokenizer_encode(&tok, o->prompt, ids, cap);
         for (int i = 0; i < n; i++) printf(i ? ",%d" : "%d", ids[i]);
         printf("\n");
@@ -286,7 +265,7 @@ int main(int argc, char **argv) {
     int n_prompt = o.n_prompt_ids;
     if (o.prompt) {
         int cap = (int)strlen(o.prompt) + tok.n_prefix + 1;
-        prompt = malloc((size_t)cap * sizeof(int32_t));
+        prompt = malloc((size_t)cap * sizeof(int32_t));   // [cap]: the prefix, at most one id per byte
         n_prompt = tokenizer_encode(&tok, o.prompt, prompt, cap);
         if (n_prompt < 0) die(1, "%s: tokenizer output overflow", "--prompt");
         for (int i = 0; i < n_prompt; i++)
@@ -302,7 +281,7 @@ int main(int argc, char **argv) {
     Model m = {&w, &s, k, pick_float32_kernels(), pool, o.force_mode};
     FILE *dump = NULL;
     if (o.dump_logits && !(dump = fopen(o.dump_logits, "wb"))) die(2, "%s: cannot open for writing", o.dump_logits);
-    ProbIndex *scratch = malloc(VOCAB_SIZE * sizeof(ProbIndex));
+    ProbIndex *scratch = malloc(VOCAB_SIZE * sizeof(ProbIndex));   // [VOCAB_SIZE] (probability, id) to sample from
     rng_state = o.seed * 0x9E3779B97F4A7C15ull + 0x2545F4914F6CDD1Dull;
 
     int pos = 0;

@@ -20,7 +20,7 @@ struct Pool {
     int pending;              // workers still running the current job
     int shutdown;
     task_fn fn;               // the current job
-    void *ctx;
+    void *ctx;                // its argument (opaque to the pool)
     int n, align;
 };
 

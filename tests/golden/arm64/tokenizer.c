@@ -18,7 +18,7 @@
 // Reading tokenizer.bin
 
 typedef struct {
-    const uint8_t *p, *end;
+    const uint8_t *p, *end;   // the bytes not read yet: [p, end)
     int bad;
 } Reader;
 
@@ -250,7 +250,7 @@ static int utf8_next(const uint8_t *s, size_t n, uint32_t *cp) {
 // Encoding
 
 typedef struct {
-    int32_t *out;
+    int32_t *out;             // [max] ids, the first n written
     int n, max;
 } Output;
 
@@ -273,7 +273,7 @@ static int pair_rank(const Tokenizer *t, int32_t left, int32_t right) {
 // BPE of one pre-token: start from byte tokens, merge the lowest-ranked adjacent pair until none is left.
 static int bpe(const Tokenizer *t, const uint8_t *s, size_t n, Output *o) {
     int32_t stack_buf[256];
-    int32_t *sym = n <= 256 ? stack_buf : malloc(n * sizeof(int32_t));
+    int32_t *sym = n <= 256 ? stack_buf : malloc(n * sizeof(int32_t));   // [n] symbols
     if (!sym) return -1;
     size_t count = 0;
     for (size_t i = 0; i < n; i++)
@@ -301,8 +301,8 @@ static int bpe(const Tokenizer *t, const uint8_t *s, size_t n, Output *o) {
 // GPT-2: 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
 static int regex_split(const Tokenizer *t, const uint8_t *s, size_t n, Output *o) {
     // code points with their byte offsets
-    uint32_t *cp = malloc((n + 1) * sizeof(uint32_t));
-    size_t *at = malloc((n + 1) * sizeof(size_t));
+    uint32_t *cp = malloc((n + 1) * sizeof(uint32_t));   // [n + 1] code points (at most one per byte)
+    size_t *at = malloc((n + 1) * sizeof(size_t));       // [n + 1] byte offset of each, then the end
     if (!cp || !at) { free(cp); free(at); return -1; }
     size_t m = 0;
     for (size_t i = 0; i < n;) {

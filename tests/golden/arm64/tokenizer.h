@@ -10,7 +10,7 @@ typedef struct {
 } Merge;
 
 typedef struct {
-    uint8_t *data;            // the whole file
+    uint8_t *data;            // [size] the whole file
     size_t size;
     int n_tokens;
     const uint8_t **token_bytes;  // [n_tokens] raw bytes of each token
@@ -18,7 +18,7 @@ typedef struct {
     int32_t byte_token[256];  // token of each single byte, -1: no token (dropped)
     const uint8_t *merges;    // [n_merges] Merge records (12 bytes, little-endian)
     int n_merges;
-    uint64_t *merge_keys;     // open-addressing table: (left << 32 | right) + 1, 0 = empty
+    uint64_t *merge_keys;     // [table_size] open addressing: (left << 32 | right) + 1, 0 = empty
     int32_t *merge_rank;      // [table_size] rank of the pair
     size_t table_size;        // power of two
     int32_t *special;         // [n_special] tokens matched literally before pre-tokenization

@@ -296,7 +296,7 @@ int weights_open(Weights *w, const char *path, char *err, size_t err_len) {
         return 1;
     }
     size_t size = (size_t)st.st_size;
-    void *map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    void *map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);   // [size] bytes
     close(fd);
     if (map == MAP_FAILED) {
         snprintf(err, err_len, "%s: cannot map %zu bytes", path, size);

@@ -86,7 +86,7 @@ typedef struct {
     const void *lm_head;      // [VOCAB_SIZE, DIM]
     const float *rope_inv_freq; // [HEAD_DIM / 2]
     LayerWeights layers[N_LAYERS]; // per layer
-    void *map;                // the mapping of weights.bin
+    void *map;                // [map_size] bytes: the mapping of weights.bin
     size_t map_size;
 } Weights;
 
@@ -143,6 +143,10 @@ typedef struct {
     Pool *pool;
     int force_mode;           // -1: each layer's own mode, else enum FFNMode for every layer
 } Model;
+
+// Model.k: the kernels for the weight dtype on this CPU (checked at run time); Model.k32: float32 (predictors).
+const Kernels *pick_kernels(void);
+const Kernels *pick_float32_kernels(void);
 
 int state_alloc(RunState *s, int max_seq);
 void state_free(RunState *s);
