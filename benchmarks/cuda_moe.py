@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cuda_ffn import benchmark_setup, copy_bandwidth, time_graph, warm_up_clocks
+from cuda_ffn import benchmark_setup, copy_bandwidth, rel_err, time_graph, warm_up_clocks
 from tscompile.backends.cuda.kernels import KernelShape, compile_library, device_arch, render_source
 from tscompile.backends.cuda.library import KernelLibrary, Workspace
 from tscompile.backends.cuda.model import FFNSpec
@@ -64,13 +64,6 @@ def moe_reference(x, w, experts, weights, ids_of):
         h = F.silu(xd @ w["gate"][rows].double().T) * (xd @ w["up"][rows].double().T)
         y += wk * (h @ w["down_t"][rows].double())
     return y
-
-
-def rel_err(out, ref) -> float:
-    out = out.double()
-    if not torch.isfinite(out).all():
-        return float("inf")
-    return float((out - ref).norm() / ref.norm())
 
 
 def same_rows_through_sparse_ffn(ffn_lib, w, x, lists, n, grid) -> dict:

@@ -72,7 +72,7 @@ def build(spec_path: str, targets: tuple[str, ...], out: Path | None, policy: st
 
 @cli.command()
 @click.argument("build_dir", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--target", "-t", "targets", multiple=True, metavar="T", help="Verify only this target.")
+@click.option("--target", "-t", "targets", multiple=True, metavar="T", help="Verify only this target (repeatable).")
 def verify(build_dir: Path, targets: tuple[str, ...]) -> None:
     """Verify a build directory against the reference model and the spec's goals."""
     from .spec import load_spec

@@ -24,9 +24,9 @@ def lower(ir, cfg, outdir, ctx=None) -> dict:
     return lower_cuda(ir, cfg, outdir, ctx)
 
 
-def load(outdir, dense: bool = False, **opts):
+def load(outdir, dense: bool = False):
     from .runtime import load_runner
-    return load_runner(outdir, dense=dense, **opts)
+    return load_runner(outdir, dense=dense)
 
 
 def available() -> str | None:
@@ -43,5 +43,6 @@ def available() -> str | None:
     return None
 
 
-BACKEND = BackendInfo(name="cuda", version="1", doc="generated CUDA sparse-FFN kernels + CUDA-graph decode runtime",
+# version: part of a target's cache key; bump it whenever what lower() writes changes (templates, the C interface)
+BACKEND = BackendInfo(name="cuda", version="2", doc="generated CUDA sparse-FFN kernels + CUDA-graph decode runtime",
                       config=CudaConfig, lower=lower, load=load, available=available)

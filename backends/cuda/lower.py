@@ -39,6 +39,7 @@ def kernel_shape(ir: ModelIR, cfg) -> KernelShape:
 def ffn_spec(ann) -> dict:
     gated = ann.mode == "predictor" and ann.predictor is not None
     return {"activation": ann.activation, "threshold": float(ann.threshold), "gated": gated,
+            "dense": ann.mode == "dense",
             "predictor_threshold": float(ann.predictor.threshold) if gated else 0.0,
             "predictor_relu": bool(ann.predictor.relu) if gated else True}
 

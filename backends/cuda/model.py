@@ -33,7 +33,8 @@ class FFNSpec:
     gated: bool                  # mode "predictor": the predictor picks the neurons at decode
     predictor_threshold: float = 0.0
     predictor_relu: bool = True
-    experts: list | None = None  # an MoE layer: one FFNSpec (or its dict) per expert; the fields above are unused
+    experts: list | None = None  # an MoE layer: one FFNSpec (or its dict) per expert; the other fields are unused
+    dense: bool = False          # mode "dense": every neuron, on the dense kernels (no sparsity worth skipping)
 
     def __post_init__(self):
         if self.experts is not None:
@@ -147,7 +148,7 @@ class GPUDecoder:
             lib.predict(x, self.w[n["fc1"]], self.w[n["fc2"]], f.predictor_relu, f.predictor_threshold, ws,
                         norm=norm, eps=eps)
             return self._sparse_ffn(i, x, x)
-        if f.threshold == 0 and f.activation in ("swiglu", "geglu"):   # no h is ever zero: the dense kernels
+        if f.dense or f.threshold == 0 and f.activation in ("swiglu", "geglu"):   # no h is zero: dense kernels
             return self._ffn_gemv(i, x, down_t)
         g = None
         if f.activation in RELU_KINDS:   # act is exactly zero where g <= 0: the gate GEMV picks the rows

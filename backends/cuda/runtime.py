@@ -130,6 +130,12 @@ def load_runner(outdir, dense: bool = False) -> CudaRunner:
         manifest = json.loads((outdir / "manifest.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{outdir / 'manifest.json'}: unreadable ({e})") from None
+    missing = [k for k in ("arch_config", "ffns", "dtype", "arch") if k not in manifest]
+    if missing:
+        raise UserError(f"{outdir / 'manifest.json'}: no {missing[0]!r} (not a cuda artifact, or a damaged one)")
+    for name in ("weights.safetensors", "ffn.cu"):
+        if not (outdir / name).is_file():
+            raise UserError(f"{outdir / name}: missing (the cuda artifact is incomplete: build it again)")
     cfg = ArchConfig(**manifest["arch_config"])
     ffns = [FFNSpec(**f) for f in manifest["ffns"]]
     weights = load_file(str(outdir / "weights.safetensors"), device="cuda")

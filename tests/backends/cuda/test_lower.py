@@ -12,7 +12,7 @@ from cpu_decoder import decode_on_cpu
 from golden_cases import CASES, case_ir
 from tscompile.backends.cuda import BACKEND, CudaConfig
 from tscompile.backends.cuda.kernels import LIBRARY, KernelShape, compile_library, nvcc_path, render_source
-from tscompile.backends.cuda.lower import lower_cuda
+from tscompile.backends.cuda.lower import ffn_specs, lower_cuda
 from tscompile.errors import UserError
 from tscompile.tiny import make_tiny_ir
 
@@ -44,7 +44,7 @@ def test_lowering_writes_weights_and_manifest(lowered):
     out, manifest = lowered
     ir = case_ir("mistral-drelu-predictor")
     assert set(manifest["files"]) >= {"ffn.cu", "weights.safetensors"}
-    assert manifest["ffns"][0] == {"activation": "drelu", "threshold": 0.0, "gated": True,
+    assert manifest["ffns"][0] == {"activation": "drelu", "threshold": 0.0, "gated": True, "dense": False,
                                    "predictor_threshold": 0.0, "predictor_relu": True}
     with safe_open(str(out / "weights.safetensors"), "pt") as f:
         down_t = f.get_tensor("layers.1.down_t")
@@ -84,6 +84,16 @@ def test_timeline_hooks_still_apply(tmp_path, monkeypatch):
     assert src.count("TraceBlock trace_block(") == len(KERNELS)
     assert src.count("    TRACE_MARK(") == sum(len(m) for m in MARKS.values())
     assert ctypes.CDLL(str(compile_library(src, "sm_90"))).tsc_trace_read
+
+
+def test_mode_dense_is_in_the_ffn_specs():
+    """An FFN the predictors pass left in mode dense (no sparsity worth skipping) is marked so for the runtime,
+    which runs it on the dense kernels (test_runtime_gpu.py)."""
+    from tscompile.backends.cuda.model import FFNSpec
+    ir = case_ir("mistral-drelu-predictor").clone()   # case_ir's models are shared by every test
+    ir.layers[1].mode = "dense"
+    specs = [FFNSpec(**f) for f in ffn_specs(ir)]
+    assert [(s.gated, s.dense) for s in specs] == [(True, False), (False, True)]
 
 
 def test_bad_models_are_refused(tmp_path):

@@ -58,3 +58,17 @@ def test_artifact_built_for_another_gpu_is_rebuilt(tmp_path):
     want = BACKEND.load(tmp_path / "here").logits(PROMPT, [5, 6, 7])
     got = BACKEND.load(tmp_path / "other").logits(PROMPT, [5, 6, 7])
     assert compare_logits(got, want)["rel_l2"] < 1e-3
+
+
+def test_mode_dense_runs_on_the_dense_kernels(tmp_path):
+    """FFNs in mode dense (every neuron, the dense GEMV and cuBLAS) match the reference."""
+    ir = case_ir("mistral-drelu-predictor").clone()   # case_ir's models are shared by every test
+    for ann in ir.layers:
+        ann.mode = "dense"
+    BACKEND.lower(ir, CudaConfig(arch=device_arch()), tmp_path)
+    runner = BACKEND.load(tmp_path)
+    assert all(f.dense for f in runner.model.ffns) and not runner.model.folded
+    ref = ReferenceRunner(rounded_ir(ir, torch.bfloat16), "batched")
+    want = ref.generate(PROMPT, STEPS)
+    m = compare_logits(runner.logits(PROMPT, want[:-1]), ref.logits(PROMPT, want[:-1]))
+    assert m["rel_l2"] < 2e-2 and m["top1"] >= 0.9, m
