@@ -152,10 +152,9 @@ def validate_weights(ir: ModelIR, where: Path, check_values: bool = True) -> Non
     tensor's data; without it only headers are read), has a float dtype and finite values."""
     want = expected_shapes(ir.config, ir.layers)
     for name, shape in want.items():
-        try:
-            got, _ = ir.weights.info(name)     # not `name in ir.weights`: Mapping's `in` reads the tensor
-        except KeyError:
-            raise UserError(f"{where}: missing tensor {name}") from None
+        if name not in ir.weights:
+            raise UserError(f"{where}: missing tensor {name}")
+        got, _ = ir.weights.info(name)     # from the header: no tensor data read
         if got != shape:
             raise UserError(f"{where}: tensor {name} has shape {got}, expected {shape}")
         if not check_values:

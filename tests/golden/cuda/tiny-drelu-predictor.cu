@@ -455,24 +455,22 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_ffn(
         });
 }
 
-// The neurons j < INTER whose bit is set in positive (bit j % 16 of word j / 16, from the gemv of the gate), in
-// order: this block keeps list positions blockIdx.x, + G, ... in listed[].
+// The neurons j whose bit is set in positive (bit j % 16 of word j / 16, from the gemv of the gate), in order:
+// this block keeps list positions blockIdx.x, + G, ... in listed[].
 // Returns the list's length (the same in every block). Thread t reads PER_THREAD consecutive words (all loads in
 // flight at once); one scan over the lanes and the warps' counts give each thread the list position of its first
 // set bit, and it writes only this block's positions among its bits (the scan before, one per word a lane read
-// and a modulo per set bit, made sparse_ffn_exact 1.6-3.3 us slower on a Mistral-7B FFN, H200). Bits past INTER
-// are ignored.
+// and a modulo per set bit, made sparse_ffn_exact 1.6-3.3 us slower on a Mistral-7B FFN, H200).
 template <int THREADS>
 __device__ __forceinline__ int list_positive(const uint16_t* __restrict__ positive, int* listed) {
     constexpr int WORDS = (INTER + 15) / 16, WARPS = THREADS / 32, PER_THREAD = (WORDS + THREADS - 1) / THREADS;
-    constexpr unsigned LAST = INTER % 16 ? (1u << INTER % 16) - 1 : 0xffffu;   // the valid bits of the last word
     __shared__ int warp_count[WARPS];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, w0 = threadIdx.x * PER_THREAD;
     unsigned bits[PER_THREAD];
 #pragma unroll
     for (int k = 0; k < PER_THREAD; ++k) {
         const int w = w0 + k;
-        bits[k] = w < WORDS ? __ldcg(positive + w) & (w + 1 < WORDS ? 0xffffu : LAST) : 0u;
+        bits[k] = w < WORDS ? __ldcg(positive + w) : 0u;
     }
     int count = 0;
 #pragma unroll
