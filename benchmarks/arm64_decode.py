@@ -66,6 +66,7 @@ def compiler_version(cc: list[str]) -> str:
 
 
 def main() -> int:
+    from tscompile.cache import write_text_atomic
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "arm64_decode.json"))
     ap.add_argument("--keep", help="directory for the lowered model and binaries (default: a temp dir)")
@@ -154,9 +155,7 @@ def main() -> int:
     result["seconds"] = round(time.time() - t0, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, out)
+    write_text_atomic(out, json.dumps(result, indent=1) + "\n")
     f, d = result["ffn_call"], result["decode_step"]
     print(f"FFN call 576x1536 ({f['sparse_computed_fraction']:.1%} computed): instructions dense/sparse "
           f"{f['instructions_ratio_without_predictor']:.2f}x without predictor, "

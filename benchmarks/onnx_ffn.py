@@ -306,6 +306,7 @@ def main() -> None:
     args = ap.parse_args()
     import onnxruntime as ort
     from tscompile.backends.onnx.native import build_library
+    from tscompile.cache import write_text_atomic
 
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="onnx_ffn.") as tmp:
@@ -357,9 +358,7 @@ def main() -> None:
     # one run per machine: a run replaces the earlier one from the same CPU and keeps the others
     runs = json.loads(out.read_text()).get("runs", []) if out.is_file() else []
     runs = [r for r in runs if r["device"] != result["device"]] + [result]
-    tmp_out = out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
-    os.replace(tmp_out, out)
+    write_text_atomic(out, json.dumps({"runs": runs}, indent=2) + "\n")
     print(f"wrote {out} ({result['seconds']} s)", file=sys.stderr)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 
@@ -68,6 +67,7 @@ def _mean(xs) -> float:
 
 
 def run(args) -> None:
+    from tscompile.cache import write_text_atomic
     import torch
     from tscompile.passes.predictors import (
         PredictorsConfig,
@@ -122,9 +122,7 @@ def run(args) -> None:
         results["runs"][f"{recall:g}"] = {"summary": summary, "ffns": ffns}
         png = out / f"predictors_relufy_recall{recall:g}.png"
         plot_predictors(gated, png)
-        tmp = out / "predictors_smollm2_relufy_gpu.json.tmp"
-        tmp.write_text(json.dumps(results, indent=1, default=str))
-        os.replace(tmp, out / "predictors_smollm2_relufy_gpu.json")
+        write_text_atomic(out / "predictors_smollm2_relufy_gpu.json", json.dumps(results, indent=1, default=str))
         print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1, default=str), flush=True)
 
 

@@ -335,10 +335,8 @@ def _commit() -> str:
 
 def _write_json(path: str, result: dict) -> None:
     """Write `result` to `path` through a temporary file: never a half-written result."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=str))
-    os.replace(tmp, path)
+    from tscompile.cache import write_text_atomic
+    write_text_atomic(Path(path), json.dumps(result, indent=1, default=str))
 
 
 def _cpu_seconds() -> float:

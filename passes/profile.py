@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from tscompile.api import Context, PassConfig, PassInfo
+from tscompile.cache import atomic_file
 from tscompile.errors import UserError
 from tscompile.ir import ModelIR, ffn_prefix
 
@@ -142,13 +142,9 @@ def plot_profile(ir: ModelIR, out_png: str | os.PathLike) -> Path:
     b.hist(np.concatenate(freqs), bins=50, range=(0, 1), color="#cc6677")
     b.set(xlabel="activation frequency", ylabel="neurons", yscale="log", title="how often each neuron fires")
     fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_png.parent, suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, out_png)
+        with atomic_file(Path(out_png)) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
         if os.path.exists(tmp):

@@ -22,6 +22,7 @@ from typing import Literal
 from pydantic import ConfigDict, Field, model_validator
 
 from tscompile.api import Context, PassConfig, PassInfo
+from tscompile.cache import atomic_file
 from tscompile.errors import UserError
 from tscompile.ir import RELU_KINDS, ModelIR
 
@@ -129,11 +130,8 @@ def _load_or_make(path: Path, make):
     if path.exists():
         return np.load(path, allow_pickle=False)
     arr = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
         np.save(f, arr)
-    os.replace(tmp, path)
     return arr
 
 

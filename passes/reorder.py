@@ -75,4 +75,4 @@ def apply_reorder(ir: ModelIR, cfg: ReorderConfig, ctx: Context) -> ModelIR:
 
 
 PASS = PassInfo(name="reorder", version="1", doc="permute FFN neurons hot first by activation frequency",
-                config=ReorderConfig, run=apply_reorder, needs_data=True)
+                config=ReorderConfig, run=apply_reorder, needs_data=("calib",))

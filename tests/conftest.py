@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -14,6 +17,15 @@ settings.register_profile("ci", max_examples=250, deadline=None, derandomize=Tru
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 settings.register_profile("long", max_examples=5000, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+
+@pytest.fixture
+def killed_at_rename():
+    """Runs Python code in a child that SIGKILLs itself at its first os.replace, i.e. as it publishes a temp."""
+    def run(code: str) -> None:
+        prelude = "import os, signal\nos.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+        assert subprocess.run([sys.executable, "-c", prelude + code]).returncode == -signal.SIGKILL
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,8 @@
 
 Nothing is written in place: a directory is filled under a hidden temp name and renamed into place, so a
 build killed at any moment leaves either the old complete directory, the new complete one, or none.
-Temp names carry the writer's pid; `sweep_stale` removes those whose writer is gone.
+Temp names carry the writer's pid: every new temp sweeps the stale ones beside it (`sweep_stale`), so what a
+killed writer left goes the next time anything is written there.
 """
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
+from contextlib import contextmanager
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -57,9 +60,34 @@ def chain_key(prev: str, *parts: Any) -> str:
 def temp_dir(parent: Path, name: str) -> Path:
     """A fresh hidden directory beside where `name` will be published (same filesystem: rename is atomic)."""
     parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(parent, deep=False)
     path = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=parent))
     ordinary_permissions(path)
     return path
+
+
+@contextmanager
+def scratch_dir(parent: Path, name: str):
+    """A temp dir under `parent` (e.g. a download moved out of it into `parent`), removed when the block ends."""
+    path = temp_dir(parent, name)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(path: Path):
+    """A temp path beside `path` for the block to write; renamed onto `path` if the block succeeds, removed if
+    not. Readers see the old file or the new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(path.parent, deep=False)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def ordinary_permissions(path: Path) -> None:
@@ -86,17 +114,9 @@ def publish_dir(tmp: Path, final: Path) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` in one rename: readers see the old file or the new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        ordinary_permissions(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Replace `path` with `text` in one rename."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def sha256_file(path: Path) -> str:
@@ -112,11 +132,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def sweep_stale(root: Path) -> None:
-    """Remove temp files/dirs left under root by writers that were killed (their pid is gone)."""
+def sweep_stale(root: Path, deep: bool = True) -> None:
+    """Remove temp files/dirs left under root (in root itself unless deep) by writers that were killed (their
+    pid is gone)."""
     if not root.is_dir():
         return
-    for p in list(root.rglob(".*")):
+    for p in list(root.rglob(".*") if deep else root.glob(".*")):
         m = _TEMP_NAME.search(p.name)
         if m and not _alive(int(m.group(1))) and p.exists():
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

@@ -25,13 +25,12 @@ import subprocess
 import sys
 import sysconfig
 import tarfile
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from .cache import publish_dir, sha256_file, temp_dir
+from .cache import atomic_file, publish_dir, scratch_dir, sha256_file, temp_dir
 from .errors import UserError
 from .importers import cache_root
 
@@ -71,7 +70,7 @@ def debian_package(pkg: str, cache: Path, corpus: str) -> tuple[Path, dict]:
     dest = _download_dir(cache, "debian")
     debs = sorted(dest.glob(f"{pkg}_*.deb"))
     if not debs:
-        with tempfile.TemporaryDirectory(dir=dest, prefix=".apt.") as tmp:
+        with scratch_dir(dest, "apt") as tmp:
             _run(["apt-get", "download", pkg], f"corpus:{corpus}: cannot fetch Debian package {pkg}", cwd=tmp)
             got = list(Path(tmp).glob(f"{pkg}_*.deb"))
             if not got:
@@ -389,6 +388,20 @@ def build_corpora(out_dir: str | os.PathLike | None = None, names=None,
     return result
 
 
+def corpus_digest(path: str, build: bool = True) -> str | None:
+    """What identifies the text behind corpus:NAME[@part] in cache keys: the sha256 of the corpus's train and
+    held-out files, as its manifest records them. Built first when missing; None then if not `build`."""
+    name = path[len("corpus:"):].partition("@")[0]
+    d = cache_root() / "corpora" / name
+    if not _corpus_complete(d):
+        if not build:
+            return None
+        d = _corpus_file(path, None).parent
+    files = json.loads((d / "manifest.json").read_text())["files"]
+    return hashlib.sha256(json.dumps({f: info["sha256"] for f, info in files.items()}, sort_keys=True).encode()
+                          ).hexdigest()
+
+
 # ---- text paths ----------------------------------------------------------------------------------
 
 def _corpus_file(path: str, split: str | None) -> Path:
@@ -493,15 +506,8 @@ class _TextFile:
         enc = self.tok.encode_batch(self.docs[lo:hi], add_special_tokens=False)
         dtype = np.uint16 if self.tok.get_vocab_size() <= 65536 else np.uint32
         arr = np.concatenate([np.asarray(e.ids + [self.sep], dtype=dtype) for e in enc])
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{f.name}.tmp-{os.getpid()}-", dir=self.dir)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                np.save(out, arr)
-            os.replace(tmp, f)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(f) as tmp, open(tmp, "wb") as out:
+            np.save(out, arr)
         return arr
 
 

@@ -89,15 +89,23 @@ def _data_sections(info: PassInfo, cfg: PassConfig) -> tuple[str, ...]:
     return sections
 
 
-def _data_key(spec: Spec, sections: tuple[str, ...], memo: Path | None, write_memo: bool) -> dict | None:
-    """What a step reads of spec.data: those sections as written, and the bytes of their local files."""
+def _data_key(spec: Spec, sections: tuple[str, ...], memo: Path | None, write_memo: bool,
+              dry_run: bool) -> dict | None:
+    """What a step reads of spec.data: those sections as written, and the content of their files and corpora
+    (a dry run builds no corpus: one not built yet keys as unknown, so its step plans to run)."""
+    from .data import corpus_digest
+
+    def content(path: str) -> str | None:
+        if path.startswith("corpus:"):
+            return corpus_digest(path, build=not dry_run)
+        return tree_hash(Path(path), memo, write_memo)
+
     out = {}
     for name in sections:
         section = getattr(spec.data, name, None)
         if section is not None:
             out[name] = {"spec": section.model_dump(mode="json"),
-                         "files": {s.path: tree_hash(Path(s.path), memo, write_memo) for s in section.mixture
-                                   if not s.path.startswith("corpus:")}}
+                         "files": {s.path: content(s.path) for s in section.mixture}}
     return out or None
 
 
@@ -162,14 +170,14 @@ def plan_build(spec: Spec, out_dir: Path | None = None, targets: list[str] | Non
 
     pass_cache = cache.PassCache(build_dir / ".cache" / "passes")
     can_read = cache.reads(policy)
-    memo = build_dir / ".cache" / "source-hashes.json" if can_read else None   # hashes by (path, size, mtime)
+    memo = build_dir / ".cache" / "file-hashes.json" if can_read else None   # sha256 by (path, size, mtime)
     write_memo = cache.writes(policy) and not dry_run
     key = cache.chain_key("", "source", source_key(spec.source, memo, write_memo))
     source = PlannedStep("source", key, can_read and pass_cache.has(key))
     steps = []
     for step in spec.pipeline:
         info = registry.pass_info(step.name)
-        data = _data_key(spec, _data_sections(info, step.config), memo, write_memo)
+        data = _data_key(spec, _data_sections(info, step.config), memo, write_memo, dry_run)
         key = _step_key(key, spec, info, step.config, data)
         steps.append(PlannedStep(step.name, key, can_read and pass_cache.has(key), info, step.config))
     planned_targets = []
@@ -177,7 +185,7 @@ def plan_build(spec: Spec, out_dir: Path | None = None, targets: list[str] | Non
         tkey = _target_key(key, name, info.version, cfg.model_dump(mode="json"))
         manifest = cache.read_manifest(build_dir / name)
         hit = (can_read and manifest is not None and manifest.get("cache_key") == tkey
-               and manifest.get("files") == file_digests(build_dir / name))    # an edited artifact is rebuilt
+               and manifest.get("files") == file_digests(build_dir / name, memo, write_memo))   # edited: rebuilt
         planned_targets.append(PlannedTarget(name, info, cfg, tkey, hit))
     return Plan(spec, build_dir, policy, source, steps, planned_targets, verify)
 

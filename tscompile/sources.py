@@ -120,22 +120,28 @@ def source_key(src: SourceSpec, memo_file: Path | None = None, write_memo: bool 
 def tree_hash(root: Path, memo_file: Path | None, write_memo: bool) -> str:
     """sha256 over relative names and bytes of every file under root; memoized by (path, size, mtime)."""
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for p, digest in zip(files, memo_digests(files, memo_file, write_memo)):
+        h.update(f"{p.relative_to(root) if p != root else p.name}\0{digest}\0".encode())
+    return h.hexdigest()
+
+
+def memo_digests(files: list[Path], memo_file: Path | None, write_memo: bool) -> list[str]:
+    """sha256 of each file, taken from `memo_file` where a file's (path, size, mtime) is recorded there."""
     memo = {}
     if memo_file is not None and memo_file.exists():
         try:
             memo = json.loads(memo_file.read_text())
         except ValueError:
-            memo = {}
-    h = hashlib.sha256()
-    for p in files:
-        st = p.stat()
-        stamp = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-        digest = memo.get(stamp) or sha256_file(p)
-        memo[stamp] = digest
-        h.update(f"{p.relative_to(root) if p != root else p.name}\0{digest}\0".encode())
-    if memo_file is not None and write_memo:
-        write_text_atomic(memo_file, json.dumps(memo, indent=0))
-    return h.hexdigest()
+            pass
+        memo = memo if isinstance(memo, dict) else {}
+    stamps = [f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}" for p, st in ((p, p.stat()) for p in files)]
+    out = [memo.get(stamp) or sha256_file(p) for p, stamp in zip(files, stamps)]
+    paths = {stamp.rsplit("|", 2)[0] for stamp in stamps}       # these files' older stamps go: the memo stays small
+    new = {k: v for k, v in memo.items() if k.rsplit("|", 2)[0] not in paths} | dict(zip(stamps, out))
+    if memo_file is not None and write_memo and new != memo:
+        write_text_atomic(memo_file, json.dumps(new, indent=0))
+    return out
 
 
 def worth_caching(src: SourceSpec) -> bool:

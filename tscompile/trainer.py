@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -30,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .cache import publish_dir, temp_dir, write_text_atomic
 
 LOG_NAME = "train_log.jsonl"
 LATEST = "latest.json"
@@ -260,9 +261,7 @@ def save_checkpoint(work_dir: Path, model, opt, state: dict, keep: int = 1) -> N
     if rank != 0:
         return
     name = f"checkpoint-{state['step']:07d}"
-    tmp = work_dir / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = temp_dir(work_dir, name)
     save_file({k: v.detach().cpu().contiguous() for k, v in msd.items()}, str(tmp / "model.safetensors"))
     opt_tensors, opt_scalars = {}, {}
     for pname, st in osd["state"].items():
@@ -278,10 +277,8 @@ def save_checkpoint(work_dir: Path, model, opt, state: dict, keep: int = 1) -> N
     save_file(rng, str(tmp / "rng.safetensors"))
     meta = dict(state, param_groups=osd["param_groups"], optimizer_scalars=opt_scalars)
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-    final = work_dir / name
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    _write_atomic(work_dir / LATEST, json.dumps({"checkpoint": name, "step": state["step"]}))
+    publish_dir(tmp, work_dir / name)
+    write_text_atomic(work_dir / LATEST, json.dumps({"checkpoint": name, "step": state["step"]}))
     for old in sorted(work_dir.glob("checkpoint-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -312,17 +309,11 @@ def load_checkpoint(work_dir: Path, model, opt) -> dict | None:
     return meta
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _truncate_log(path: Path, step: int) -> None:
     """Drop log lines a killed run wrote after the checkpoint it resumes from."""
     if path.exists():
         keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
-        _write_atomic(path, "".join(ln + "\n" for ln in keep))
+        write_text_atomic(path, "".join(ln + "\n" for ln in keep))
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------

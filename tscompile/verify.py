@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cache import sha256_file
 from .errors import GoalMissed, UserError
+from .sources import memo_digests
 
 DEFAULT_PROMPTS = [
     "The capital of France is",
@@ -30,13 +30,11 @@ DEFAULT_PROMPTS = [
 ]
 
 
-def file_digests(root: Path) -> dict[str, str]:
-    """sha256 of every file under an artifact dir (manifest.json excluded), by relative path."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != "manifest.json":
-            out[p.relative_to(root).as_posix()] = sha256_file(p)
-    return out
+def file_digests(root: Path, memo_file: Path | None = None, write_memo: bool = False) -> dict[str, str]:
+    """sha256 of every file under an artifact dir (manifest.json excluded), by relative path; with a memo file,
+    files whose (path, size, mtime) it records are not read again."""
+    files = [p for p in sorted(root.rglob("*")) if p.is_file() and p.name != "manifest.json"]
+    return dict(zip((p.relative_to(root).as_posix() for p in files), memo_digests(files, memo_file, write_memo)))
 
 
 def check_integrity(target_dir: Path) -> list[str]:

@@ -5,7 +5,6 @@ compiled dimensions; both sides must change together (bump BLOB_VERSION).
 """
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tscompile.cache import atomic_file
 from tscompile.ir import ModelIR, ffn_names, predictor_names
 
 BLOB_MAGIC = b"TSRUNWB\0"
@@ -121,12 +121,10 @@ def write_weights_blob(ir: ModelIR, dtype: str, path: Path) -> int:
     head += b"".join(struct.pack("<iiiiff", *spec) for spec in specs)
     head += b"".join(entries)
     head += struct.pack("<I", zlib.crc32(head))
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
         f.write(head)
         for off, arr in zip(offsets, arrays):
             f.write(b"\0" * (off - f.tell()))
             f.write(memoryview(arr).cast("B"))
         size = f.tell()
-    os.replace(tmp, path)
     return size

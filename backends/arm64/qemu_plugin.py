@@ -8,7 +8,6 @@ The header is never committed.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
 import subprocess
@@ -16,6 +15,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from tscompile.cache import atomic_file
 from tscompile.errors import UserError
 from tscompile.importers import cache_root
 
@@ -67,10 +67,8 @@ def plugin_header() -> Path:
             if member is None:
                 raise UserError(f"qemu plugin: {orig.name} holds no include/qemu/qemu-plugin.h")
             data = tar.extractfile(member).read()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_suffix(".part")
-    part.write_bytes(data)
-    os.replace(part, dest)
+    with atomic_file(dest) as part:
+        part.write_bytes(data)
     return dest
 
 
@@ -85,12 +83,11 @@ def build_plugin() -> Path:
     cc = shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         raise UserError("qemu plugin: no host C compiler (gcc)")
-    tmp = out.with_suffix(".part.so")
-    res = subprocess.run([cc, "-shared", "-fPIC", "-O2", "-Wall", "-I", str(header.parent), str(PLUGIN_SOURCE),
-                          "-o", str(tmp), "-lpthread"], check=False, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise UserError(f"qemu plugin: build failed: {res.stderr.strip()[-300:]}")
-    os.replace(tmp, out)
+    with atomic_file(out) as tmp:
+        res = subprocess.run([cc, "-shared", "-fPIC", "-O2", "-Wall", "-I", str(header.parent), str(PLUGIN_SOURCE),
+                              "-o", str(tmp), "-lpthread"], check=False, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise UserError(f"qemu plugin: build failed: {res.stderr.strip()[-300:]}")
     return out
 
 

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
 import struct
 import zlib
 from pathlib import Path
 
+from tscompile.cache import atomic_file
 from tscompile.errors import UserError
 
 TOKENIZER_MAGIC = b"TSRUNTK\0"
@@ -101,6 +101,5 @@ def tokenizer_blob(tokenizer_json: str, where: str = "tokenizer.json") -> bytes:
 
 def write_tokenizer_bin(tokenizer_json: str, path: Path, where: str = "tokenizer.json") -> None:
     data = tokenizer_blob(tokenizer_json, where)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)

@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tscompile.cache import atomic_file
 from tscompile.errors import UserError
 from tscompile.importers import cache_root
 
@@ -145,9 +146,8 @@ def compile_library(source: str, arch: str, dest: Path | None = None) -> Path:
             proc = subprocess.run(nvcc_command(nvcc, arch, src, lib), capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"nvcc failed for {arch}:\n{proc.stderr[-4000:]}")
-            part = cached.with_suffix(f".{os.getpid()}.part")
-            shutil.copyfile(lib, part)
-            os.replace(part, cached)
+            with atomic_file(cached) as part:
+                shutil.copyfile(lib, part)
     if dest is None:
         return cached
     dest.mkdir(parents=True, exist_ok=True)

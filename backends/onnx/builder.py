@@ -8,10 +8,11 @@ made (a 7B model never sits in memory twice).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from tscompile.cache import atomic_file
 
 OPSET = 21  # Gelu(approximate="tanh") needs 20; IR version 10 covers up to 21
 IR_VERSION = 10  # onnx 1.23 writes 14, which onnxruntime 1.31 rejects
@@ -126,7 +127,5 @@ def _constant_node(name: str, tensor):
 
 def save_model(model, path: Path) -> None:
     """Write `model` (its weights already placed by the WeightStore) to `path` atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(model.SerializeToString())
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(model.SerializeToString())

@@ -18,10 +18,10 @@ import platform
 import shutil
 import subprocess
 import tarfile
-import tempfile
 import warnings
 from pathlib import Path
 
+from tscompile.cache import scratch_dir
 from tscompile.errors import UserError
 from tscompile.importers import cache_root
 
@@ -100,7 +100,7 @@ def ort_include_dir() -> tuple[Path | None, str]:
     if npm is None:
         return None, "npm is not installed (apt-get install npm) and ORT_INCLUDE_DIR is not set"
     root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root, prefix=".fetch.") as tmp:
+    with scratch_dir(root, "fetch") as tmp:
         # npm pack downloads the package tarball without installing anything
         r = subprocess.run(
             [npm, "pack", f"{HEADERS_PACKAGE}@{HEADERS_VERSION}", "--pack-destination", tmp],
@@ -160,7 +160,7 @@ def build_library(outdir: Path, log=None) -> Path | None:
     cached = cache_root() / "onnx-kernels" / key / LIBRARY_NAME
     if not cached.is_file():
         cached.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cached.parent, prefix=".build.") as tmp:
+        with scratch_dir(cached.parent, "build") as tmp:
             src, lib = Path(tmp) / SOURCE_NAME, Path(tmp) / LIBRARY_NAME
             src.write_text(source)
             r = subprocess.run(

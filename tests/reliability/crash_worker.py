@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-UNCOMPARED = {"build.log"}     # timestamps
+UNCOMPARED = {"build.log", "file-hashes.json"}     # timestamps; file mtimes (the hash memo)
 
 
 def preload() -> None:

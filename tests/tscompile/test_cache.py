@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -124,9 +125,25 @@ def test_an_edited_artifact_is_lowered_again(tmp_path):
     assert (out / "ckpt" / "checksums.json").read_text() != "{}"
 
 
-def test_a_passed_verification_is_reused_a_missed_one_is_not(tmp_path, monkeypatch):
-    import json
+def test_a_plan_reads_unchanged_artifacts_once(tmp_path, monkeypatch):
+    out = tmp_path / "b"
+    build(spec_of(), out_dir=out, verify=False)
+    assert plan_build(spec_of(), out).targets[0].cached        # hashes the artifact, records it in the memo
+    import tscompile.sources
+    monkeypatch.setattr(tscompile.sources, "sha256_file", lambda p: pytest.fail(f"read {p} again"))
+    assert plan_build(spec_of(), out).targets[0].cached
 
+
+def test_the_hash_memo_keeps_one_stamp_per_file(tmp_path):
+    from tscompile.sources import memo_digests
+    f, memo = tmp_path / "f.bin", tmp_path / "memo.json"
+    for text in (b"a", b"bb", b"ccc"):
+        f.write_bytes(text)
+        assert memo_digests([f], memo, True) == [hashlib.sha256(text).hexdigest()]
+    assert list(json.loads(memo.read_text()).values()) == [hashlib.sha256(b"ccc").hexdigest()]
+
+
+def test_a_passed_verification_is_reused_a_missed_one_is_not(tmp_path, monkeypatch):
     import tscompile.verify
     from tscompile.errors import GoalMissed
     calls, verdicts = [], ["pass", "pass", "miss", "pass"]
@@ -209,8 +226,9 @@ def _kill_when_logged(cwd: Path, line: str, delay: float) -> bool:
 
 
 def _digest(d: Path) -> dict[str, str]:
+    """Every file's sha256 but the log's and the hash memo's (which records mtimes)."""
     return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(d.rglob("*")) if p.is_file() and p.name != "build.log"}
+            for p in sorted(d.rglob("*")) if p.is_file() and p.name not in ("build.log", "file-hashes.json")}
 
 
 def _assert_nothing_half_done(out: Path, ref: Path) -> None:
@@ -273,19 +291,37 @@ def test_atomic_text_files_get_ordinary_permissions(tmp_path):
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["f.txt"]
 
 
-def test_a_killed_memo_write_leaves_a_temp_file_that_the_sweep_removes(tmp_path):
+def test_a_killed_memo_write_leaves_a_temp_file_that_the_next_write_removes(tmp_path, killed_at_rename):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "w.bin").write_bytes(b"weights")
-    memo = tmp_path / "build" / "source-hashes.json"
-    kill_at_publish = ("import os, signal\n"
-                       "os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"   # killed renaming
-                       "from pathlib import Path\n"
-                       "from tscompile.sources import SourceSpec, source_key\n"
-                       f"source_key(SourceSpec(path={str(tmp_path / 'model')!r}), Path({str(memo)!r}))\n")
-    r = subprocess.run([sys.executable, "-c", kill_at_publish])
-    assert r.returncode == -signal.SIGKILL
+    memo = tmp_path / "build" / "file-hashes.json"
+    killed_at_rename("from pathlib import Path\n"
+                     "from tscompile.sources import SourceSpec, source_key\n"
+                     f"source_key(SourceSpec(path={str(tmp_path / 'model')!r}), Path({str(memo)!r}))\n")
     assert len(list(memo.parent.iterdir())) == 1 and not memo.exists()
-    cache.sweep_stale(memo.parent)
-    assert list(memo.parent.iterdir()) == []
     key = source_key(SourceSpec(path=str(tmp_path / "model")), memo)
-    assert memo.is_file() and source_key(SourceSpec(path=str(tmp_path / "model")), memo) == key
+    assert list(memo.parent.iterdir()) == [memo]
+    assert source_key(SourceSpec(path=str(tmp_path / "model")), memo) == key
+
+
+def test_atomic_file_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError), cache.atomic_file(path) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("writer failed")
+    assert path.read_bytes() == b"old" and list(tmp_path.iterdir()) == [path]
+
+
+def test_new_temps_sweep_dead_writers_beside_them_only(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    deep = tmp_path / "sub" / f".z.tmp-{dead.pid}-abc"
+    for p in (tmp_path / f".x.tmp-{dead.pid}-abc", tmp_path / f".y.old-{dead.pid}-abc", deep):
+        p.mkdir(parents=True)
+    (tmp_path / f".w.download.tmp-{dead.pid}-abc").write_bytes(b"part")
+    with cache.scratch_dir(tmp_path, "download") as scratch:
+        assert sorted(p.name for p in tmp_path.iterdir()) == [scratch.name, "sub"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"] and deep.is_dir()
+    cache.write_text_atomic(deep.parent / "f.txt", "x")
+    assert [p.name for p in deep.parent.iterdir()] == ["f.txt"]

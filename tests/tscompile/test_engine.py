@@ -74,6 +74,25 @@ def test_data_pass_keys_follow_the_text_it_reads(tmp_path):
     assert build(spec, out_dir=out, verify=False).ran == ["profile", "target ckpt"]
 
 
+def test_corpus_keys_follow_the_corpus_text_and_a_dry_run_builds_none(tmp_path, monkeypatch):
+    from tscompile.data import build_corpora
+    built = build_corpora(names=["prose"])["prose"]          # the real corpus, from the shared cache dir
+    monkeypatch.setenv("TSCOMPILE_CACHE", str(tmp_path / "cache"))
+    prose = tmp_path / "cache" / "corpora" / "prose"
+    shutil.copytree(built, prose)
+    spec = spec_of("[profile: {}]", extra="data:\n  calib: {path: corpus:prose, tokens: 64, seq_len: 16}\n")
+    key = plan_build(spec, tmp_path / "b").steps[0].key
+    assert plan_build(spec, tmp_path / "b", dry_run=True).steps[0].key == key
+    manifest = json.loads((prose / "manifest.json").read_text())       # as a rebuild from newer packages would
+    (prose / "train.txt").write_text("Other text under the same corpus name.")
+    manifest["files"]["train.txt"] |= {"bytes": (prose / "train.txt").stat().st_size,
+                                       "sha256": hashlib.sha256((prose / "train.txt").read_bytes()).hexdigest()}
+    (prose / "manifest.json").write_text(json.dumps(manifest))
+    assert plan_build(spec, tmp_path / "b").steps[0].key != key
+    shutil.rmtree(prose)
+    assert not plan_build(spec, tmp_path / "b", dry_run=True).steps[0].cached and not prose.exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
 def test_gpu_required_pass_needs_a_gpu_unless_dry_run(tmp_path):
     spec = spec_of("[wants_gpu: {}]")
