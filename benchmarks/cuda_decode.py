@@ -185,7 +185,7 @@ def random_prompt(cfg: ArchConfig) -> list[int]:
 def calibrated_runners(cfg: ArchConfig, lib: KernelLibrary, w: dict, prompt: list[int]) -> tuple:
     """(sparse, dense) runners of a shape model whose predictors keep about ACTIVE of the neurons: each layer's
     threshold is the 90th percentile of its predictor logits over the prompt's last 256 tokens."""
-    ffns = [FFNSpec("swiglu", 0.0, gated=True) for _ in range(cfg.num_layers)]
+    ffns = [FFNSpec("swiglu", 0.0, "predictor") for _ in range(cfg.num_layers)]
     sparse = CudaRunner(GPUDecoder(cfg, ffns, dict(w), lib, torch.bfloat16))
     sparse.model.capture = []
     sparse.generate(prompt, 1)
@@ -246,7 +246,7 @@ def bench_exact(repeats: int) -> dict:
         w[n["o"]][0] = 0
         w[n["down_t"]][:, 0] = 0
         w[n["gate"]][:, 0] = 0
-    ffns = [FFNSpec("drelu", 0.0, gated=False) for _ in range(cfg.num_layers)]
+    ffns = [FFNSpec("drelu", 0.0) for _ in range(cfg.num_layers)]
     sparse = CudaRunner(GPUDecoder(cfg, ffns, dict(w), lib, torch.bfloat16))
     prompt = random_prompt(cfg)
     for _ in range(2):   # a layer's gate bias changes the inputs of the layers after it: calibrate twice

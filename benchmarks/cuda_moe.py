@@ -118,7 +118,7 @@ def main():
 
     # ---- dense: the runtime's cuBLAS step, and plain cuBLAS FFNs on host-picked experts ---------------------------
     cfg = SimpleNamespace(hidden_size=H, intermediate_size=I, num_experts_per_tok=K)
-    dense_spec = FFNSpec("swiglu", 0.0, False, experts=[FFNSpec("swiglu", 0.0, False)] * E)
+    dense_spec = FFNSpec("swiglu", 0.0, experts=[FFNSpec("swiglu", 0.0)] * E)
     layer = MoELayer(cfg, dense_spec, {f"layers.0.{k}": v for k, v in w.items()}, 0)
     cublas = CublasExperts(layer)
     all_ids = torch.arange(I, device=dev)
@@ -150,7 +150,7 @@ def main():
     n = round((1 - SPARSITY) * I)
     lists = torch.stack([torch.stack([torch.randperm(I, device=dev) for _ in range(E)]) for _ in range(SETS)]).int()
     counts = torch.full((SETS, E), n, dtype=torch.int32, device=dev)
-    listed = expert_params([FFNSpec("swiglu", 0.0, True)] * E, dev)
+    listed = expert_params([FFNSpec("swiglu", 0.0, "predictor")] * E, dev)
 
     def sparse_lists():
         for s in range(SETS):
@@ -187,7 +187,7 @@ def main():
     z = F.relu(torch.einsum("th,erh->ter", calib, w["fc1"].double().view(E, RANK, H)))
     pred_logits = torch.einsum("ter,eir->tei", z, w["fc2"].double().view(E, I, RANK))
     thresholds = pred_logits.transpose(0, 1).reshape(E, -1).float().quantile(SPARSITY, dim=1)
-    predicted = expert_params([FFNSpec("swiglu", 0.0, True, float(t)) for t in thresholds], dev)
+    predicted = expert_params([FFNSpec("swiglu", 0.0, "predictor", float(t)) for t in thresholds], dev)
 
     def sparse_predicted():
         for s in range(SETS):

@@ -6,8 +6,9 @@
 
 Nothing is written in place: a directory is filled under a hidden temp name and renamed into place, so a
 build killed at any moment leaves either the old complete directory, the new complete one, or none.
-Temp names carry the writer's pid: every new temp sweeps the stale ones beside it (`sweep_stale`), so what a
-killed writer left goes the next time anything is written there.
+Temp names carry the writer's pid and host: every new temp sweeps the stale ones beside it (`sweep_stale`), so
+what a killed writer left goes the next time anything is written there. Only this host's are swept: a pid says
+nothing about a writer on another machine (or container) sharing the directory.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from functools import cache
@@ -26,7 +28,8 @@ from typing import Any
 
 POLICIES = ("on", "off", "redo", "readonly")
 ENTRY = "entry.json"
-_TEMP_NAME = re.compile(r"\.(?:tmp|old)-(\d+)-")
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_TEMP_NAME = re.compile(r"\.(?:tmp|old)-(\d+)-([0-9a-f]{8})-")
 
 
 def reads(policy: str) -> bool:
@@ -61,7 +64,7 @@ def temp_dir(parent: Path, name: str) -> Path:
     """A fresh hidden directory beside where `name` will be published (same filesystem: rename is atomic)."""
     parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(parent, deep=False)
-    path = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=parent))
+    path = Path(tempfile.mkdtemp(prefix=_temp_prefix(name), dir=parent))
     ordinary_permissions(path)
     return path
 
@@ -82,12 +85,16 @@ def atomic_file(path: Path):
     not. Readers see the old file or the new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(path.parent, deep=False)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = path.parent / (_temp_prefix(path.name) + secrets.token_hex(4))
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _temp_prefix(name: str, kind: str = "tmp") -> str:
+    return f".{name}.{kind}-{os.getpid()}-{_HOST}-"
 
 
 def ordinary_permissions(path: Path) -> None:
@@ -105,7 +112,7 @@ def _umask() -> int:
 def publish_dir(tmp: Path, final: Path) -> None:
     """Move a finished temp dir to `final`, replacing what was there; `final` is never half-written."""
     if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-{os.getpid()}-", dir=final.parent))
+        old = Path(tempfile.mkdtemp(prefix=_temp_prefix(final.name, "old"), dir=final.parent))
         os.replace(final, old / final.name)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
@@ -139,7 +146,7 @@ def sweep_stale(root: Path, deep: bool = True) -> None:
         return
     for p in list(root.rglob(".*") if deep else root.glob(".*")):
         m = _TEMP_NAME.search(p.name)
-        if m and not _alive(int(m.group(1))) and p.exists():
+        if m and m.group(2) == _HOST and not _alive(int(m.group(1))) and p.exists():
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 

@@ -37,9 +37,10 @@ def kernel_shape(ir: ModelIR, cfg) -> KernelShape:
 
 
 def ffn_spec(ann) -> dict:
+    """model.FFNSpec's fields; mode predictor without a predictor is exact gating."""
     gated = ann.mode == "predictor" and ann.predictor is not None
-    return {"activation": ann.activation, "threshold": float(ann.threshold), "gated": gated,
-            "dense": ann.mode == "dense",
+    return {"activation": ann.activation, "threshold": float(ann.threshold),
+            "mode": "predictor" if gated else "dense" if ann.mode == "dense" else "exact",
             "predictor_threshold": float(ann.predictor.threshold) if gated else 0.0,
             "predictor_relu": bool(ann.predictor.relu) if gated else True}
 

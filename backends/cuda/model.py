@@ -30,15 +30,23 @@ class FFNSpec:
     """What the runtime needs of one FFN's annotation."""
     activation: str
     threshold: float
-    gated: bool                  # mode "predictor": the predictor picks the neurons at decode
+    mode: str = "exact"          # "predictor": its predictor picks the neurons at decode; "dense": every neuron, on
+                                 # the dense kernels (no sparsity worth skipping); "exact": the rows h can be non-zero
     predictor_threshold: float = 0.0
     predictor_relu: bool = True
     experts: list | None = None  # an MoE layer: one FFNSpec (or its dict) per expert; the other fields are unused
-    dense: bool = False          # mode "dense": every neuron, on the dense kernels (no sparsity worth skipping)
 
     def __post_init__(self):
         if self.experts is not None:
             self.experts = [e if isinstance(e, FFNSpec) else FFNSpec(**e) for e in self.experts]
+
+    @property
+    def gated(self) -> bool:
+        return self.mode == "predictor"
+
+    @property
+    def dense(self) -> bool:
+        return self.mode == "dense"
 
 
 def fold_predictor(fc1, post_norm, w_o) -> tuple[torch.Tensor, torch.Tensor]:

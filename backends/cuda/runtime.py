@@ -121,7 +121,7 @@ def load_runner(outdir, dense: bool = False) -> CudaRunner:
     from safetensors.torch import load_file
     from tscompile.ir import ArchConfig
     from .model import FFNSpec, GPUDecoder
-    from . import available
+    from . import BACKEND, available
     why = available()
     if why:
         raise UserError(f"{outdir}: cannot run the cuda target here: {why}")
@@ -133,6 +133,9 @@ def load_runner(outdir, dense: bool = False) -> CudaRunner:
     missing = [k for k in ("arch_config", "ffns", "dtype", "arch") if k not in manifest]
     if missing:
         raise UserError(f"{outdir / 'manifest.json'}: no {missing[0]!r} (not a cuda artifact, or a damaged one)")
+    if manifest.get("backend_version", BACKEND.version) != BACKEND.version:   # (lower() alone writes none)
+        raise UserError(f"{outdir}: lowered by cuda backend version {manifest['backend_version']}, this tscompile "
+                        f"runs version {BACKEND.version}: build it again")
     for name in ("weights.safetensors", "ffn.cu"):
         if not (outdir / name).is_file():
             raise UserError(f"{outdir / name}: missing (the cuda artifact is incomplete: build it again)")

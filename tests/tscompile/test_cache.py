@@ -176,10 +176,14 @@ def test_publish_dir_replaces_and_sweep_removes_only_dead_writers(tmp_path):
     assert (final / "f").read_text() == "two" and sorted(p.name for p in tmp_path.iterdir()) == ["t"]
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (tmp_path / f".x.tmp-{dead.pid}-abc").mkdir()
-    (tmp_path / f".y.tmp-{os.getpid()}-abc").mkdir()
+    host = cache._HOST
+    (tmp_path / f".x.tmp-{dead.pid}-{host}-abc").mkdir()
+    (tmp_path / f".y.tmp-{os.getpid()}-{host}-abc").mkdir()
+    other_host = "0" * 8 if host != "0" * 8 else "1" * 8        # its pid means nothing here: kept
+    (tmp_path / f".z.tmp-{dead.pid}-{other_host}-abc").mkdir()
     cache.sweep_stale(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f".y.tmp-{os.getpid()}-abc", "t"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".y.tmp-{os.getpid()}-{host}-abc",
+                                                          f".z.tmp-{dead.pid}-{other_host}-abc", "t"]
 
 
 # ---- kill -9 in the middle of a real build ------------------------------------------------------------
@@ -316,10 +320,11 @@ def test_atomic_file_keeps_the_old_file_when_the_writer_fails(tmp_path):
 def test_new_temps_sweep_dead_writers_beside_them_only(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    deep = tmp_path / "sub" / f".z.tmp-{dead.pid}-abc"
-    for p in (tmp_path / f".x.tmp-{dead.pid}-abc", tmp_path / f".y.old-{dead.pid}-abc", deep):
+    tag = f"{dead.pid}-{cache._HOST}-abc"
+    deep = tmp_path / "sub" / f".z.tmp-{tag}"
+    for p in (tmp_path / f".x.tmp-{tag}", tmp_path / f".y.old-{tag}", deep):
         p.mkdir(parents=True)
-    (tmp_path / f".w.download.tmp-{dead.pid}-abc").write_bytes(b"part")
+    (tmp_path / f".w.download.tmp-{tag}").write_bytes(b"part")
     with cache.scratch_dir(tmp_path, "download") as scratch:
         assert sorted(p.name for p in tmp_path.iterdir()) == [scratch.name, "sub"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"] and deep.is_dir()

@@ -493,6 +493,8 @@ def test_pypi_import_sweeps_what_a_killed_import_left(tmp_path):
     import subprocess
     import sys
     import zipfile
+
+    from tscompile.cache import _HOST
     write_gguf(make_tiny_ir("llama", seed=7), tmp_path / "m.gguf")
     (tmp_path / "cache" / "pypi").mkdir(parents=True)
     with zipfile.ZipFile(tmp_path / "cache" / "pypi" / "tiny_model-0.4-py3-none-any.whl", "w") as z:
@@ -500,9 +502,9 @@ def test_pypi_import_sweeps_what_a_killed_import_left(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     imports = tmp_path / "cache" / "imports"
-    for name in (f".unpack.tmp-{dead.pid}-abc", f".0123-v{IMPORTER_VERSION}.tmp-{dead.pid}-abc"):
+    for name in (f".unpack.tmp-{dead.pid}-{_HOST}-abc", f".0123-v{IMPORTER_VERSION}.tmp-{dead.pid}-{_HOST}-abc"):
         (imports / name).mkdir(parents=True)
-    (imports / f".unpack.tmp-{os.getpid()}-abc").mkdir()          # a live writer's: kept
+    (imports / f".unpack.tmp-{os.getpid()}-{_HOST}-abc").mkdir()          # a live writer's: kept
     import_source("pypi:tiny-model==0.4", tmp_path / "cache")
     left = sorted(p.name for p in imports.iterdir() if p.name.startswith("."))
-    assert left == [f".unpack.tmp-{os.getpid()}-abc"]
+    assert left == [f".unpack.tmp-{os.getpid()}-{_HOST}-abc"]

@@ -44,7 +44,7 @@ def test_lowering_writes_weights_and_manifest(lowered):
     out, manifest = lowered
     ir = case_ir("mistral-drelu-predictor")
     assert set(manifest["files"]) >= {"ffn.cu", "weights.safetensors"}
-    assert manifest["ffns"][0] == {"activation": "drelu", "threshold": 0.0, "gated": True, "dense": False,
+    assert manifest["ffns"][0] == {"activation": "drelu", "threshold": 0.0, "mode": "predictor",
                                    "predictor_threshold": 0.0, "predictor_relu": True}
     with safe_open(str(out / "weights.safetensors"), "pt") as f:
         down_t = f.get_tensor("layers.1.down_t")

@@ -56,7 +56,7 @@ def random_layer(kernels, dtype, gen, predictors: bool):
         w["layers.0.fc1"] = randn(E * RANK, H, scale=H ** -0.5)
         w["layers.0.fc2"] = randn(E * I, RANK, scale=RANK ** -0.5)
     specs = [FFNSpec("swiglu", float([0.0, 0.01, 0.03][int(torch.randint(3, (1,), generator=gen, device="cuda"))]),
-                     g, 0.0, bool(e % 2 == 0)) for e, g in enumerate(gated)]
+                     "predictor" if g else "exact", 0.0, bool(e % 2 == 0)) for e, g in enumerate(gated)]
     return w, specs
 
 
@@ -98,7 +98,7 @@ def test_moe_kernels_match_reference(moe, kind):
         gen = torch.Generator(device="cuda").manual_seed(31 * trial + len(kind))
         w, specs = random_layer(kernels, dtype, gen, predictors=False)
         listed = [trial > 0 and e % 2 == trial % 2 for e in range(E)]   # trial 0: every expert dense
-        specs = [FFNSpec(kind, s.threshold, g) for s, g in zip(specs, listed)]
+        specs = [FFNSpec(kind, s.threshold, "predictor" if g else "exact") for s, g in zip(specs, listed)]
         lists = torch.stack([torch.randperm(I, device="cuda", generator=gen).int() for _ in range(E)])
         counts = torch.randint(0, I + 1, (E,), device="cuda", generator=gen).int()
         x = torch.randn(1, H, device="cuda", generator=gen).to(dtype)
@@ -135,7 +135,7 @@ def test_moe_predictors_select_the_reference_sets(moe):
         z = torch.where(relu[:, None], F.relu(z), z)
         logits = torch.einsum("eir,er->ei", fc2, z)
         thr = logits.float().quantile(0.8, dim=1)
-        specs = [FFNSpec("swiglu", s.threshold, s.gated, float(thr[e]), s.predictor_relu) for e, s in enumerate(specs)]
+        specs = [FFNSpec("swiglu", s.threshold, s.mode, float(thr[e]), s.predictor_relu) for e, s in enumerate(specs)]
         params = expert_params(specs, "cuda")
         ws.lists.fill_(-1)
         ws.counts.fill_(12345)   # moe_predict_hidden must reset the routed experts' counts
@@ -169,7 +169,7 @@ def test_decode_steps_replay_from_a_cuda_graph(moe):
     gen = torch.Generator(device="cuda").manual_seed(11)
     w, specs = random_layer(kernels, dtype, gen, predictors=False)
     cfg = SimpleNamespace(hidden_size=H, intermediate_size=I, num_experts_per_tok=K)
-    spec = FFNSpec("swiglu", 0.0, False, experts=specs)
+    spec = FFNSpec("swiglu", 0.0, experts=specs)
     sparse = MoELayer(cfg, spec, w, 0, kernels, MoEWorkspace(kernels, RANK), default_grid())
     dense = MoELayer(cfg, spec, w, 0)
     hn, x = torch.zeros(1, H, device="cuda", dtype=dtype), torch.zeros(1, H, device="cuda", dtype=dtype)

@@ -65,8 +65,8 @@ def test_lowering_stacks_experts_and_pads_predictors(lowered):
     ir = tiny_mixtral()
     H, I = ir.config.hidden_size, ir.config.intermediate_size
     layer = manifest["ffns"][1]
-    assert [e["gated"] for e in layer["experts"]] == [True, True, True, False]
-    assert layer["experts"][2] == {"activation": "drelu", "threshold": 0.0, "gated": True, "dense": False,
+    assert [e["mode"] for e in layer["experts"]] == ["predictor", "predictor", "predictor", "exact"]
+    assert layer["experts"][2] == {"activation": "drelu", "threshold": 0.0, "mode": "predictor",
                                    "predictor_threshold": 0.1, "predictor_relu": False}
     assert layer["experts"][3]["threshold"] == 0.02
     assert manifest["kernel_shape"]["experts"] == 4 and manifest["kernel_shape"]["max_rank"] == 8

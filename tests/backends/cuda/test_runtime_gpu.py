@@ -72,3 +72,15 @@ def test_mode_dense_runs_on_the_dense_kernels(tmp_path):
     want = ref.generate(PROMPT, STEPS)
     m = compare_logits(runner.logits(PROMPT, want[:-1]), ref.logits(PROMPT, want[:-1]))
     assert m["rel_l2"] < 2e-2 and m["top1"] >= 0.9, m
+
+
+def test_an_artifact_of_another_backend_version_is_refused_in_one_line(tmp_path):
+    import json
+
+    from tscompile.errors import UserError
+    BACKEND.lower(case_ir("mistral-drelu-predictor"), CudaConfig(arch=device_arch()), tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest | {"backend_version": "2"}))
+    with pytest.raises(UserError, match=rf"^{tmp_path}: lowered by cuda backend version 2, this tscompile runs "
+                                        rf"version {BACKEND.version}: build it again$"):
+        BACKEND.load(tmp_path)
