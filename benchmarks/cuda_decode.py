@@ -51,6 +51,7 @@ from tscompile.backends.cuda.library import KernelLibrary  # noqa: E402
 from tscompile.backends.cuda.lower import rounded_ir  # noqa: E402
 from tscompile.backends.cuda.model import FFNSpec, GPUDecoder, layer_weight_names  # noqa: E402
 from tscompile.backends.cuda.runtime import CudaRunner  # noqa: E402
+from tscompile.cache import write_text_atomic  # noqa: E402
 from tscompile.ir import ArchConfig  # noqa: E402
 
 MODELS = {
@@ -359,7 +360,7 @@ def main():
               "command": "python benchmarks/cuda_decode.py --models " + args.models, "models": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_text_atomic(out, json.dumps(result, indent=1))
     print(f"\n{result['device']}: decode after a {CONTEXT}-token prompt, CUDA graphs, bf16")
     print(f"{'model':>16} {'active':>7} {'sparse tok/s':>12} {'dense tok/s':>11} {'speedup':>7} {'ideal':>6}")
     for r in rows:

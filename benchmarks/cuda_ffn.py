@@ -28,6 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tscompile.backends.cuda.kernels import KernelShape, compile_library, device_arch, render_source  # noqa: E402
 from tscompile.backends.cuda.library import KernelLibrary, Workspace  # noqa: E402
+from tscompile.cache import write_text_atomic  # noqa: E402
 
 H, I, RANK = 4096, 14336, 256
 SETS = 8   # active sets cycled within one graph replay
@@ -350,7 +351,7 @@ def main():
               "predictor": predictor, "gemv": gemv, "exact_gating": exact}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_text_atomic(out, json.dumps(result, indent=1))
     print(f"\n{props.name}: copy {bw:.0f} GB/s, dense cuBLAS {dense_us:.1f} us")
     print(f"{'batch':>5} {'sparsity':>8} {'us':>7} {'speedup':>7} {'floor':>6} {'GB/s':>6} {'%copy':>6} {'err':>8} "
           f"{'no-PDL us':>9} grid")

@@ -42,6 +42,7 @@ from tscompile.backends.cuda.moe import (
     expert_params,
     render_moe_source,
 )
+from tscompile.cache import write_text_atomic
 
 H, I, E, K, RANK = 4096, 14336, 8, 2, 256
 SPARSITY = 0.9
@@ -232,7 +233,7 @@ def main():
               "sparse_given_lists": sparse, "sparse_with_predictor": predictor}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_text_atomic(out, json.dumps(result, indent=1))
     print(f"\n{props.name}: copy {bw:.0f} GB/s; dense runtime {dense['runtime_us']:.1f} us, cuBLAS on fixed experts "
           f"{dense['fixed_experts_cublas_us']:.1f} us")
     for name, r in (("sparse, given lists", sparse), (f"sparse, rank-{RANK} predictors", predictor)):

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cuda_decode import MODELS, calibrated_runners, random_prompt, random_weights  # noqa: E402
 from tscompile.backends.cuda.kernels import KernelShape, compile_library, device_arch, render_source  # noqa: E402
 from tscompile.backends.cuda.library import KernelLibrary  # noqa: E402
+from tscompile.cache import write_text_atomic  # noqa: E402
 
 CAP = 262144   # block records kept per replay
 HOOKS = r'''
@@ -187,7 +188,7 @@ def main():
                   f"{r['early_us']:>6.1f}  {marks}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_text_atomic(out, json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

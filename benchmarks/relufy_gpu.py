@@ -111,6 +111,7 @@ def stash(args) -> None:
 
 def assemble():
     """The imported model IR and the work dir holding the pass's token windows, from the stashed pieces."""
+    from tscompile.cache import atomic_file
     from tscompile.importers import import_gguf
     from tscompile.ir import ModelIR
     model_dir, work = STASH / "model", STASH / "work"
@@ -126,7 +127,8 @@ def assemble():
     if not train.exists():
         blob = b"".join((STASH / f"{meta['train']}.xz.part{i}").read_bytes() for i in range(2))
         arr = np.frombuffer(lzma.decompress(blob), dtype=meta["dtype"]).reshape(meta["shape"])
-        np.save(train, arr)
+        with atomic_file(train) as tmp, open(tmp, "wb") as f:
+            np.save(f, arr)
         for f in STASH.glob("heldout-*.npy"):
             shutil.copy(f, work / f.name)
     return ModelIR.load(model_dir), work
@@ -152,6 +154,7 @@ def bench(args) -> None:
     """Training-step throughput on a random SmolLM2-shaped dReLU model, eager vs torch.compile."""
     import torch
 
+    from tscompile.cache import write_text_atomic
     from tscompile.reference import ReferenceModel
     from tscompile.spec import load_spec
     from tscompile.tiny import make_tiny_ir
@@ -198,11 +201,11 @@ def bench(args) -> None:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
     if rank == 0:
-        (out_dir() / f"bench-{world}gpu.json").write_text(json.dumps(results, indent=1))
+        write_text_atomic(out_dir() / f"bench-{world}gpu.json", json.dumps(results, indent=1))
 
 
 def run(args) -> None:
-    from tscompile.cache import publish_dir, temp_dir
+    from tscompile.cache import publish_dir, temp_dir, write_text_atomic
     import torch
     from tscompile.passes.drelu import DReLUConfig, apply_drelu
     from tscompile.passes.relufy import apply_relufy, training_data
@@ -228,7 +231,7 @@ def run(args) -> None:
         results["device"] = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
         results["dense"] = _eval_all(source, heldout, dev, limit=lim)
         results["drelu_untuned"] = _eval_all(relu_ir, heldout, dev, limit=lim)
-        results_file.write_text(json.dumps(results, indent=1))
+        write_text_atomic(results_file, json.dumps(results, indent=1))
     left = args.seconds - (time.time() - t_start)
     ctx = context(spec, work, dev, source_ir=source, max_seconds=left, peak_flops=H100_BF16_PEAK)
     try:
@@ -247,7 +250,7 @@ def run(args) -> None:
         for t in args.thresholds:
             thr = apply_threshold(tuned, ThresholdConfig(value=t), context(spec, work, dev))
             results[f"threshold_{t:g}"] = _eval_all(thr, heldout, dev, limit=lim)
-        results_file.write_text(json.dumps(results, indent=1))
+        write_text_atomic(results_file, json.dumps(results, indent=1))
         summarize(results, out)
     shutil.copy(results_file, out / "results.json")
 

@@ -142,13 +142,12 @@ def plot_profile(ir: ModelIR, out_png: str | os.PathLike) -> Path:
     b.hist(np.concatenate(freqs), bins=50, range=(0, 1), color="#cc6677")
     b.set(xlabel="activation frequency", ylabel="neurons", yscale="log", title="how often each neuron fires")
     fig.tight_layout()
+    out_png = Path(out_png)
     try:
-        with atomic_file(Path(out_png)) as tmp:
+        with atomic_file(out_png) as tmp:
             fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return out_png
 
 

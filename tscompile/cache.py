@@ -6,9 +6,10 @@
 
 Nothing is written in place: a directory is filled under a hidden temp name and renamed into place, so a
 build killed at any moment leaves either the old complete directory, the new complete one, or none.
-Temp names carry the writer's pid and host: every new temp sweeps the stale ones beside it (`sweep_stale`), so
-what a killed writer left goes the next time anything is written there. Only this host's are swept: a pid says
-nothing about a writer on another machine (or container) sharing the directory.
+Temp names carry the writer's pid and host tag: every new temp sweeps the stale ones beside it (`sweep_stale`),
+so what a killed writer left goes the next time anything is written there. Only temps tagged with this host and
+PID namespace are swept: a pid says nothing about a writer on another machine or in another container sharing
+the directory.
 """
 from __future__ import annotations
 
@@ -28,8 +29,19 @@ from typing import Any
 
 POLICIES = ("on", "off", "redo", "readonly")
 ENTRY = "entry.json"
-_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-_TEMP_NAME = re.compile(r"\.(?:tmp|old)-(\d+)-([0-9a-f]{8})-")
+_TEMP_NAME = re.compile(r"\.(?:tmp|old)-(\d+)-(?:([0-9a-f]{8})-)?")   # no tag: named before tags (this host's)
+
+
+def _host_tag() -> str:
+    """8 hex digits naming this machine and PID namespace: the ones whose pids a temp name's pid is."""
+    try:
+        ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        ns = ""
+    return hashlib.sha256(f"{socket.gethostname()}|{ns}".encode()).hexdigest()[:8]
+
+
+_HOST = _host_tag()
 
 
 def reads(policy: str) -> bool:
@@ -98,9 +110,9 @@ def _temp_prefix(name: str, kind: str = "tmp") -> str:
 
 
 def ordinary_permissions(path: Path) -> None:
-    """The mode open()/mkdir() would give `path` (0666/0777 less the umask): mkstemp, mkdtemp and safetensors
-    make files 0600 and dirs 0700, but published they are ordinary build files."""
-    path.chmod((0o777 if path.is_dir() else 0o666) & ~_umask())
+    """The mode open()/mkdir() would give `path` (0666, or 0777 for dirs and executables, less the umask):
+    mkstemp, mkdtemp and safetensors make files 0600 and dirs 0700, but published they are ordinary build files."""
+    path.chmod((0o777 if path.is_dir() or path.stat().st_mode & 0o111 else 0o666) & ~_umask())
 
 
 def _umask() -> int:
@@ -146,8 +158,11 @@ def sweep_stale(root: Path, deep: bool = True) -> None:
         return
     for p in list(root.rglob(".*") if deep else root.glob(".*")):
         m = _TEMP_NAME.search(p.name)
-        if m and m.group(2) == _HOST and not _alive(int(m.group(1))) and p.exists():
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        if m and m.group(2) in (_HOST, None) and not _alive(int(m.group(1))) and p.exists():
+            try:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            except OSError:     # e.g. another user's file in a sticky dir: theirs to sweep
+                pass
 
 
 def _alive(pid: int) -> bool:

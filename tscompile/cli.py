@@ -315,7 +315,8 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                errno.ENAMETOOLONG}
 
 
 def _disk_problem(e: Exception) -> str | None:

@@ -363,7 +363,8 @@ def _build_corpus(name: str, out: Path, cache: Path) -> None:
 def _corpus_complete(d: Path) -> bool:
     try:
         m = json.loads((d / "manifest.json").read_text())
-        return all((d / f).stat().st_size == info["bytes"] for f, info in m["files"].items())
+        return all((d / f).stat().st_size == info["bytes"] and isinstance(info["sha256"], str)
+                   for f, info in m["files"].items())
     except (OSError, ValueError, KeyError, TypeError):
         return False
 

@@ -349,6 +349,9 @@ class _Build:
                         "config": target.config.model_dump(mode="json"), "cache_key": target.key,
                         "files": file_digests(tmp)}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
+            for p in tmp.rglob("*"):      # safetensors and mkstemp make files 0600: published, they are build files
+                if not p.is_symlink():
+                    cache.ordinary_permissions(p)
             cache.publish_dir(tmp, self.plan.build_dir / target.name)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .cache import write_text_atomic
+from .cache import atomic_file, write_text_atomic
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
@@ -26,8 +26,11 @@ def save_plot(path: Path, draw) -> str:
     fig, ax = plt.subplots(figsize=(7, 3.2), dpi=110)
     draw(ax)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format=path.suffix[1:] or "png")
+    finally:
+        plt.close(fig)
     return path.name
 
 

@@ -37,6 +37,8 @@ class FFNSpec:
     experts: list | None = None  # an MoE layer: one FFNSpec (or its dict) per expert; the other fields are unused
 
     def __post_init__(self):
+        if self.mode not in ("exact", "predictor", "dense"):
+            raise ValueError(f"FFNSpec.mode {self.mode!r}: expected exact, predictor or dense")
         if self.experts is not None:
             self.experts = [e if isinstance(e, FFNSpec) else FFNSpec(**e) for e in self.experts]
 

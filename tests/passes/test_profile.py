@@ -78,3 +78,7 @@ def test_pass_uses_calibration_text_and_plot(tmp_path):
     with pytest.raises(UserError, match="no activation statistics"):
         plot_profile(ir, tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
+    assert plot_profile(out, str(tmp_path / "again.png")) == tmp_path / "again.png"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError):                          # the real error, not one from the cleanup
+        plot_profile(out, tmp_path / "file" / "p.png")

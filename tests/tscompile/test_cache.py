@@ -129,6 +129,9 @@ def test_a_plan_reads_unchanged_artifacts_once(tmp_path, monkeypatch):
     out = tmp_path / "b"
     build(spec_of(), out_dir=out, verify=False)
     assert plan_build(spec_of(), out).targets[0].cached        # hashes the artifact, records it in the memo
+    memo = json.loads((out / ".cache" / "file-hashes.json").read_text())
+    artifact = {str(p.resolve()) for p in (out / "ckpt").rglob("*") if p.is_file() and p.name != "manifest.json"}
+    assert artifact and artifact <= {stamp.rsplit("|", 2)[0] for stamp in memo}
     import tscompile.sources
     monkeypatch.setattr(tscompile.sources, "sha256_file", lambda p: pytest.fail(f"read {p} again"))
     assert plan_build(spec_of(), out).targets[0].cached
@@ -181,6 +184,7 @@ def test_publish_dir_replaces_and_sweep_removes_only_dead_writers(tmp_path):
     (tmp_path / f".y.tmp-{os.getpid()}-{host}-abc").mkdir()
     other_host = "0" * 8 if host != "0" * 8 else "1" * 8        # its pid means nothing here: kept
     (tmp_path / f".z.tmp-{dead.pid}-{other_host}-abc").mkdir()
+    (tmp_path / f".w.tmp-{dead.pid}-q7_x2kpz").mkdir()           # named before host tags: this host's, swept
     cache.sweep_stale(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [f".y.tmp-{os.getpid()}-{host}-abc",
                                                           f".z.tmp-{dead.pid}-{other_host}-abc", "t"]
@@ -306,6 +310,15 @@ def test_a_killed_memo_write_leaves_a_temp_file_that_the_next_write_removes(tmp_
     key = source_key(SourceSpec(path=str(tmp_path / "model")), memo)
     assert list(memo.parent.iterdir()) == [memo]
     assert source_key(SourceSpec(path=str(tmp_path / "model")), memo) == key
+
+
+def test_published_files_get_ordinary_permissions_and_executables_stay_executable(tmp_path):
+    umask = cache._umask()
+    for mode, want in ((0o600, 0o666), (0o700, 0o777), (0o500, 0o777)):
+        (tmp_path / "f").touch()
+        (tmp_path / "f").chmod(mode)
+        cache.ordinary_permissions(tmp_path / "f")
+        assert (tmp_path / "f").stat().st_mode & 0o777 == want & ~umask
 
 
 def test_atomic_file_keeps_the_old_file_when_the_writer_fails(tmp_path):

@@ -81,16 +81,20 @@ def test_corpus_keys_follow_the_corpus_text_and_a_dry_run_builds_none(tmp_path, 
     prose = tmp_path / "cache" / "corpora" / "prose"
     shutil.copytree(built, prose)
     spec = spec_of("[profile: {}]", extra="data:\n  calib: {path: corpus:prose, tokens: 64, seq_len: 16}\n")
+    assert "profile" in build(spec, out_dir=tmp_path / "b", verify=False).ran
     key = plan_build(spec, tmp_path / "b").steps[0].key
-    assert plan_build(spec, tmp_path / "b", dry_run=True).steps[0].key == key
+    dry = plan_build(spec, tmp_path / "b", dry_run=True).steps[0]
+    assert dry.key == key and dry.cached
+    shutil.rmtree(prose)
+    assert not plan_build(spec, tmp_path / "b", dry_run=True).steps[0].cached and not prose.exists()
+    shutil.copytree(built, prose)
+    assert plan_build(spec, tmp_path / "b").steps[0].cached
     manifest = json.loads((prose / "manifest.json").read_text())       # as a rebuild from newer packages would
     (prose / "train.txt").write_text("Other text under the same corpus name.")
     manifest["files"]["train.txt"] |= {"bytes": (prose / "train.txt").stat().st_size,
                                        "sha256": hashlib.sha256((prose / "train.txt").read_bytes()).hexdigest()}
     (prose / "manifest.json").write_text(json.dumps(manifest))
     assert plan_build(spec, tmp_path / "b").steps[0].key != key
-    shutil.rmtree(prose)
-    assert not plan_build(spec, tmp_path / "b", dry_run=True).steps[0].cached and not prose.exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
@@ -174,6 +178,7 @@ def test_build_dir_layout_manifest_log_and_resolved_spec(built):
     assert sorted(digests) == ["checksums.json", "model/config.json", "model/model.safetensors", "model/tokenizer.json"]
     assert digests["model/config.json"] == hashlib.sha256((out / "ckpt/model/config.json").read_bytes()).hexdigest()
     assert (out / "ckpt").stat().st_mode & 0o777 == 0o777 & ~_umask()
+    assert {p.stat().st_mode & 0o777 for p in (out / "ckpt").rglob("*") if p.is_file()} == {0o666 & ~_umask()}
     assert ModelIR.load(out / "ckpt" / "model").weights["model.norm.weight"].dtype == torch.float16
     again = parse_spec((out / "spec.resolved.yaml").read_text(), "resolved")
     assert again.model_dump(mode="json") == spec.model_dump(mode="json")

@@ -437,6 +437,15 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     return e.value.code, out.out, out.err
 
 
+def test_an_out_name_too_long_for_the_filesystem_is_a_one_line_error(tmp_path, capsys):
+    write_gguf(make_tiny_ir("llama", seed=3), tmp_path / "m.gguf")
+    out = tmp_path / ("x" * 250)                        # fits NAME_MAX (255), its temp name does not
+    code, _, err = run_cli(capsys, "import", str(tmp_path / "m.gguf"), "--out", str(out))
+    last = err.rstrip("\n").split("\n")[-1]                 # the line after the progress bar's
+    assert code == 2 and last.startswith("error: ") and last.endswith(": File name too long"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
 def test_cli_import_inspect_eval_generate(tmp_path, capsys):
     ir = make_tiny_ir("mistral", seed=3, sliding_window=16)
     write_gguf(ir, tmp_path / "m.gguf", types={"blk.0.ffn_up.weight": Q.Q8_0})

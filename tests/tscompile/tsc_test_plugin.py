@@ -79,6 +79,7 @@ def lower_ckpt(ir, cfg: CkptConfig, outdir: Path, ctx) -> dict:
     time.sleep(cfg.pause)
     sums = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((outdir / "model").iterdir())}
     (outdir / "checksums.json").write_text(json.dumps(sums, indent=1))
+    (outdir / "checksums.json").chmod(0o600)      # as safetensors and mkstemp make files: published ordinary
     return {"n_files": len(sums), "dtype": cfg.dtype}
 
 

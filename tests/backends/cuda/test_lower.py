@@ -94,6 +94,8 @@ def test_mode_dense_is_in_the_ffn_specs():
     ir.layers[1].mode = "dense"
     specs = [FFNSpec(**f) for f in ffn_specs(ir)]
     assert [(s.gated, s.dense) for s in specs] == [(True, False), (False, True)]
+    with pytest.raises(ValueError, match="FFNSpec.mode True"):      # the old positional `gated`
+        FFNSpec("swiglu", 0.0, True)
 
 
 def test_bad_models_are_refused(tmp_path):
