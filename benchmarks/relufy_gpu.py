@@ -205,7 +205,7 @@ def bench(args) -> None:
 
 
 def run(args) -> None:
-    from tscompile.cache import publish_dir, temp_dir, write_text_atomic
+    from tscompile.cache import write_text_atomic
     import torch
     from tscompile.passes.drelu import DReLUConfig, apply_drelu
     from tscompile.passes.relufy import apply_relufy, training_data
@@ -242,9 +242,7 @@ def run(args) -> None:
     shutil.copy(work / "train_log.jsonl", out / "train_log.jsonl")
     if tuned is not None:
         if not (TUNED / "config.json").exists():    # for predictors_gpu.py, in this machine's later commands
-            tmp = temp_dir(TUNED.parent, TUNED.name)
-            tuned.save(tmp)
-            publish_dir(tmp, TUNED)
+            tuned.save(TUNED)                       # atomic
         results["relufy"] = _eval_all(tuned, heldout, dev, limit=lim)
         results["relufy_meta"] = tuned.meta["relufy"]
         for t in args.thresholds:

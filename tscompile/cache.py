@@ -76,9 +76,19 @@ def temp_dir(parent: Path, name: str) -> Path:
     """A fresh hidden directory beside where `name` will be published (same filesystem: rename is atomic)."""
     parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(parent, deep=False)
-    path = Path(tempfile.mkdtemp(prefix=_temp_prefix(name), dir=parent))
-    ordinary_permissions(path)
-    return path
+    return Path(tempfile.mkdtemp(prefix=_temp_prefix(name), dir=parent))
+
+
+@contextmanager
+def atomic_dir(final: Path):
+    """A temp dir beside `final` for the block to fill; published as `final` (`publish_dir`) if the block
+    succeeds, removed if not."""
+    tmp = temp_dir(final.parent, final.name)
+    try:
+        yield tmp
+        publish_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)      # nothing left there once published
 
 
 @contextmanager
@@ -122,7 +132,11 @@ def _umask() -> int:
 
 
 def publish_dir(tmp: Path, final: Path) -> None:
-    """Move a finished temp dir to `final`, replacing what was there; `final` is never half-written."""
+    """Move a finished temp dir to `final`, replacing what was there; `final` is never half-written. What its
+    writers made 0600 or 0700 (mkstemp, mkdtemp, safetensors) is published with ordinary permissions."""
+    for p in [tmp, *tmp.rglob("*")]:
+        if not p.is_symlink():
+            ordinary_permissions(p)
     if final.exists():
         old = Path(tempfile.mkdtemp(prefix=_temp_prefix(final.name, "old"), dir=final.parent))
         os.replace(final, old / final.name)
@@ -149,6 +163,24 @@ def sha256_file(path: Path) -> str:
             h.update(chunk)
             bar.update(len(chunk))
     return h.hexdigest()
+
+
+def memo_digests(files: list[Path], memo_file: Path | None, write_memo: bool) -> list[str]:
+    """sha256 of each file, taken from `memo_file` where a file's (path, size, mtime) is recorded there."""
+    memo = {}
+    if memo_file is not None and memo_file.exists():
+        try:
+            memo = json.loads(memo_file.read_text())
+        except ValueError:
+            pass
+        memo = memo if isinstance(memo, dict) else {}
+    stamps = [f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}" for p, st in ((p, p.stat()) for p in files)]
+    out = [memo.get(stamp) or sha256_file(p) for p, stamp in zip(files, stamps)]
+    paths = {stamp.rsplit("|", 2)[0] for stamp in stamps}       # these files' older stamps go: the memo stays small
+    new = {k: v for k, v in memo.items() if k.rsplit("|", 2)[0] not in paths} | dict(zip(stamps, out))
+    if memo_file is not None and write_memo and new != memo:
+        write_text_atomic(memo_file, json.dumps(new, indent=0))
+    return out
 
 
 def sweep_stale(root: Path, deep: bool = True) -> None:
@@ -205,14 +237,9 @@ class PassCache:
 
     def store(self, key: str, ir, entry: dict) -> None:
         """Save `ir` as the entry for `key` (atomic)."""
-        tmp = temp_dir(self.root, key)
-        try:
+        with atomic_dir(self.path(key)) as tmp:
             ir.save(tmp)
             (tmp / ENTRY).write_text(json.dumps({"key": key, **entry}, indent=1, default=str))
-            publish_dir(tmp, self.path(key))
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
 
 def read_manifest(target_dir: Path) -> dict | None:

@@ -8,12 +8,11 @@ import json
 import math
 import os
 import re
-import shutil
 import struct
 import sys
 from pathlib import Path
 
-from .cache import ordinary_permissions, publish_dir, temp_dir
+from .cache import atomic_dir
 from .errors import UserError
 from .ir import ArchConfig, LayerSparsity, ModelIR, Weights, ffn_names, predictor_names
 
@@ -253,8 +252,7 @@ def save_checkpoint(ir: ModelIR, out: Path, shard_bytes: int) -> None:
     from tqdm import tqdm
     out = Path(os.path.abspath(out))     # "." or "x/..": the published dir needs a real name
     check_replaceable(out)
-    tmp = temp_dir(out.parent, out.name)
-    try:
+    with atomic_dir(out) as tmp:
         sizes = {}
         for name in ir.weights:
             shape, elem = ir.weights.info(name)
@@ -274,7 +272,6 @@ def save_checkpoint(ir: ModelIR, out: Path, shard_bytes: int) -> None:
                     if code is None:
                         raise
                     raise OSError(int(code[1]), os.strerror(int(code[1])), str(tmp / fname)) from None
-                ordinary_permissions(tmp / fname)
                 bar.update(sum(sizes[n] for n in names))
         if len(plan) > 1:
             wm = {n: fname for names, fname in zip(plan, fnames) for n in names}
@@ -282,10 +279,6 @@ def save_checkpoint(ir: ModelIR, out: Path, shard_bytes: int) -> None:
         (tmp / "config.json").write_text(json.dumps(ir.config_json(), indent=1, default=_json_default))
         if ir.tokenizer_json is not None:
             (tmp / "tokenizer.json").write_text(ir.tokenizer_json)
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _untie(tensors: dict) -> dict:

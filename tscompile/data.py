@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import shutil
 import struct
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from .cache import atomic_file, publish_dir, scratch_dir, sha256_file, temp_dir
+from .cache import atomic_dir, atomic_file, scratch_dir, sha256_file
 from .errors import UserError
 from .importers import cache_root
 
@@ -80,13 +79,8 @@ def debian_package(pkg: str, cache: Path, corpus: str) -> tuple[Path, dict]:
     deb = debs[-1]
     tree = dest / deb.name.removesuffix(".deb")
     if not tree.is_dir():
-        tmp = temp_dir(dest, tree.name)
-        try:
+        with atomic_dir(tree) as tmp:
             _run(["dpkg-deb", "-x", str(deb), str(tmp)], f"corpus:{corpus}: cannot unpack {deb}")
-        except UserError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        publish_dir(tmp, tree)
     return tree, {"package": f"debian:{pkg}", "file": deb.name, "sha256": sha256_file(deb)}
 
 
@@ -319,8 +313,7 @@ def _clean(text: str) -> str:
 
 def _build_corpus(name: str, out: Path, cache: Path) -> None:
     from tqdm import tqdm
-    tmp = temp_dir(out.parent, name)
-    try:
+    with atomic_dir(out) as tmp:
         sources, heldout_names, seen = [], [], set()
         with open(tmp / "train.txt", "w") as train, open(tmp / "heldout.txt", "w") as held:
             counts = {"train": 0, "heldout": 0}
@@ -354,10 +347,6 @@ def _build_corpus(name: str, out: Path, cache: Path) -> None:
                                       f"{HELDOUT_FRACTION}", "fraction": HELDOUT_FRACTION},
                     "heldout_documents": heldout_names}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _corpus_complete(d: Path) -> bool:
@@ -369,11 +358,16 @@ def _corpus_complete(d: Path) -> bool:
         return False
 
 
+def corpora_dir() -> Path:
+    """Where corpora are built unless told otherwise."""
+    return cache_root() / "corpora"
+
+
 def build_corpora(out_dir: str | os.PathLike | None = None, names=None,
                   force: bool = False) -> dict[str, Path]:
-    """Build (or find already built) corpora into `out_dir/<name>/` (default `<cache>/corpora/`)."""
+    """Build (or find already built) corpora into `out_dir/<name>/` (default `corpora_dir()`)."""
     cache = cache_root()
-    out_dir = Path(out_dir) if out_dir else cache / "corpora"
+    out_dir = Path(out_dir) if out_dir else corpora_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     names = list(names or DEFAULT_CORPORA)
     result = {}
@@ -392,12 +386,12 @@ def build_corpora(out_dir: str | os.PathLike | None = None, names=None,
 def corpus_digest(path: str, build: bool = True) -> str | None:
     """What identifies the text behind corpus:NAME[@part] in cache keys: the sha256 of the corpus's train and
     held-out files, as its manifest records them. Built first when missing; None then if not `build`."""
-    name = path[len("corpus:"):].partition("@")[0]
-    d = cache_root() / "corpora" / name
+    name = parse_corpus_path(path)[0]
+    d = corpora_dir() / name
     if not _corpus_complete(d):
         if not build:
             return None
-        d = _corpus_file(path, None).parent
+        d = build_corpora(names=[name])[name]
     files = json.loads((d / "manifest.json").read_text())["files"]
     return hashlib.sha256(json.dumps({f: info["sha256"] for f, info in files.items()}, sort_keys=True).encode()
                           ).hexdigest()
@@ -405,13 +399,20 @@ def corpus_digest(path: str, build: bool = True) -> str | None:
 
 # ---- text paths ----------------------------------------------------------------------------------
 
-def _corpus_file(path: str, split: str | None) -> Path:
-    """train.txt or heldout.txt of corpus:NAME[@part]; `split` picks the part when the path names none."""
+def parse_corpus_path(path: str) -> tuple[str, str]:
+    """(NAME, part) of corpus:NAME[@train|@heldout] (part "" when unsaid); a UserError naming what is wrong."""
+    from .registry import suggest
     name, _, part = path[len("corpus:"):].partition("@")
     if part not in ("", "heldout", "train"):
         raise UserError(f"{path}: expected corpus:NAME, corpus:NAME@train or corpus:NAME@heldout")
     if name not in CORPORA:
-        raise UserError(f"{path}: unknown corpus {name!r} (known: {', '.join(CORPORA)})")
+        raise UserError(f"{path}: unknown corpus {name!r}{suggest(name, list(CORPORA))}")
+    return name, part
+
+
+def _corpus_file(path: str, split: str | None) -> Path:
+    """train.txt or heldout.txt of corpus:NAME[@part]; `split` picks the part when the path names none."""
+    name, part = parse_corpus_path(path)
     if part == "heldout" and split == "train":
         raise UserError(f"{path}: a held-out corpus split cannot be used as training data")
     d = build_corpora(names=[name])[name]

@@ -327,10 +327,9 @@ class _Build:
         key = self.plan.final_key
         key_file.unlink(missing_ok=True)     # model/ is about to change: never let the old key vouch for it
         if self.plan.policy != "off" and self.passes.has(key):    # "off" never reads the cache
-            tmp = cache.temp_dir(self.plan.build_dir, "model")
-            cache.link_tree(self.passes.path(key), tmp)
-            (tmp / cache.ENTRY).unlink(missing_ok=True)
-            cache.publish_dir(tmp, model_dir)
+            with cache.atomic_dir(model_dir) as tmp:
+                cache.link_tree(self.passes.path(key), tmp)
+                (tmp / cache.ENTRY).unlink(missing_ok=True)
         else:
             ir.save(model_dir)
         cache.write_text_atomic(key_file, key)
@@ -338,8 +337,7 @@ class _Build:
     def lower(self, target: PlannedTarget, ir) -> None:
         log.info("target %s v%s: lowering", target.name, target.info.version)
         t0 = time.time()
-        tmp = cache.temp_dir(self.plan.build_dir, target.name)
-        try:
+        with cache.atomic_dir(self.plan.build_dir / target.name) as tmp:
             with _work_dir(self.plan, target.key) as work:
                 manifest = target.info.lower(ir, target.config, tmp, self.context(work, _device("optional")))
             if not isinstance(manifest, dict):
@@ -349,13 +347,6 @@ class _Build:
                         "config": target.config.model_dump(mode="json"), "cache_key": target.key,
                         "files": file_digests(tmp)}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
-            for p in tmp.rglob("*"):      # safetensors and mkstemp make files 0600: published, they are build files
-                if not p.is_symlink():
-                    cache.ordinary_permissions(p)
-            cache.publish_dir(tmp, self.plan.build_dir / target.name)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         self.done(f"target {target.name}")
         log.info("target %s: done in %.1f s", target.name, time.time() - t0)
 

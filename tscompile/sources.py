@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, field_validator, model_validator
 
-from .cache import sha256_file, write_text_atomic
+from .cache import memo_digests
 
 MAX_TINY_PARAMS = 1 << 28      # 1 GiB of float32: above this a "tiny" model is a typo that would exhaust memory
 
@@ -124,24 +124,6 @@ def tree_hash(root: Path, memo_file: Path | None, write_memo: bool) -> str:
     for p, digest in zip(files, memo_digests(files, memo_file, write_memo)):
         h.update(f"{p.relative_to(root) if p != root else p.name}\0{digest}\0".encode())
     return h.hexdigest()
-
-
-def memo_digests(files: list[Path], memo_file: Path | None, write_memo: bool) -> list[str]:
-    """sha256 of each file, taken from `memo_file` where a file's (path, size, mtime) is recorded there."""
-    memo = {}
-    if memo_file is not None and memo_file.exists():
-        try:
-            memo = json.loads(memo_file.read_text())
-        except ValueError:
-            pass
-        memo = memo if isinstance(memo, dict) else {}
-    stamps = [f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}" for p, st in ((p, p.stat()) for p in files)]
-    out = [memo.get(stamp) or sha256_file(p) for p, stamp in zip(files, stamps)]
-    paths = {stamp.rsplit("|", 2)[0] for stamp in stamps}       # these files' older stamps go: the memo stays small
-    new = {k: v for k, v in memo.items() if k.rsplit("|", 2)[0] not in paths} | dict(zip(stamps, out))
-    if memo_file is not None and write_memo and new != memo:
-        write_text_atomic(memo_file, json.dumps(new, indent=0))
-    return out
 
 
 def worth_caching(src: SourceSpec) -> bool:

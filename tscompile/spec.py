@@ -23,7 +23,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, 
 
 from . import registry
 from .api import PassConfig
-from .data import CORPORA
+from .data import parse_corpus_path
 from .errors import UserError
 from .sources import SourceSpec, resolve_local_path
 
@@ -39,11 +39,10 @@ def resolve_text_path(text: str, info: ValidationInfo) -> str:
     checked here by name), or a local file or directory made absolute (see `resolve_local_path`)."""
     if not text.startswith("corpus:"):
         return resolve_local_path(text, info)
-    name, _, part = text[len("corpus:"):].partition("@")
-    if part not in ("", "train", "heldout"):
-        raise ValueError(f"{text}: expected corpus:NAME, corpus:NAME@train or corpus:NAME@heldout")
-    if name not in CORPORA:
-        raise ValueError(f"{text}: unknown corpus {name!r}{registry.suggest(name, list(CORPORA))}")
+    try:
+        parse_corpus_path(text)
+    except UserError as e:
+        raise ValueError(str(e)) from None
     return text
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cache import publish_dir, temp_dir, write_text_atomic
+from .cache import atomic_dir, write_text_atomic
 
 LOG_NAME = "train_log.jsonl"
 LATEST = "latest.json"
@@ -261,23 +261,22 @@ def save_checkpoint(work_dir: Path, model, opt, state: dict, keep: int = 1) -> N
     if rank != 0:
         return
     name = f"checkpoint-{state['step']:07d}"
-    tmp = temp_dir(work_dir, name)
-    save_file({k: v.detach().cpu().contiguous() for k, v in msd.items()}, str(tmp / "model.safetensors"))
-    opt_tensors, opt_scalars = {}, {}
-    for pname, st in osd["state"].items():
-        for key, val in st.items():
-            if torch.is_tensor(val):
-                opt_tensors[f"{pname}::{key}"] = val.detach().cpu().contiguous()
-            else:
-                opt_scalars[f"{pname}::{key}"] = val
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, str(tmp / "rng.safetensors"))
-    meta = dict(state, param_groups=osd["param_groups"], optimizer_scalars=opt_scalars)
-    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-    publish_dir(tmp, work_dir / name)
+    with atomic_dir(work_dir / name) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in msd.items()}, str(tmp / "model.safetensors"))
+        opt_tensors, opt_scalars = {}, {}
+        for pname, st in osd["state"].items():
+            for key, val in st.items():
+                if torch.is_tensor(val):
+                    opt_tensors[f"{pname}::{key}"] = val.detach().cpu().contiguous()
+                else:
+                    opt_scalars[f"{pname}::{key}"] = val
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, str(tmp / "rng.safetensors"))
+        meta = dict(state, param_groups=osd["param_groups"], optimizer_scalars=opt_scalars)
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     write_text_atomic(work_dir / LATEST, json.dumps({"checkpoint": name, "step": state["step"]}))
     for old in sorted(work_dir.glob("checkpoint-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .cache import memo_digests
 from .errors import GoalMissed, UserError
-from .sources import memo_digests
 
 DEFAULT_PROMPTS = [
     "The capital of France is",

@@ -132,17 +132,15 @@ def test_a_plan_reads_unchanged_artifacts_once(tmp_path, monkeypatch):
     memo = json.loads((out / ".cache" / "file-hashes.json").read_text())
     artifact = {str(p.resolve()) for p in (out / "ckpt").rglob("*") if p.is_file() and p.name != "manifest.json"}
     assert artifact and artifact <= {stamp.rsplit("|", 2)[0] for stamp in memo}
-    import tscompile.sources
-    monkeypatch.setattr(tscompile.sources, "sha256_file", lambda p: pytest.fail(f"read {p} again"))
+    monkeypatch.setattr(cache, "sha256_file", lambda p: pytest.fail(f"read {p} again"))
     assert plan_build(spec_of(), out).targets[0].cached
 
 
 def test_the_hash_memo_keeps_one_stamp_per_file(tmp_path):
-    from tscompile.sources import memo_digests
     f, memo = tmp_path / "f.bin", tmp_path / "memo.json"
     for text in (b"a", b"bb", b"ccc"):
         f.write_bytes(text)
-        assert memo_digests([f], memo, True) == [hashlib.sha256(text).hexdigest()]
+        assert cache.memo_digests([f], memo, True) == [hashlib.sha256(text).hexdigest()]
     assert list(json.loads(memo.read_text()).values()) == [hashlib.sha256(b"ccc").hexdigest()]
 
 
