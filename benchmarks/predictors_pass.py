@@ -100,7 +100,6 @@ def probe_criteria(args, layers: list[int]) -> None:
         FFNSamples,
         PredictorsConfig,
         gated_perplexity,
-        held_out_texts,
         predictor_metrics,
         train_predictor,
     )
@@ -133,7 +132,7 @@ def probe_criteria(args, layers: list[int]) -> None:
     # held-out perplexity of each criterion at 50% on every FFN: gate-only needs a t_g for every layer
     calib16 = ids[:max(1, spec.data.calib.tokens // ids.shape[1])]
     all_t = gate_thresholds(ir, calib16)
-    texts = held_out_texts(ir, spec.data, ids, cfg, spec.seed)
+    texts = eval_token_ids(ir, spec.data.eval, cfg.eval_tokens)
     result["held_out_perplexity"] = {name: {
         "dense": gated_perplexity(source, t, "cpu")["ppl_exact"],
         "product_50": gated_perplexity(ir, t, "cpu")["ppl_exact"],
@@ -141,6 +140,18 @@ def probe_criteria(args, layers: list[int]) -> None:
     result["gate_only_thresholds"] = all_t
     _write_json(args.out, result)
     print(json.dumps(result["held_out_perplexity"], indent=1))
+
+
+def eval_token_ids(ir, ev, max_tokens: int) -> dict:
+    """name -> token ids [n, seq_len] of each of the spec's eval texts (at most max_tokens of each)."""
+    import torch
+    from tscompile.evaluate import text_token_ids
+    out = {}
+    for name, path in ev.texts.items():
+        ids = text_token_ids(ir, path, min(ev.tokens, max_tokens))
+        seq = min(ev.seq_len, len(ids))
+        out[name] = torch.tensor(ids[:len(ids) // seq * seq]).view(-1, seq)
+    return out
 
 
 def magnitude_samples(tokens: int, layers: list[int], cfg):
@@ -329,8 +340,11 @@ def gate_only_perplexity(ir, thresholds: list[float], ids) -> float:
 
 
 def _commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
-                          cwd=Path(__file__).parent).stdout.strip()
+    """The tree this ran: TSCOMPILE_COMMIT where the caller knows it (a copy of the tree on another machine may
+    carry stale git metadata), else git's commit, marked -dirty when the tree differs from it."""
+    return os.environ.get("TSCOMPILE_COMMIT") or subprocess.run(
+        ["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True, check=False,
+        cwd=Path(__file__).parent).stdout.strip()
 
 
 def _write_json(path: str, result: dict) -> None:

@@ -49,7 +49,8 @@ class PredictorsConfig(PassConfig):
     weight_decay: float = Field(0.01, ge=0)
     memory_gb: float | None = Field(None, gt=0)        # samples held at once (default: 2 on CPU, half the
                                                        # free GPU memory); more FFNs -> extra forwards
-    eval_tokens: int = Field(4096, ge=0)               # held-out ppl, predictor vs exact gating (0 = skip)
+    eval_tokens: int = Field(4096, ge=0)               # held-out calibration tokens for the perplexity with
+                                                       # predictor vs exact gating (0 = skip)
     forward_dtype: Literal["float32", "bfloat16"] = "float32"   # calibration forward (bf16: models too big
                                                                 # for fp32 on one GPU, e.g. Mixtral)
 
@@ -520,22 +521,11 @@ def gated_perplexity(ir: ModelIR, ids, device: str, batch_seqs: int = 4,
             "ppl_ratio": ppl["predictor"] / ppl["exact"], "tokens": int(ids.numel())}
 
 
-def held_out_texts(ir: ModelIR, spec_data, calib_ids, cfg: PredictorsConfig, seed: int) -> dict[str, object]:
-    """name -> token ids [n, T] to compare gatings on: the spec's eval texts, else the test calibration
-    sequences."""
-    import torch
-
-    from tscompile.evaluate import text_token_ids
-    if getattr(spec_data, "eval", None) is None:
-        test = split_sequences(used_sequences(calib_ids, cfg), cfg.held_out, seed)[2]
-        return {"calib_test": test[:max(1, -(-cfg.eval_tokens // calib_ids.shape[1]))]}
-    ev = spec_data.eval
-    out = {}
-    for name, path in ev.texts.items():
-        ids = text_token_ids(ir, path, min(ev.tokens, cfg.eval_tokens))
-        seq = min(ev.seq_len, len(ids))
-        out[name] = torch.tensor(ids[:len(ids) // seq * seq]).view(-1, seq)
-    return out
+def held_out_calibration(calib_ids, cfg: PredictorsConfig, seed: int):
+    """About cfg.eval_tokens tokens of the calibration sequences held out from fitting (the test split). They are
+    in the pass's cache key; the spec's eval texts are not, and the verifier measures those (measure_quality)."""
+    test = split_sequences(used_sequences(calib_ids, cfg), cfg.held_out, seed)[2]
+    return test[:max(1, -(-cfg.eval_tokens // calib_ids.shape[1]))]
 
 
 def apply_predictors(ir: ModelIR, cfg: PredictorsConfig, ctx: Context) -> ModelIR:
@@ -550,12 +540,10 @@ def apply_predictors(ir: ModelIR, cfg: PredictorsConfig, ctx: Context) -> ModelI
     if not any(a.mode == "predictor" for _, _, a in out.ffn_units()):
         out.meta["predictors"]["held_out_perplexity"] = "no FFN uses predictor gating: same function as exact"
     elif cfg.eval_tokens:
-        ppl = {name: gated_perplexity(out, t, ctx.device, dtype=cfg.forward_dtype)
-               for name, t in held_out_texts(ir, ctx.spec.data, ids, cfg, ctx.seed).items()}
-        out.meta["predictors"]["held_out_perplexity"] = ppl
-        for name, p in ppl.items():
-            ctx.log.info("predictors: %s perplexity %.3f with predictor gating vs %.3f exact (ratio %.4f)",
-                         name, p["ppl_predictor"], p["ppl_exact"], p["ppl_ratio"])
+        p = gated_perplexity(out, held_out_calibration(ids, cfg, ctx.seed), ctx.device, dtype=cfg.forward_dtype)
+        out.meta["predictors"]["held_out_perplexity"] = p
+        ctx.log.info("predictors: held-out calibration perplexity %.3f with predictor gating vs %.3f exact "
+                     "(ratio %.4f)", p["ppl_predictor"], p["ppl_exact"], p["ppl_ratio"])
     return out
 
 
@@ -568,6 +556,6 @@ def plot_predictors(ir: ModelIR, out_png) -> None:
     save_plot(Path(out_png), lambda ax: draw_predictors(ax, ffns))
 
 
-PASS = PassInfo(name="predictors", version="2",
+PASS = PassInfo(name="predictors", version="3",
                 doc="low-rank activation predictor per FFN (or exact gating where cheaper)",
                 config=PredictorsConfig, run=apply_predictors, needs_data=("calib",), gpu="optional")

@@ -302,7 +302,7 @@ def test_smollm2_magnitude_half_sparse_predictors(smollm2_ir):
         assert st["gate_sparsity"] == 0 and st["bytes_exact"] == pytest.approx((3 - st["true_sparsity"]) / 3)
 
 
-def test_pass_reads_calibration_and_eval_text(tmp_path):
+def test_pass_reads_calibration_and_notes_held_out_perplexity(tmp_path):
     import logging
     from types import SimpleNamespace
 
@@ -310,30 +310,35 @@ def test_pass_reads_calibration_and_eval_text(tmp_path):
 
     from tscompile.api import Context
     from tscompile.spec import CalibData, DataSpec, EvalData
-    text = tmp_path / "t.txt"
+    text, other = tmp_path / "t.txt", tmp_path / "other.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. def relu(x): return max(0, x)\n" * 60)
-    data = DataSpec(calib=CalibData(mixture=[{"path": str(text)}], tokens=1024, seq_len=64),
-                    eval=EvalData(texts={"t": str(text)}, tokens=256, seq_len=64))
-    ctx = Context(spec=SimpleNamespace(data=data), build_dir=tmp_path, work_dir=tmp_path,
-                  log=logging.getLogger("test"))
+    other.write_text("Pack my box with five dozen liquor jugs. print(sorted(set(words)))\n" * 60)
+    calib = CalibData(mixture=[{"path": str(text)}], tokens=1024, seq_len=64)
+
+    def run(cfg, data=DataSpec(calib=calib), model=None):
+        ctx = Context(spec=SimpleNamespace(data=data), build_dir=tmp_path, work_dir=tmp_path,
+                      log=logging.getLogger("test"))
+        return PASS.run(model or ir, cfg, ctx)
     ir = make_tiny_ir("llama", "drelu", seed=3, layers=2, hidden=64, intermediate=192)
-    out = PASS.run(ir, PredictorsConfig(rank=8, mode="predictor", epochs=2, held_out=0.2), ctx)
+    cfg = PredictorsConfig(rank=8, mode="predictor", epochs=2, held_out=0.2)
+    out = run(cfg, DataSpec(calib=calib, eval=EvalData(texts={"t": str(other)}, tokens=256, seq_len=64)))
     meta = out.meta["predictors"]
     assert meta["calibration_tokens"] == 1024 and meta["predictor_ffns"] == 2
-    ppl = meta["held_out_perplexity"]["t"]
-    assert ppl["tokens"] == 256 and ppl["ppl_exact"] > 1 and ppl["ppl_predictor"] > 1
-    more = PASS.run(ir, PredictorsConfig(rank=8, mode="exact", tokens=1600, eval_tokens=0), ctx)
+    # the note is on the calibration sequences held out from fitting (3 of 16 at held_out=0.2): the pass's cache
+    # key covers data.calib but not data.eval, so the eval texts (the verifier's) must not change it
+    ppl = meta["held_out_perplexity"]
+    assert ppl["tokens"] == 3 * 64 and ppl["ppl_exact"] > 1 and ppl["ppl_predictor"] > 1
+    assert run(cfg).meta["predictors"]["held_out_perplexity"] == ppl
+    more = run(PredictorsConfig(rank=8, mode="exact", tokens=1600, eval_tokens=0))
     assert more.meta["predictors"]["calibration_tokens"] == 1600       # beyond data.calib's 1024: drawn anew
-    exact = PASS.run(ir, PredictorsConfig(mode="exact"), ctx)
+    exact = run(PredictorsConfig(mode="exact"))
     assert "no FFN uses predictor gating" in exact.meta["predictors"]["held_out_perplexity"]
     swiglu = make_tiny_ir("llama", "swiglu", seed=3, layers=2, hidden=64, intermediate=192)
-    dense = PASS.run(swiglu, PredictorsConfig(mode="exact"), ctx)    # SwiGLU without a threshold: no zeros
+    dense = run(PredictorsConfig(mode="exact"), model=swiglu)    # SwiGLU without a threshold: no zeros
     assert all(a.mode == "dense" and "no activation sparsity" in a.stats["mode_reason"]
                for _, _, a in dense.ffn_units())
     with pytest.raises(UserError, match="data.calib"):
-        PASS.run(ir, PredictorsConfig(), Context(spec=SimpleNamespace(data=DataSpec()), build_dir=tmp_path,
-                                                 work_dir=tmp_path))
-
+        run(PredictorsConfig(), DataSpec())
 
 
 def test_mode_is_chosen_on_val_and_test_only_reports(monkeypatch):
