@@ -27,6 +27,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 POLICIES = ("on", "off", "redo", "readonly")
 ENTRY = "entry.json"
 _TEMP_NAME = re.compile(r"\.(?:tmp|old)-(\d+)-(?:([0-9a-f]{8})-)?")   # no tag: named before tags (this host's)
@@ -243,7 +245,22 @@ class PassCache:
 
 
 def read_manifest(target_dir: Path) -> dict | None:
+    """A target's manifest, or None when it is missing or damaged (the planner lowers such a target again)."""
     try:
-        return json.loads((target_dir / "manifest.json").read_text())
-    except (FileNotFoundError, ValueError):
+        return load_manifest(target_dir)
+    except UserError:
         return None
+
+
+def load_manifest(target_dir: Path) -> dict:
+    """A target's manifest; UserError naming the file when it is missing, unreadable or not a JSON object."""
+    path = target_dir / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({e})") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path}: not a JSON object (damaged; build the target again)")
+    return manifest

@@ -235,7 +235,7 @@ def inspect(path: str, as_json: bool) -> None:
 @cli.command("eval")
 @click.argument("path", metavar="PATH")
 @click.option("--text", required=True, metavar="FILE", help="Text file, directory or corpus:NAME.")
-@click.option("--tokens", type=click.IntRange(min=1), default=None, help="Evaluate at most this many tokens.")
+@click.option("--tokens", type=click.IntRange(min=2), default=None, help="Evaluate at most this many tokens.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=1024, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def eval_cmd(path: str, text: str, tokens: int | None, seq_len: int, as_json: bool) -> None:
@@ -277,6 +277,10 @@ def generate(path: str, target: str | None, prompt: str, max_new_tokens: int, te
         artifact = Path(path) / target
         if not (artifact / "manifest.json").is_file():
             raise UserError(f"{artifact}: no built target {target!r} here (expected a build dir)")
+        from .engine import lowered_from_current_model
+        if not lowered_from_current_model(Path(path), target):
+            raise UserError(f"--target {target}: {artifact} was built from an earlier model than model/; "
+                            f"build it again (tscompile build SPEC --target {target})")
         out = registry.backend(target).load(artifact).generate(ids, max_new_tokens)
     click.echo(prompt + tok.decode(list(out)))
 

@@ -419,7 +419,7 @@ def _corpus_file(path: str, split: str | None) -> Path:
     return d / ("heldout.txt" if (part or split) == "heldout" else "train.txt")
 
 
-def _looks_like_text(p: Path) -> bool:
+def looks_like_text(p: Path) -> bool:
     if p.name.startswith(".") or p.suffix.lower() not in TEXT_SUFFIXES:
         return False
     with open(p, "rb") as f:
@@ -434,7 +434,7 @@ def resolve_texts(path: str) -> list[Path]:
     if p.is_file():
         return [p]
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and _looks_like_text(f))
+        files = sorted(f for f in p.rglob("*") if f.is_file() and looks_like_text(f))
         if not files:
             raise UserError(f"{path}: directory holds no text files")
         return files

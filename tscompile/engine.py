@@ -397,9 +397,10 @@ def verify_dir(build_dir: Path, spec: Spec, targets: list[str]) -> dict:
 def lowered_from_current_model(build_dir: Path, target: str) -> bool:
     """Whether build_dir/target was lowered from the model now in model/: its manifest's cache key chains from
     .model.key. A target left from a build of an earlier model does not."""
-    manifest, key_file = cache.read_manifest(build_dir / target), build_dir / ".model.key"
-    if manifest is None or not key_file.is_file():
+    key_file = build_dir / ".model.key"
+    if not key_file.is_file():
         return False
+    manifest = cache.load_manifest(build_dir / target)   # a damaged one is an error, not "built earlier"
     return manifest.get("cache_key") == _target_key(key_file.read_text(), target, manifest.get("backend_version"),
                                                    manifest.get("config"))
 

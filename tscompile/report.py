@@ -138,5 +138,10 @@ def write_report(build_dir: Path, ir, results: dict[str, Any]) -> None:
     plots_dir.mkdir(exist_ok=True)
     plots = [p for p in (plot_layer_sparsity(results, plots_dir), plot_predictors(results, plots_dir),
                          plot_speedup(results, plots_dir)) if p]
+    for old in plots_dir.glob("*.png"):   # an earlier verification's plot that this one did not draw
+        if old.name not in plots:
+            old.unlink()
+    if not any(plots_dir.iterdir()):
+        plots_dir.rmdir()
     write_text_atomic(build_dir / "verify.json", json.dumps(results, indent=1, default=str))
     write_text_atomic(build_dir / "report.md", render_markdown(results, plots))

@@ -23,7 +23,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, 
 
 from . import registry
 from .api import PassConfig
-from .data import parse_corpus_path
+from .data import looks_like_text, parse_corpus_path
 from .errors import UserError
 from .sources import SourceSpec, resolve_local_path
 
@@ -38,7 +38,13 @@ def resolve_text_path(text: str, info: ValidationInfo) -> str:
     """A text path of the spec: corpus:NAME[@train|@heldout] naming a known corpus (built on first use, so
     checked here by name), or a local file or directory made absolute (see `resolve_local_path`)."""
     if not text.startswith("corpus:"):
-        return resolve_local_path(text, info)
+        path = Path(resolve_local_path(text, info))
+        try:
+            if path.is_dir() and not any(f.is_file() and looks_like_text(f) for f in path.rglob("*")):
+                raise ValueError(f"directory holds no text files: {text}")
+        except OSError as e:
+            raise ValueError(f"cannot read {e.filename}: {e.strerror}") from None
+        return str(path)
     try:
         parse_corpus_path(text)
     except UserError as e:
@@ -73,7 +79,7 @@ class Mixture(Strict):
 
 
 class TrainData(Mixture):
-    seq_len: PositiveInt = 1024
+    seq_len: int = Field(1024, ge=2)            # a window predicts its own next tokens: at least 2
     held_out: float = Field(0.02, ge=0, lt=1)   # fraction of each source kept out of training
 
 
@@ -84,13 +90,19 @@ class CalibData(Mixture):
 
 class EvalData(Strict):
     texts: dict[str, str] = Field(min_length=1)   # label -> text path (corpus:NAME@heldout, file, dir)
-    tokens: PositiveInt = 4096
-    seq_len: PositiveInt = 1024
+    tokens: int = Field(4096, ge=2)               # perplexity needs a token and its successor
+    seq_len: int = Field(1024, ge=2)
 
     @field_validator("texts")
     @classmethod
     def _text_paths(cls, v: dict[str, str], info: ValidationInfo) -> dict[str, str]:
-        return {k: resolve_text_path(p, info) for k, p in v.items()}
+        out = {}
+        for k, p in v.items():
+            try:
+                out[k] = resolve_text_path(p, info)
+            except ValueError as e:
+                raise ValueError(f"{k}: {e}") from None
+        return out
 
 
 class DataSpec(Strict):
@@ -373,6 +385,9 @@ def _goal_errors(spec: Spec) -> list[tuple[Loc, str]]:
     if goals.min_speedup and spec.verify.speed_tokens == 0:
         out.append((("verify", "speed_tokens"),
                     "must be > 0 when goals.min_speedup is set (0 measures no speed)"))
+    if goals.max_ppl_ratio is not None and (spec.data is None or spec.data.eval is None):
+        out.append((("verify", "goals", "max_ppl_ratio"),
+                    "needs data.eval: perplexity is measured on its texts, and this spec has none"))
     return out
 
 

@@ -12,7 +12,6 @@ A missed goal raises GoalMissed (exit 1) with a table of what missed; verify.jso
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -20,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cache import memo_digests
+from .cache import load_manifest, memo_digests
 from .errors import GoalMissed, UserError
 
 DEFAULT_PROMPTS = [
@@ -39,8 +38,7 @@ def file_digests(root: Path, memo_file: Path | None = None, write_memo: bool = F
 
 def check_integrity(target_dir: Path) -> list[str]:
     """Files whose bytes differ from the digests recorded at lowering time (missing ones included)."""
-    manifest = json.loads((target_dir / "manifest.json").read_text())
-    recorded = manifest.get("files")
+    recorded = load_manifest(target_dir).get("files")
     if not recorded:
         return ["manifest.json records no file digests"]
     now = file_digests(target_dir)

@@ -5,7 +5,6 @@ times the native binary on arm64 hosts and the x86_64 host build (scalar kernels
 """
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import tempfile
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tscompile.cache import load_manifest
 from tscompile.errors import UserError
 
 from .build import is_arm64_host, qemu_command
@@ -26,10 +26,11 @@ class Arm64Runner:
     def __init__(self, outdir: Path, dense: bool = False, exact: bool = False, where: str = "auto",
                  cpu: str | None = None, threads: int | None = None, timeout: float = 600.0):
         self.outdir = Path(outdir)
-        manifest = self.outdir / "manifest.json"
-        if not manifest.exists():
-            raise UserError(f"{manifest}: not found (lower the model with --target arm64 first)")
-        self.manifest = json.loads(manifest.read_text())
+        if not (self.outdir / "manifest.json").exists():
+            raise UserError(f"{self.outdir / 'manifest.json'}: not found (lower the model with --target arm64 first)")
+        self.manifest = load_manifest(self.outdir)
+        if not isinstance(self.manifest.get("dims"), dict) or "vocab" not in self.manifest["dims"]:
+            raise UserError(f"{self.outdir / 'manifest.json'}: no dims.vocab (not an arm64 artifact, or a damaged one)")
         if where not in WHERE:
             raise UserError(f"arm64 runner: where={where!r} is not one of {', '.join(WHERE)}")
         self.dense, self.exact, self.where = dense, exact, where

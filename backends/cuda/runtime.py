@@ -2,11 +2,11 @@
 a CUDA graph (the step feeds its own greedy token back, so generation needs no host round trip per token)."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
+from tscompile.cache import load_manifest
 from tscompile.errors import UserError
 
 log = logging.getLogger("tscompile")
@@ -126,10 +126,7 @@ def load_runner(outdir, dense: bool = False) -> CudaRunner:
     if why:
         raise UserError(f"{outdir}: cannot run the cuda target here: {why}")
     outdir = Path(outdir)
-    try:
-        manifest = json.loads((outdir / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{outdir / 'manifest.json'}: unreadable ({e})") from None
+    manifest = load_manifest(outdir)
     missing = [k for k in ("arch_config", "ffns", "dtype", "arch") if k not in manifest]
     if missing:
         raise UserError(f"{outdir / 'manifest.json'}: no {missing[0]!r} (not a cuda artifact, or a damaged one)")

@@ -128,6 +128,8 @@ def test_bad_spec_is_one_line_exit_2_and_debug_shows_the_traceback(tmp_path):
     (["build", "x.yaml", "-p", "tsc_no_such_plugin"], "error: plug-in 'tsc_no_such_plugin' failed to import: "
                                                       "ModuleNotFoundError: No module named 'tsc_no_such_plugin'\n"),
     (["verify", "."], "error: .: not a build directory (no spec.resolved.yaml)\n"),
+    (["eval", ".", "--text", "x.yaml", "--tokens", "1"], "error: tscompile eval: Invalid value for '--tokens': 1 is "
+                                                          "not in the range x>=2.\n"),
 ])
 def test_usage_errors_exit_2_with_one_line(args, want, tmp_path, capsys):
     (tmp_path / "x.yaml").write_text(tiny_spec())
@@ -261,6 +263,12 @@ def test_verify_skips_targets_built_from_an_earlier_model(tmp_path, capsys, monk
         assert rc == 2 and calls == [["ckpt"]]
         assert err == (f"error: --target ckpt2: {out / 'ckpt2'} was built from an earlier model than model/; "
                        "build it again (tscompile build SPEC --target ckpt2)\n")
+        rc, stdout, err = run_main(capsys, "generate", str(out), "--target", "ckpt2", "--prompt", "x")
+        assert rc == 2 and stdout == "" and "was built from an earlier model than model/; build it again" in err
+        (out / "ckpt" / "manifest.json").write_text("{")   # damaged, not stale: an error naming it
+        rc, stdout, err = run_main(capsys, "verify", str(out))
+        assert rc == 2 and calls == [["ckpt"]]
+        assert err.startswith(f"error: {out / 'ckpt' / 'manifest.json'}: unreadable (") and err.count("\n") == 1
     finally:
         registry.unregister("ckpt2")
 

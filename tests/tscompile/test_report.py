@@ -30,3 +30,13 @@ def test_report_files_get_ordinary_permissions(tmp_path):
     for name in ("verify.json", "report.md"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_plots_of_an_earlier_verification_are_removed(tmp_path):
+    from tscompile.report import write_report
+    results = _results([LayerSparsity(activation="relu")])
+    write_report(tmp_path, None, results | {"targets": {"onnx": {"outputs_ok": True, "speed": {"speedup": 1.5}}}})
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["speedup.png"]
+    assert "plots/speedup.png" in (tmp_path / "report.md").read_text()
+    write_report(tmp_path, None, results)   # no speed measured this time: no plot, and none left behind
+    assert not (tmp_path / "plots").exists() and "plots/" not in (tmp_path / "report.md").read_text()

@@ -79,10 +79,10 @@ BAD |= {   # spec errors the build would otherwise meet only once running
                         "x.yaml:8: data.calib.mixture[0].path: corpus:prosee: unknown corpus 'prosee'; "
                         "did you mean 'prose'?"),
     "bad corpus split": (tiny_spec(extra="data:\n  eval:\n    texts: {p: corpus:prose@test}\n"),
-                         "x.yaml:9: data.eval.texts: corpus:prose@test: expected corpus:NAME, corpus:NAME@train "
+                         "x.yaml:9: data.eval.texts: p: corpus:prose@test: expected corpus:NAME, corpus:NAME@train "
                          "or corpus:NAME@heldout"),
     "unknown eval corpus": (tiny_spec(extra="data:\n  eval:\n    texts: {p: corpus:nope@heldout}\n"),
-                            "x.yaml:9: data.eval.texts: corpus:nope@heldout: unknown corpus 'nope' "
+                            "x.yaml:9: data.eval.texts: p: corpus:nope@heldout: unknown corpus 'nope' "
                             "(known: prose, code, docs, dict, math)"),
     "held-out split as calibration data": (tiny_spec(extra="data:\n  calib:\n    mixture:\n"
                                                      "      - {path: corpus:code@heldout}\n"),
@@ -99,6 +99,13 @@ BAD |= {   # spec errors the build would otherwise meet only once running
                                                          "  goals:\n    min_speedup: {ckpt: 2}\n"),
                                                "x.yaml:8: verify.speed_tokens: must be > 0 when goals.min_speedup "
                                                "is set (0 measures no speed)"),
+    "perplexity goal without eval texts": (tiny_spec(extra="verify:\n  goals: {max_ppl_ratio: 1.1}\n"),
+                                           "x.yaml:8: verify.goals.max_ppl_ratio: needs data.eval: perplexity is "
+                                           "measured on its texts, and this spec has none"),
+    "eval windows of one token": (tiny_spec(extra="data:\n  eval: {texts: {p: corpus:prose@heldout}, seq_len: 1}\n"),
+                                  "x.yaml:8: data.eval.seq_len: must be >= 2, got 1"),
+    "training windows of one token": (tiny_spec(extra="data:\n  train: {path: corpus:prose, seq_len: 1}\n"),
+                                      "x.yaml:8: data.train.seq_len: must be >= 2, got 1"),
     "huge tiny vocab": (tiny_spec().replace("vocab: 300", "vocab: 50000000"),
                         "x.yaml:4: source.tiny.vocab: must be <= 262144, got 50000000"),
     "tiny model too big in all": (tiny_spec().replace("hidden: 32, intermediate: 64", "hidden: 8192, "
@@ -116,6 +123,20 @@ def test_bad_spec_one_exact_line(case, tmp_path, monkeypatch):
     with pytest.raises(UserError) as e:
         load_spec("x.yaml")
     assert str(e.value) == want
+
+
+@pytest.mark.parametrize("data", ["calib: {path: texts}", "eval: {texts: {p: texts}}"])
+def test_text_directory_without_text_is_a_spec_error(data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "weights.bin").write_bytes(b"\0" * 64)
+    (tmp_path / "x.yaml").write_text(tiny_spec(extra=f"data:\n  {data}\n"))
+    where = "data.calib.mixture[0].path: " if data.startswith("calib") else "data.eval.texts: p: "
+    with pytest.raises(UserError) as e:
+        load_spec("x.yaml")
+    assert str(e.value) == f"x.yaml:8: {where}directory holds no text files: texts"
+    (tmp_path / "texts" / "a.txt").write_text("now some text\n")
+    load_spec("x.yaml")
 
 
 def test_missing_spec_file(tmp_path, monkeypatch):

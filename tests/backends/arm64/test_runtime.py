@@ -164,7 +164,7 @@ def test_cmake_cross_build_runs_under_the_emulator(built, tmp_path):
     assert "1 tests passed" in res.stdout or "100% tests passed" in res.stdout
 
 
-def test_runner_contract_extras(built):
+def test_runner_contract_extras(built, tmp_path):
     b = built("qwen2-swiglu-dense-f32")
     assert BACKEND.available() is None
     runner = BACKEND.load(b.outdir)
@@ -174,3 +174,8 @@ def test_runner_contract_extras(built):
     assert runner.generate(PROMPT, 0) == []
     with pytest.raises(UserError, match="not found"):
         BACKEND.load(b.outdir / "missing")
+    for text, needle in (("{", r"manifest.json: unreadable \("), ("[]", "manifest.json: not a JSON object"),
+                         ("{}", "manifest.json: no dims.vocab")):   # a damaged manifest: one line naming it
+        (tmp_path / "manifest.json").write_text(text)
+        with pytest.raises(UserError, match=needle):
+            BACKEND.load(tmp_path)
