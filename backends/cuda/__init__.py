@@ -44,5 +44,5 @@ def available() -> str | None:
 
 
 # version: part of a target's cache key; bump it whenever what lower() writes changes (templates, the C interface)
-BACKEND = BackendInfo(name="cuda", version="3", doc="generated CUDA sparse-FFN kernels + CUDA-graph decode runtime",
+BACKEND = BackendInfo(name="cuda", version="4", doc="generated CUDA sparse-FFN kernels + CUDA-graph decode runtime",
                       config=CudaConfig, lower=lower, load=load, available=available)

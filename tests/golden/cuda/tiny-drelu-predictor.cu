@@ -86,6 +86,10 @@ __device__ __forceinline__ float activate(float g, float u) {
 }
 
 // x [B, HIDDEN] -> this thread's columns as floats, xr[b][k][0..7] for vector v = threadIdx.x + k * THREADS.
+// What an earlier kernel of the step wrote (x, ids, counts, z) is read with __ldcg or __ldca, never through the
+// read-only path (ld.global.nc, which load_weights and a const __restrict__ pointer give): ptxas may schedule a
+// read-only load above griddepcontrol.wait, before the data is there. Measured: predict_active's z loads, moved
+// ahead of its block barrier, were scheduled above the wait and read the previous layer's z in a CUDA graph.
 template <int B, int VPT, int THREADS>
 __device__ __forceinline__ void load_columns(const weight_t* __restrict__ x, float xr[B][VPT][8]) {
 #pragma unroll
@@ -93,7 +97,7 @@ __device__ __forceinline__ void load_columns(const weight_t* __restrict__ x, flo
 #pragma unroll
         for (int k = 0; k < VPT; ++k) {
             const int v = threadIdx.x + k * THREADS;
-            if (v < HVEC) unpack8(load_weights(x + b * HIDDEN + v * 8), xr[b][k]);   // asm volatile: not hoisted
+            if (v < HVEC) unpack8(__ldcg(reinterpret_cast<const uint4*>(x + b * HIDDEN) + v), xr[b][k]);
             else for (int e = 0; e < 8; ++e) xr[b][k][e] = 0.f;
         }
 }
@@ -441,16 +445,16 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_ffn(
 {
     allow_next_kernel();
     wait_for_previous_kernel();
-    const int n = *active_count;
+    const int n = __ldcg(active_count);
     const int p0 = blockIdx.x + threadIdx.x * gridDim.x;          // the list has room for INTER ids: no fault
-    const int first_id = threadIdx.x < CHUNK && p0 < INTER ? active[p0] : 0;
+    const int first_id = threadIdx.x < CHUNK && p0 < INTER ? __ldcg(active + p0) : 0;
     stream_rows<B, VPT, THREADS, CHUNK, STAGES, false, false>(
         n, x, norm_w, eps, w_gate, w_up, w_down_t, partials, barrier, residual, y,
-        [&](int i) { return i < CHUNK ? first_id : active[blockIdx.x + i * gridDim.x]; },
+        [&](int i) { return i < CHUNK ? first_id : __ldcg(active + blockIdx.x + i * gridDim.x); },
         [&](int, int id, int b, float g, float u) {
             float a = activate<ACT>(g, u);
             if (fabsf(a) <= threshold) a = 0.f;
-            if (token_mask != nullptr && !token_mask[b * INTER + id]) a = 0.f;
+            if (token_mask != nullptr && !__ldcg(token_mask + b * INTER + id)) a = 0.f;
             return a;
         });
 }
@@ -657,7 +661,7 @@ __global__ void __launch_bounds__(256) predict_active(
 #pragma unroll
             for (int e = 0; e < 8; ++e) {
                 const int r = b * rank + v * 8 + e;
-                const float t = v < rvec ? z[r] * inv_rms[b] : 0.f;
+                const float t = v < rvec ? __ldca(z + r) * inv_rms[b] : 0.f;   // produced: see load_columns
                 zr[k][e] = relu ? fmaxf(t, 0.f) : t;
             }
         }
@@ -1184,7 +1188,8 @@ __global__ void __launch_bounds__(ATT_THREADS) decode_attention(
         const int i = threadIdx.x + k * ATT_THREADS, r = i / HEAD_DIM, d = i % HEAD_DIM;
         if (i >= (GROUP + 2) * HEAD_DIM) break;
         const int head = r < GROUP ? g * GROUP + r : r == GROUP ? HEADS + g : HEADS + KV_HEADS + g;
-        const float xd = float(qkv[head * HEAD_DIM + d]), xe = float(qkv[head * HEAD_DIM + (d + HEAD_DIM / 2) % HEAD_DIM]);
+        const float xd = float(__ldcg(qkv + head * HEAD_DIM + d)),
+                    xe = float(__ldcg(qkv + head * HEAD_DIM + (d + HEAD_DIM / 2) % HEAD_DIM));
         const float roped = xd * cd[k] + xe * sd[k];
         if (r < GROUP) q[r][d] = roped * q_scale;
         else if (r == GROUP) kv_new[0][d] = weight_t(roped);

@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(THREADS) moe_route(
 __device__ __forceinline__ void route(const float* __restrict__ logits, int expert[TOP_K], float weight[TOP_K]) {
     float l[NUM_EXPERTS];
 #pragma unroll
-    for (int e = 0; e < NUM_EXPERTS; ++e) l[e] = logits[e];
+    for (int e = 0; e < NUM_EXPERTS; ++e) l[e] = __ldcg(logits + e);   // produced: see load_columns (ffn)
     float top[TOP_K];
     unsigned long long taken = 0;   // NUM_EXPERTS <= 64
 #pragma unroll
@@ -193,7 +193,7 @@ __global__ void __launch_bounds__(256) moe_predict_active(
     for (int c = 0; c < RVEC_PER_LANE; ++c) {
         const int v = lane + 32 * c;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) zr[c][i] = v < rvec ? z[k * rank + v * 8 + i] : 0.f;
+        for (int i = 0; i < 8; ++i) zr[c][i] = v < rvec ? __ldca(z + k * rank + v * 8 + i) : 0.f;
     }
     float mine = 0.f;
 #pragma unroll
@@ -253,7 +253,7 @@ __global__ void __launch_bounds__(THREADS, 1) moe_experts(
             threshold[k] = p.threshold;
             listed[k] = p.has_predictor != 0.f;
             first[k] = n;
-            n += listed[k] ? counts[e] : INTER;
+            n += listed[k] ? __ldcg(counts + e) : INTER;
         }
         first[TOP_K] = n;
     }
@@ -266,7 +266,7 @@ __global__ void __launch_bounds__(THREADS, 1) moe_experts(
             while (k + 1 < TOP_K && pos >= first[k + 1]) ++k;
             slot[threadIdx.x] = k;
             const int e = expert[k], q = pos - first[k];
-            return e * INTER + (listed[k] ? lists[e * INTER + q] : q);
+            return e * INTER + (listed[k] ? __ldcg(lists + e * INTER + q) : q);
         },
         [&](int t, int, int, float g, float u) {
             const float a = activate<ACT>(g, u);
