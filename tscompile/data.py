@@ -419,11 +419,16 @@ def _corpus_file(path: str, split: str | None) -> Path:
     return d / ("heldout.txt" if (part or split) == "heldout" else "train.txt")
 
 
-def looks_like_text(p: Path) -> bool:
+def _looks_like_text(p: Path) -> bool:
     if p.name.startswith(".") or p.suffix.lower() not in TEXT_SUFFIXES:
         return False
     with open(p, "rb") as f:
         return b"\0" not in f.read(8192)
+
+
+def text_files(d: Path) -> Iterator[Path]:
+    """The text files under directory d, lazily, in no order."""
+    return (f for f in d.rglob("*") if f.is_file() and _looks_like_text(f))
 
 
 def resolve_texts(path: str) -> list[Path]:
@@ -434,7 +439,7 @@ def resolve_texts(path: str) -> list[Path]:
     if p.is_file():
         return [p]
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and looks_like_text(f))
+        files = sorted(text_files(p))
         if not files:
             raise UserError(f"{path}: directory holds no text files")
         return files

@@ -23,7 +23,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, 
 
 from . import registry
 from .api import PassConfig
-from .data import looks_like_text, parse_corpus_path
+from .data import parse_corpus_path, text_files
 from .errors import UserError
 from .sources import SourceSpec, resolve_local_path
 
@@ -40,7 +40,7 @@ def resolve_text_path(text: str, info: ValidationInfo) -> str:
     if not text.startswith("corpus:"):
         path = Path(resolve_local_path(text, info))
         try:
-            if path.is_dir() and not any(f.is_file() and looks_like_text(f) for f in path.rglob("*")):
+            if path.is_dir() and next(text_files(path), None) is None:
                 raise ValueError(f"directory holds no text files: {text}")
         except OSError as e:
             raise ValueError(f"cannot read {e.filename}: {e.strerror}") from None
@@ -79,13 +79,13 @@ class Mixture(Strict):
 
 
 class TrainData(Mixture):
-    seq_len: int = Field(1024, ge=2)            # a window predicts its own next tokens: at least 2
+    seq_len: PositiveInt = 1024                 # relufy trains on windows of seq_len + 1 tokens
     held_out: float = Field(0.02, ge=0, lt=1)   # fraction of each source kept out of training
 
 
 class CalibData(Mixture):
     tokens: PositiveInt = 65536
-    seq_len: PositiveInt = 512
+    seq_len: int = Field(512, ge=2)             # held-out perplexity needs a token and its successor
 
 
 class EvalData(Strict):

@@ -104,8 +104,8 @@ BAD |= {   # spec errors the build would otherwise meet only once running
                                            "measured on its texts, and this spec has none"),
     "eval windows of one token": (tiny_spec(extra="data:\n  eval: {texts: {p: corpus:prose@heldout}, seq_len: 1}\n"),
                                   "x.yaml:8: data.eval.seq_len: must be >= 2, got 1"),
-    "training windows of one token": (tiny_spec(extra="data:\n  train: {path: corpus:prose, seq_len: 1}\n"),
-                                      "x.yaml:8: data.train.seq_len: must be >= 2, got 1"),
+    "calibration windows of one token": (tiny_spec(extra="data:\n  calib: {path: corpus:prose, seq_len: 1}\n"),
+                                         "x.yaml:8: data.calib.seq_len: must be >= 2, got 1"),
     "huge tiny vocab": (tiny_spec().replace("vocab: 300", "vocab: 50000000"),
                         "x.yaml:4: source.tiny.vocab: must be <= 262144, got 50000000"),
     "tiny model too big in all": (tiny_spec().replace("hidden: 32, intermediate: 64", "hidden: 8192, "
