@@ -252,8 +252,9 @@ def read_manifest(target_dir: Path) -> dict | None:
         return None
 
 
-def load_manifest(target_dir: Path) -> dict:
-    """A target's manifest; UserError naming the file when it is missing, unreadable or not a JSON object."""
+def load_manifest(target_dir: Path, keys: tuple[str, ...] = (), kind: str = "") -> dict:
+    """A target's manifest; UserError naming the file when it is missing, unreadable, not a JSON object or without
+    one of `keys` (what a runner of target `kind` reads)."""
     path = target_dir / "manifest.json"
     try:
         manifest = json.loads(path.read_text())
@@ -263,4 +264,7 @@ def load_manifest(target_dir: Path) -> dict:
         raise UserError(f"{path}: unreadable ({e})") from None
     if not isinstance(manifest, dict):
         raise UserError(f"{path}: not a JSON object (damaged; build the target again)")
+    missing = [k for k in keys if k not in manifest]
+    if missing:
+        raise UserError(f"{path}: no {missing[0]!r} (not a manifest of the {kind} target, or a damaged one)")
     return manifest

@@ -26,11 +26,7 @@ class Arm64Runner:
     def __init__(self, outdir: Path, dense: bool = False, exact: bool = False, where: str = "auto",
                  cpu: str | None = None, threads: int | None = None, timeout: float = 600.0):
         self.outdir = Path(outdir)
-        if not (self.outdir / "manifest.json").exists():
-            raise UserError(f"{self.outdir / 'manifest.json'}: not found (lower the model with --target arm64 first)")
-        self.manifest = load_manifest(self.outdir)
-        if not isinstance(self.manifest.get("dims"), dict) or "vocab" not in self.manifest["dims"]:
-            raise UserError(f"{self.outdir / 'manifest.json'}: no dims.vocab (not an arm64 artifact, or a damaged one)")
+        self.manifest = load_manifest(self.outdir, ("dims",), "arm64")
         if where not in WHERE:
             raise UserError(f"arm64 runner: where={where!r} is not one of {', '.join(WHERE)}")
         self.dense, self.exact, self.where = dense, exact, where

@@ -126,10 +126,7 @@ def load_runner(outdir, dense: bool = False) -> CudaRunner:
     if why:
         raise UserError(f"{outdir}: cannot run the cuda target here: {why}")
     outdir = Path(outdir)
-    manifest = load_manifest(outdir)
-    missing = [k for k in ("arch_config", "ffns", "dtype", "arch") if k not in manifest]
-    if missing:
-        raise UserError(f"{outdir / 'manifest.json'}: no {missing[0]!r} (not a cuda artifact, or a damaged one)")
+    manifest = load_manifest(outdir, ("arch_config", "ffns", "dtype", "arch"), "cuda")
     if manifest.get("backend_version", BACKEND.version) != BACKEND.version:   # (lower() alone writes none)
         raise UserError(f"{outdir}: lowered by cuda backend version {manifest['backend_version']}, this tscompile "
                         f"runs version {BACKEND.version}: build it again")
