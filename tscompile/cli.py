@@ -330,10 +330,31 @@ def _disk_problem(e: Exception) -> str | None:
     return None
 
 
+def _options_with_values(group: click.Group) -> set[str]:
+    """Every option name, in any command, that takes a value (so a following "--debug" is that value)."""
+    names = set()
+    for command in [group, *group.commands.values()]:
+        if isinstance(command, click.Group) and command is not group:
+            names |= _options_with_values(command)
+        names |= {o for p in command.params if isinstance(p, click.Option) and not p.is_flag and not p.count
+                  for o in p.opts}
+    return names
+
+
+def _take_debug(args: list[str]) -> tuple[bool, list[str]]:
+    """--debug is accepted anywhere on the command line, except as an option's value or after "--"."""
+    valued, kept, debug = _options_with_values(cli), [], False
+    for i, a in enumerate(args):
+        if a == "--debug" and "--" not in args[:i] and not (kept and kept[-1] in valued):
+            debug = True
+        else:
+            kept.append(a)
+    return debug, kept
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args or os.environ.get("TSCOMPILE_DEBUG") == "1"
-    args = [a for a in args if a != "--debug"]
+    debug, args = _take_debug(list(sys.argv[1:] if argv is None else argv))
+    debug = debug or os.environ.get("TSCOMPILE_DEBUG") == "1"
     handler = _ProgressAwareHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler.setLevel(logging.DEBUG if debug else logging.INFO)

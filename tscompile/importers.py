@@ -104,7 +104,8 @@ def pip_download(req: str, dest: Path, pattern: str, failure: str, sdist: bool =
     with scratch_dir(dest, "download") as tmp:
         proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", *fmt,
                                "--disable-pip-version-check", "-d", tmp, req],
-                              stdout=2, stderr=subprocess.PIPE, text=True)   # pip's progress to our stderr fd
+                              stdout=2 if sys.stderr.isatty() else subprocess.DEVNULL,   # progress: terminals only
+                              stderr=subprocess.PIPE, text=True)
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
             raise UserError(f"{failure}: {last.strip()}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -306,11 +307,45 @@ def pydantic_message(err: dict, model: type[BaseModel] | None) -> str:
     return "must be " + msg[len("Input should be "):] if msg.startswith("Input should be ") else msg
 
 
-def _pydantic_errors(e: ValidationError, prefix: Loc, model: type[BaseModel]) -> list[tuple[Loc, str]]:
-    out = []
+def _without_union_tags(loc: Loc, data: Any, missing: bool) -> tuple[Loc, int | None]:
+    """loc with only the parts that are keys or indexes of the input: without the names pydantic gives a union's
+    members (`rank.constrained-int`) or the keys a validator added (`calib: {path: P}` is read as `mixture:
+    [{path: P}]`), so that it names what the spec says. Also where the first dropped part was (None: none)."""
+    out, node, tag_at = [], data, None
+    for i, part in enumerate(loc):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        elif not (missing and i == len(loc) - 1 and isinstance(node, dict)):   # a missing key is not in the input
+            tag_at = len(out) if tag_at is None else tag_at
+            continue
+        out.append(part)
+    return tuple(out), tag_at
+
+
+def _either(messages: list[str]) -> str:
+    """The messages of a union's members about one value as one: "must be A or B, got X"."""
+    parts = [re.fullmatch(r"must be (.*), got (.*)", m) for m in messages]
+    if all(parts) and len({p[2] for p in parts}) == 1:
+        return f"must be {' or '.join(dict.fromkeys(p[1] for p in parts))}, got {parts[0][2]}"
+    return "; or ".join(dict.fromkeys(messages))
+
+
+def _pydantic_errors(e: ValidationError, prefix: Loc, model: type[BaseModel], data: Any) -> list[tuple[Loc, str]]:
+    """One (loc, message) per error; errors from the members of a union field are reduced to those of the member
+    that matched the input's shape (it failed inside the value), else merged into one message at the field."""
+    out, unions = [], {}   # unions: field loc -> [(loc, message)]
     for err in e.errors():
-        loc = tuple(err["loc"])
-        out.append((prefix + loc, pydantic_message(err, model)))
+        loc, tag_at = _without_union_tags(tuple(err["loc"]), data, err["type"] == "missing")
+        message = pydantic_message({**err, "loc": loc}, model)
+        if tag_at is None:
+            out.append((prefix + loc, message))
+        else:
+            unions.setdefault(loc[:tag_at], []).append((loc, message))
+    for field, errors in unions.items():
+        inside = [(prefix + loc, m) for loc, m in errors if len(loc) > len(field)]
+        out += inside or [(prefix + field, _either([m for _, m in errors]))]
     return out
 
 
@@ -330,7 +365,7 @@ def _validate_named(items: dict, loc: Loc, lookup, errors: list) -> dict[str, Pa
         try:
             out[str(name)] = info.config.model_validate({} if cfg is None else cfg)
         except ValidationError as e:
-            errors += _pydantic_errors(e, where, info.config)
+            errors += _pydantic_errors(e, where, info.config, cfg)
     return out
 
 
@@ -462,7 +497,7 @@ def parse_spec(text: str, file: str = "spec", spec_dir: str | None = None) -> Sp
     try:
         spec = Spec.model_validate(fields, context={"spec_dir": spec_dir})
     except ValidationError as e:
-        other_errors += _pydantic_errors(e, (), Spec)
+        other_errors += _pydantic_errors(e, (), Spec, fields)
     if spec is not None:
         other_errors += _goal_errors(spec)
     errors += [(loc, message, origin.line(loc)) for loc, message in other_errors]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from tsc_test_plugin import fake_distribution, tiny_spec
 
-from tscompile.cli import main
+from tscompile.cli import _take_debug, main
 
 HERE = Path(__file__).parent
 REPO = HERE.parent.parent
@@ -120,6 +120,17 @@ def test_bad_spec_is_one_line_exit_2_and_debug_shows_the_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("args, want", [
+    (["build", "x.yaml", "--debug"], (True, ["build", "x.yaml"])),
+    (["--debug", "data", "build"], (True, ["data", "build"])),
+    (["generate", "d", "--prompt", "--debug"], (False, ["generate", "d", "--prompt", "--debug"])),   # the prompt
+    (["eval", "d", "--text", "--debug", "--debug"], (True, ["eval", "d", "--text", "--debug"])),
+    (["build", "--", "--debug"], (False, ["build", "--", "--debug"])),                                # positional
+])
+def test_debug_is_taken_anywhere_except_as_a_value(args, want):
+    assert _take_debug(args) == want
+
+
+@pytest.mark.parametrize("args, want", [
     (["build"], "error: tscompile build: Missing argument 'SPEC'.\n"),
     (["build", "nope.yaml"], "error: nope.yaml: spec file not found\n"),
     (["build", "x.yaml", "--cache", "maybe"], "error: tscompile build: Invalid value for '--cache': 'maybe' is not "
@@ -138,6 +149,16 @@ def test_usage_errors_exit_2_with_one_line(args, want, tmp_path, capsys):
         assert run_main(capsys, *args)[::2] == (2, want)
     finally:
         os.chdir(REPO)
+
+
+def test_failed_pypi_download_is_one_line_after_the_notice(tmp_path):
+    # an empty local index: pip fails at once, offline; its own chatter ("Looking in links: ...") is not shown
+    r = tsc("import", "pypi:tsc-no-such-package", "--out", str(tmp_path / "out"), PIP_NO_INDEX="1",
+            PIP_FIND_LINKS=str(tmp_path), TSCOMPILE_CACHE=str(tmp_path / "cache"))
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr == ("downloading tsc-no-such-package from PyPI ...\nerror: pypi:tsc-no-such-package: pip download "
+                        "failed: ERROR: No matching distribution found for tsc-no-such-package\n")
+    assert not (tmp_path / "out").exists()
 
 
 def test_broken_third_party_plugin_fails_listing_with_its_name(tmp_path):

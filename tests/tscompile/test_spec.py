@@ -69,6 +69,15 @@ BAD = {
                               "x.yaml:5: pipeline: must be a list of {pass: config} items, got {\"scale\": {}}"),
     "prompts file missing": (tiny_spec(extra="verify:\n  prompts: prompts/none.txt\n"),
                              "x.yaml:8: verify.prompts: file not found: prompts/none.txt"),
+    "union field, no member fits": (tiny_spec(pipeline="[predictors: {rank: 0}]"),
+                                    "x.yaml:5: pipeline[0].predictors.rank: must be > 0 or 'auto', got 0"),
+    "union field, inside the member that fits": (tiny_spec(pipeline="[relufy: {stages: [{name: a, steps: 1, "
+                                                          "l1: {schedule: sine, to: .nan}}]}]"),
+                                                 "x.yaml:5: pipeline[0].relufy.stages[0].l1.to: must be a finite "
+                                                 "number"),
+    "union field, a scalar for either": (tiny_spec(pipeline="[relufy: {stages: [{name: a, steps: 1, l1: x}]}]"),
+                                         "x.yaml:5: pipeline[0].relufy.stages[0].l1: must be a number or a "
+                                         "mapping, got 'x'"),
     "two errors": (tiny_spec(pipeline="[scale: {factor: 0}]", extra="seed: x\n"),
                    "x.yaml:5: pipeline[0].scale.factor: must be > 0, got 0 (and 1 more error)"),
 }
@@ -76,7 +85,7 @@ BAD = {
 
 BAD |= {   # spec errors the build would otherwise meet only once running
     "misspelt corpus": (tiny_spec(extra='data:\n  calib: {path: "corpus:prosee"}\n'),
-                        "x.yaml:8: data.calib.mixture[0].path: corpus:prosee: unknown corpus 'prosee'; "
+                        "x.yaml:8: data.calib.path: corpus:prosee: unknown corpus 'prosee'; "
                         "did you mean 'prose'?"),
     "bad corpus split": (tiny_spec(extra="data:\n  eval:\n    texts: {p: corpus:prose@test}\n"),
                          "x.yaml:9: data.eval.texts: p: corpus:prose@test: expected corpus:NAME, corpus:NAME@train "
@@ -131,7 +140,7 @@ def test_text_directory_without_text_is_a_spec_error(data, tmp_path, monkeypatch
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "weights.bin").write_bytes(b"\0" * 64)
     (tmp_path / "x.yaml").write_text(tiny_spec(extra=f"data:\n  {data}\n"))
-    where = "data.calib.mixture[0].path: " if data.startswith("calib") else "data.eval.texts: p: "
+    where = "data.calib.path: " if data.startswith("calib") else "data.eval.texts: p: "
     with pytest.raises(UserError) as e:
         load_spec("x.yaml")
     assert str(e.value) == f"x.yaml:8: {where}directory holds no text files: texts"
