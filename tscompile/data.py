@@ -423,11 +423,12 @@ def _looks_like_text(p: Path) -> bool:
     if p.name.startswith(".") or p.suffix.lower() not in TEXT_SUFFIXES:
         return False
     with open(p, "rb") as f:
-        return b"\0" not in f.read(8192)
+        head = f.read(8192)
+    return head != b"" and b"\0" not in head
 
 
 def text_files(d: Path) -> Iterator[Path]:
-    """The text files under directory d, lazily, in no order."""
+    """The text files under directory d (not empty, no NUL in their first 8 KB), lazily, in no order."""
     return (f for f in d.rglob("*") if f.is_file() and _looks_like_text(f))
 
 
@@ -465,12 +466,20 @@ def separator_id(tokenizer) -> int:
     raise UserError("tokenizer has no end-of-text token (<|endoftext|>, </s>, <eos>)")
 
 
-def read_documents(path: Path) -> list[str]:
-    """Documents of a text file: DOC_SEP-separated, or ~16 KB pieces at blank lines when it has none."""
+def read_utf8(path: Path) -> str:
+    """A user's text file, strictly UTF-8: replacing bad bytes would train or evaluate on U+FFFD in silence."""
     try:
-        text = path.read_text("utf-8", "replace")
+        return path.read_bytes().decode("utf-8")
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); convert it, "
+                        "e.g. iconv -f latin1 -t utf-8") from None
+
+
+def read_documents(path: Path) -> list[str]:
+    """Documents of a text file: DOC_SEP-separated, or ~16 KB pieces at blank lines when it has none."""
+    text = read_utf8(path)
     if DOC_SEP in text:
         return [d for d in text.split(DOC_SEP) if d.strip()]
     return [d for _, d in cut_pieces(path.name, _clean(text))]

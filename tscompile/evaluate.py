@@ -24,16 +24,12 @@ class SparsityCounter:
 def text_token_ids(ir: ModelIR, path: str, tokens: int | None = None) -> list[int]:
     """Token ids of the text at `path` (a file, a directory or corpus:NAME, see `tscompile.data.resolve_texts`):
     its documents (files, or DOC_SEP-separated parts) joined with the end-of-text token, cut to `tokens`."""
-    from .data import DOC_SEP, resolve_texts, separator_id, tokenizer_of
+    from .data import DOC_SEP, read_utf8, resolve_texts, separator_id, tokenizer_of
     tok = tokenizer_of(ir)
     sep = separator_id(tok)
     ids: list[int] = []
     for f in resolve_texts(path):
-        try:
-            text = f.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise UserError(f"{f}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        for doc in (d for d in text.split(DOC_SEP) if d.strip()):
+        for doc in (d for d in read_utf8(f).split(DOC_SEP) if d.strip()):
             if ids:
                 ids.append(sep)
             ids.extend(tok.encode(doc).ids)

@@ -75,6 +75,7 @@ def test_resolve_texts(corpora, tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "a.py").write_text("print(1)")
     (tmp_path / "blob.bin").write_bytes(b"\0\1\2")
+    (tmp_path / "empty.txt").write_text("")
     assert data.resolve_texts(str(tmp_path)) == [tmp_path / "b.txt", tmp_path / "sub" / "a.py"]
     assert data.resolve_texts(str(tmp_path / "b.txt")) == [tmp_path / "b.txt"]
     assert data.resolve_texts("corpus:prose") == [corpora["prose"] / "train.txt"]
@@ -84,6 +85,16 @@ def test_resolve_texts(corpora, tmp_path):
         with pytest.raises(UserError, match=msg) as e:
             data.resolve_texts(bad)
         assert "\n" not in str(e.value)
+
+
+def test_text_that_is_not_utf8_is_refused_with_its_byte(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 au lait".encode("latin-1"))
+    with pytest.raises(UserError) as e:
+        data.read_documents(tmp_path / "latin1.txt")
+    assert str(e.value) == (f"{tmp_path / 'latin1.txt'}: not UTF-8 text (byte 3: b'\\xe9'); convert it, e.g. "
+                            "iconv -f latin1 -t utf-8")
+    (tmp_path / "utf8.txt").write_text("caf\u00e9 au lait", encoding="utf-8")
+    assert data.read_documents(tmp_path / "utf8.txt") == ["caf\u00e9 au lait"]
 
 
 def test_unfetchable_package_is_one_line_user_error(tmp_path):

@@ -139,6 +139,7 @@ def test_text_directory_without_text_is_a_spec_error(data, tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "weights.bin").write_bytes(b"\0" * 64)
+    (tmp_path / "texts" / "empty.txt").write_text("")
     (tmp_path / "x.yaml").write_text(tiny_spec(extra=f"data:\n  {data}\n"))
     where = "data.calib.path: " if data.startswith("calib") else "data.eval.texts: p: "
     with pytest.raises(UserError) as e:
