@@ -57,7 +57,7 @@ def auto_mode(stats: dict, gap: float) -> tuple[str, str]:
     """The mode `mode: auto` would give this FFN, from the validation figures the pass decides on."""
     from tscompile.passes.predictors import choose_mode
     val = stats["val"]
-    return choose_mode("auto", 3 * val["bytes_exact"], 3 * val["bytes_predictor"],
+    return choose_mode("auto", val["bytes_exact"], val["bytes_predictor"],
                        val["true_sparsity"] - val["predicted_sparsity"], gap)
 
 

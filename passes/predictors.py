@@ -287,13 +287,13 @@ def rank_ladder(cfg: PredictorsConfig, hidden: int, inter: int) -> list[int]:
 
 
 def fit_unit(train: FFNSamples, val: FFNSamples, cfg: PredictorsConfig, device: str, seed: int,
-             exact_rows: float | None = None) -> tuple[TrainedPredictor, list[int]]:
+             exact_share: float | None = None) -> tuple[TrainedPredictor, list[int]]:
     """The smallest ladder rank whose val predicted sparsity is within the gap of the true sparsity.
 
     The largest affordable rank is trained first: if it misses the gap no smaller one will reach it, so it is
     kept as the best there is (one training for an unpredictable FFN); otherwise a binary search goes down.
-    With `exact_rows` (mode auto) a training stops early when it cannot beat the exact path's bytes; a smaller
-    rank's training also stops once it cannot reach the gap (it would be rejected anyway).
+    With `exact_share` (mode auto: exact gating's bytes / FFN bytes) a training stops early when it cannot beat
+    them; a smaller rank's training also stops once it cannot reach the gap (it would be rejected anyway).
     """
     H, I = train.x.shape[1], train.inter
     ladder = rank_ladder(cfg, H, I)
@@ -303,7 +303,8 @@ def fit_unit(train: FFNSamples, val: FFNSamples, cfg: PredictorsConfig, device: 
     def good(k: int) -> bool:
         r = ladder[k]
         if r not in tried:
-            useful = 0.0 if exact_rows is None else 1 - (exact_rows - 3 * predictor_share(r, H, I)) / 3
+            # the predicted sparsity at which predictor_bytes falls below exact_share
+            useful = 0.0 if exact_share is None else 1 + predictor_share(r, H, I) - exact_share
             if k < len(ladder) - 1:
                 useful = max(useful, true_sparsity - cfg.max_sparsity_gap)
             tried[r] = train_predictor(train, val, r, cfg, device, seed, useful)
@@ -350,21 +351,21 @@ def gate_sparsity(ir: ModelIR, layer: int, expert: int | None, samples: FFNSampl
     return zero / (len(samples) * samples.inter)
 
 
-def choose_mode(cfg_mode: str, exact_rows: float, predictor_rows: float | None, gap: float | None = None,
+def choose_mode(cfg_mode: str, exact: float, predictor: float | None, gap: float | None = None,
                 max_gap: float = 1.0) -> tuple[str, str]:
-    """(mode, why). Costs are bytes read per token in units of one [inter, hidden] matrix; `gap` is true minus
+    """(mode, why). Costs are bytes read per token / FFN bytes (exact_bytes, predictor_bytes); `gap` is true minus
     predicted sparsity. Auto takes the predictor only if it reads fewer bytes and is accurate enough (a
     predictor far below the true sparsity mispredicts many neurons, and gating all of them costs quality)."""
-    if cfg_mode == "exact" or predictor_rows is None:
+    if cfg_mode == "exact" or predictor is None:
         return "exact", "mode: exact requested" if cfg_mode == "exact" else "no predictor could be trained"
     if cfg_mode == "predictor":
         return "predictor", "mode: predictor requested"
-    if predictor_rows >= exact_rows:
-        return "exact", f"exact reads {exact_rows:.3f} vs predictor {predictor_rows:.3f} FFN matrices"
+    if predictor >= exact:
+        return "exact", f"exact reads {exact:.3f} vs predictor {predictor:.3f} of the FFN's bytes"
     if gap is not None and gap > max_gap:
-        return "exact", (f"predictor reads {predictor_rows:.3f} vs exact {exact_rows:.3f} FFN matrices but "
+        return "exact", (f"predictor reads {predictor:.3f} vs exact {exact:.3f} of the FFN's bytes but "
                          f"predicts {gap:.3f} less sparsity than true (max_sparsity_gap {max_gap})")
-    return "predictor", f"predictor reads {predictor_rows:.3f} vs exact {exact_rows:.3f} FFN matrices"
+    return "predictor", f"predictor reads {predictor:.3f} vs exact {exact:.3f} of the FFN's bytes"
 
 
 # ---- the pass ----------------------------------------------------------------------------------------------
@@ -441,15 +442,16 @@ def fit_predictors(ir: ModelIR, cfg: PredictorsConfig, calib_ids, device: str = 
             # `mode: auto` decides on val (train where an expert got no val token); test sequences only report
             val = {"true_sparsity": observed_sparsity(va, tr)}
             val["bytes_exact"] = exact_bytes(s_gate, val["true_sparsity"])
-            pred = pred_rows = gap = None
+            pred = gap = None
             if cfg.mode != "exact" and len(tr) >= 16 and len(va) >= 4 and len(te) >= 1:
                 pred, tried = fit_unit(tr, va, cfg, device, seed + u,
-                                       3 * val["bytes_exact"] if cfg.mode == "auto" else None)
+                                       val["bytes_exact"] if cfg.mode == "auto" else None)
                 share = predictor_share(pred.rank, H, I)
                 val |= {"predicted_sparsity": pred.val_sparsity,
                         "bytes_predictor": predictor_bytes(share, pred.val_sparsity)}
-                pred_rows, gap = 3 * val["bytes_predictor"], val["true_sparsity"] - pred.val_sparsity
-            mode, why = choose_mode(cfg.mode, 3 * val["bytes_exact"], pred_rows, gap, cfg.max_sparsity_gap)
+                gap = val["true_sparsity"] - pred.val_sparsity
+            mode, why = choose_mode(cfg.mode, val["bytes_exact"], val.get("bytes_predictor"), gap,
+                                    cfg.max_sparsity_gap)
             if mode == "exact" and val["true_sparsity"] < 0.01:   # nothing to skip: the dense kernels are faster
                 mode, why = "dense", f"{why}; no activation sparsity ({val['true_sparsity']:.4f}): dense"
             true_sparsity = observed_sparsity(te, va, tr)
@@ -556,6 +558,6 @@ def plot_predictors(ir: ModelIR, out_png) -> None:
     save_plot(Path(out_png), lambda ax: draw_predictors(ax, ffns))
 
 
-PASS = PassInfo(name="predictors", version="3",
+PASS = PassInfo(name="predictors", version="4",
                 doc="low-rank activation predictor per FFN (or exact gating where cheaper)",
                 config=PredictorsConfig, run=apply_predictors, needs_data=("calib",), gpu="optional")

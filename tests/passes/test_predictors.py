@@ -107,15 +107,15 @@ def test_config_rejects_bad_values():
             PredictorsConfig(**bad)
 
 
-def test_choose_mode_by_bytes():
-    assert choose_mode("auto", 2.5, 1.2)[0] == "predictor"
-    assert choose_mode("auto", 1.2, 2.5)[0] == "exact"
-    assert choose_mode("predictor", 1.2, 2.5)[0] == "predictor"
-    assert choose_mode("exact", 2.5, 1.2)[0] == "exact"
-    assert choose_mode("auto", 2.5, None)[0] == "exact"
+def test_choose_mode_by_bytes():   # bytes read per token / FFN bytes
+    assert choose_mode("auto", 0.83, 0.4) == ("predictor", "predictor reads 0.400 vs exact 0.830 of the FFN's bytes")
+    assert choose_mode("auto", 0.4, 0.83) == ("exact", "exact reads 0.400 vs predictor 0.830 of the FFN's bytes")
+    assert choose_mode("predictor", 0.4, 0.83)[0] == "predictor"
+    assert choose_mode("exact", 0.83, 0.4)[0] == "exact"
+    assert choose_mode("auto", 0.83, None)[0] == "exact"
     # cheaper but far less sparse than the truth: too many mispredicted neurons to gate
-    assert choose_mode("auto", 2.5, 2.2, gap=0.18, max_gap=0.05)[0] == "exact"
-    assert choose_mode("auto", 2.5, 2.2, gap=0.04, max_gap=0.05)[0] == "predictor"
+    assert choose_mode("auto", 0.83, 0.73, gap=0.18, max_gap=0.05)[0] == "exact"
+    assert choose_mode("auto", 0.83, 0.73, gap=0.04, max_gap=0.05)[0] == "predictor"
 
 
 @pytest.fixture(scope="module")
