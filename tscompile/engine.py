@@ -93,20 +93,21 @@ def _data_key(spec: Spec, sections: tuple[str, ...], memo: Path | None, write_me
               dry_run: bool) -> dict | None:
     """What a step reads of spec.data: those sections as written, and the content of their files and corpora
     (a dry run builds no corpus: one not built yet keys as unknown, so its step plans to run)."""
-    from .data import corpus_digest
-
-    def content(path: str) -> str | None:
-        if path.startswith("corpus:"):
-            return corpus_digest(path, build=not dry_run)
-        return tree_hash(Path(path), memo, write_memo)
-
     out = {}
     for name in sections:
         section = getattr(spec.data, name, None)
         if section is not None:
             out[name] = {"spec": section.model_dump(mode="json"),
-                         "files": {s.path: content(s.path) for s in section.mixture}}
+                         "files": {s.path: _text_digest(s.path, memo, write_memo, dry_run) for s in section.mixture}}
     return out or None
+
+
+def _text_digest(path: str, memo: Path | None, write_memo: bool, dry_run: bool = False) -> str | None:
+    """What identifies a text path's content in cache keys: a corpus's file digests, else the files' sha256."""
+    from .data import corpus_digest
+    if path.startswith("corpus:"):
+        return corpus_digest(path, build=not dry_run)
+    return tree_hash(Path(path), memo, write_memo)
 
 
 def _step_key(prev: str, spec: Spec, info: PassInfo, cfg: PassConfig, data: dict | None) -> str:
@@ -352,11 +353,17 @@ class _Build:
 
 
     def verify_key(self) -> str:
-        """Identifies what a verification checked: the model, the targets, the verify settings, the eval texts."""
+        """Identifies what a verification checked: the model, the targets, the verify settings, the eval texts
+        (as written and their content)."""
         plan, spec = self.plan, self.plan.spec
+        evals = spec.data.eval if spec.data else None
+        memo = plan.build_dir / ".cache" / "file-hashes.json" if cache.reads(plan.policy) else None
+        # a corpus is not built for this (the verifier built it before a key is written; missing now: not current)
+        texts = ({p: _text_digest(p, memo, cache.writes(plan.policy), dry_run=True) for p in evals.texts.values()}
+                 if evals else None)
         return cache.chain_key(plan.final_key, "verify", [t.key for t in plan.targets],
-                               spec.verify.model_dump(mode="json"),
-                               spec.data.eval.model_dump(mode="json") if spec.data and spec.data.eval else None)
+                               spec.verify.model_dump(mode="json"), evals.model_dump(mode="json") if evals else None,
+                               texts)
 
     def verification_is_current(self) -> bool:
         """verify.json holds a passing verification of exactly these outputs (its key is recorded beside it)."""
@@ -375,8 +382,10 @@ class _Build:
             log.info("verify: cached (passed before; %s)", report)
             return
         self.result.verify = verify_dir(build_dir, self.plan.spec, [t.name for t in self.plan.targets])
-        # only after it passed: a missed goal is checked again
-        cache.write_text_atomic(build_dir / ".verify.key", self.verify_key())
+        # only after it passed (a missed goal is checked again) and judged every target (one that could not run
+        # here, e.g. without a GPU, is verified once it can)
+        if not any("skipped" in r for r in self.result.verify.get("targets", {}).values()):
+            cache.write_text_atomic(build_dir / ".verify.key", self.verify_key())
         self.done("verify")
 
 

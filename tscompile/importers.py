@@ -15,6 +15,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from packaging.version import Version
+
 from .cache import scratch_dir, sha256_file
 from .checkpoint import load_checkpoint, validate_weights
 from .errors import UserError
@@ -77,6 +79,12 @@ def _parse_requirement(spec: str) -> tuple[str, str | None]:
     return canonical, version or DEFAULT_PYPI_VERSIONS.get(canonical)
 
 
+def pinned_requirement(spec: str) -> str:
+    """PACKAGE==VERSION as it is fetched: the version given, else the pinned default, else just the name."""
+    name, version = _parse_requirement(spec)
+    return f"{name}=={version}" if version else name
+
+
 def fetch_wheel(spec: str, cache: Path) -> Path:
     """The wheel for `spec` under <cache>/pypi/, downloaded with `pip download --no-deps` when missing.
 
@@ -87,10 +95,10 @@ def fetch_wheel(spec: str, cache: Path) -> Path:
     # wheel file names: the name with "_" for "-", in whatever case the project used
     wanted = re.compile(re.escape(name.replace("-", "_")) + "-" + (re.escape(version.lower()) if version else "[^-]+")
                         + "-.+\\.whl")
-    cached = sorted(p for p in dest.glob("*.whl") if wanted.fullmatch(p.name.lower())) if dest.is_dir() else []
-    if cached:
-        return cached[-1]
-    req = f"{name}=={version}" if version else name
+    cached = [p for p in dest.glob("*.whl") if wanted.fullmatch(p.name.lower())] if dest.is_dir() else []
+    if cached:   # the newest version (0.10.0 after 0.9.0)
+        return max(cached, key=lambda p: Version(p.name.split("-")[1]))
+    req = pinned_requirement(spec)
     print(f"downloading {req} from PyPI ...", file=sys.stderr)
     return pip_download(req, dest, "*.whl", f"pypi:{spec}: pip download failed")
 

