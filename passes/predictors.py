@@ -24,7 +24,7 @@ from pydantic import Field, PositiveInt
 
 from tscompile.api import Context, PassConfig, PassInfo
 from tscompile.errors import UserError
-from tscompile.ir import RELU_KINDS, ModelIR, Predictor, ffn_names, predictor_names
+from tscompile.ir import RELU_KINDS, ModelIR, Predictor, exact_row_shares, ffn_names, predictor_names
 
 STATS_KEYS = ("true_sparsity", "gate_sparsity", "bytes_exact", "mode_reason", "samples", "candidate_predictor",
               "recall", "precision", "predicted_sparsity", "rank", "predictor_threshold", "ranks_tried", "epochs",
@@ -329,9 +329,8 @@ def observed_sparsity(*splits: FFNSamples) -> float:
 
 
 def exact_bytes(s_gate: float, true_sparsity: float) -> float:
-    """Bytes exact gating reads per token / FFN bytes: the gate fully, up where act(gate) != 0 (a share 1 - s_gate),
-    down where h != 0."""
-    return (1 + (1 - s_gate) + (1 - true_sparsity)) / 3
+    """Bytes exact gating reads per token / FFN bytes (exact_row_shares of three equal matrices)."""
+    return sum(exact_row_shares(s_gate, true_sparsity)) / 3
 
 
 def predictor_bytes(share: float, predicted_sparsity: float) -> float:

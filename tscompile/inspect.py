@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from .checkpoint import expected_shapes
-from .ir import ModelIR, ffn_names, predictor_names
+from .ir import ModelIR, exact_row_shares, ffn_names, predictor_names
 
 CATEGORIES = ("embedding", "attention", "ffn", "norm", "lm_head", "predictor")
 
@@ -54,8 +54,9 @@ def _sparse_ffn_bytes(unit: dict[str, Any]) -> float | None:
     if s is None:
         return None
     active = 1.0 - float(s)
-    if unit["mode"] == "exact":        # gate computed densely, up and down only for active neurons
-        return b["gate"] + active * (b["up"] + b["down"])
+    if unit["mode"] == "exact":   # up rows where act(gate) != 0: all of them unless a pass measured it
+        g, u, d = exact_row_shares(unit["stats"].get("gate_sparsity", 0.0), float(s))
+        return g * b["gate"] + u * b["up"] + d * b["down"]
     return active * (b["gate"] + b["up"] + b["down"]) + (unit["predictor"] or {}).get("bytes", 0)
 
 

@@ -157,6 +157,12 @@ class Predictor:
     relu: bool = True           # fc2(relu(fc1 x)); False = fc2(fc1 x) (Deja Vu's linear predictor)
 
 
+def exact_row_shares(gate_sparsity: float, sparsity: float) -> tuple[float, float, float]:
+    """Shares of the gate, up and down rows exact gating reads per token: the gate fully, up where act(gate) != 0
+    (gate_sparsity: the share where it is exactly 0; 0 for SwiGLU and GeGLU), down where h != 0."""
+    return 1.0, 1.0 - gate_sparsity, 1.0 - sparsity
+
+
 @dataclass
 class FFNSparsity:
     """Sparsity annotation of one FFN (a layer's MLP, or one expert of an MoE layer)."""

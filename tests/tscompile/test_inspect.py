@@ -65,8 +65,9 @@ def test_annotations_predictor_bytes_and_sparse_estimate(family):
     assert d["params"]["predictor"] == numel(ir, lambda n: ".predictor." in n)
     m = 64 * 192 * 4                                          # one FFN matrix, fp32
     n_units = len(list(ir.ffn_units()))
-    # the "exact" unit reads its gate densely; predictor units read 10% of rows plus the predictor
-    unit_bytes = [m + 0.1 * 2 * m] + [0.1 * 3 * m + 8 * (64 + 192) * 4] * (n_units - 1)
+    # the "exact" unit reads its gate and (its gate's zero share not measured) up densely, down where h != 0;
+    # predictor units read 10% of rows plus the predictor
+    unit_bytes = [2 * m + 0.1 * m] + [0.1 * 3 * m + 8 * (64 + 192) * 4] * (n_units - 1)
     router = d["bytes"]["ffn"] - 3 * m * n_units
     assert router == (2 * 4 * 64 * 4 if family == "mixtral" else 0)
     want = router + (2 / 4 if family == "mixtral" else 1.0) * sum(unit_bytes)
@@ -75,6 +76,9 @@ def test_annotations_predictor_bytes_and_sparse_estimate(family):
     assert est["total_bytes"] == pytest.approx(dec["total"] - dec["ffn"] + want)
     text = format_description(d)
     assert "predictor" in text and " 0.900" in text and "less)" in text
+    first.stats["gate_sparsity"] = 0.7                         # measured: up rows only where the gate is not 0
+    est2 = describe(ir)["sparse_decode_estimate"]["ffn_bytes"]
+    assert est2 == pytest.approx(want - (2 / 4 if family == "mixtral" else 1.0) * 0.7 * m)
 
 
 def test_describe_reads_headers_only_and_matches(tmp_path):
