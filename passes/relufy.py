@@ -84,6 +84,18 @@ class RelufyConfig(PassConfig):
     activation_checkpointing: bool = False
     compile: bool = False
 
+    def spec_errors(self, spec) -> list[tuple[tuple, str]]:
+        """A step is whole windows of seq_len tokens in whole micro-batches (on one rank; train() checks ranks)."""
+        seq_len = self.seq_len or spec.data.train.seq_len
+        windows = self.batch_tokens // seq_len
+        if windows == 0:
+            return [(("batch_tokens",), f"must hold at least one window of seq_len {seq_len} tokens, got "
+                                        f"{self.batch_tokens}")]
+        if windows % min(self.micro_batch, windows):
+            return [(("micro_batch",), f"must divide the {windows} windows of a step (batch_tokens "
+                                       f"{self.batch_tokens} / seq_len {seq_len}), got {self.micro_batch}")]
+        return []
+
 
 def _check_activations(ir: ModelIR) -> None:
     for layer, expert, ann in ir.ffn_units():

@@ -31,6 +31,11 @@ class PassConfig(BaseModel):
         """Which of the spec.data sections its pass declares this config reads (a config may need fewer)."""
         return declared
 
+    def spec_errors(self, spec: Any) -> list[tuple[tuple, str]]:
+        """(key path under this config, message) for what is wrong only together with the rest of the spec (its
+        data sections are there by then); the build stops at plan time on the first."""
+        return []
+
 
 @dataclass
 class Context:

@@ -163,9 +163,10 @@ def plan_build(spec: Spec, out_dir: Path | None = None, targets: list[str] | Non
                 if getattr(spec.data, section, None) is None:
                     raise spec.error_at(where, f"needs data.{section} ({DATA_SECTIONS[section]}): "
                                                "add it to the spec's data: section")
+        for loc, message in step.config.spec_errors(spec)[:1]:
+            raise spec.error_at(where + tuple(loc), message)
         if info.gpu == "required" and not dry_run and not _has_gpu():
-            raise spec.error_at(("pipeline", i, step.name), "needs a CUDA GPU and none is available "
-                                "(use --dry-run to only check the plan)")
+            raise spec.error_at(where, "needs a CUDA GPU and none is available (use --dry-run to only check the plan)")
         seen.append(step.name)
     selected = _select_targets(spec, targets)
 

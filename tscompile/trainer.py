@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import atomic_dir, write_text_atomic
+from .errors import UserError
 
 LOG_NAME = "train_log.jsonl"
 LATEST = "latest.json"
@@ -352,13 +353,14 @@ def train(model, cfg, train_data: TokenWindows, heldout: dict[str, np.ndarray], 
     seq_len = train_data.seq_len
     total_steps = sum(s.steps for s in cfg.stages)
     per_step = cfg.batch_tokens // seq_len
-    if per_step < world or per_step % world:
-        raise ValueError(f"batch_tokens {cfg.batch_tokens} = {per_step} windows of {seq_len}: "
-                         f"not divisible over {world} ranks")
+    if per_step < world or per_step % world:   # one rank: checked at plan time (RelufyConfig.spec_errors)
+        raise UserError(f"relufy: batch_tokens {cfg.batch_tokens} is {per_step} windows of {seq_len} tokens, "
+                        f"which {world} ranks cannot share evenly")
     per_rank = per_step // world
     micro = max(1, min(cfg.micro_batch, per_rank))
     if per_rank % micro:
-        raise ValueError(f"{per_rank} windows per rank per step is not a multiple of micro_batch {micro}")
+        raise UserError(f"relufy: micro_batch {micro} does not divide the {per_rank} windows each of {world} ranks "
+                        "gets per step")
     on_cuda = str(device).startswith("cuda")
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_cuda else contextlib.nullcontext
 

@@ -113,6 +113,26 @@ def test_config_errors_name_the_field():
     assert isinstance(RelufyConfig.model_validate(CONFIG).stages[1].l1, L1Ramp)
 
 
+@pytest.mark.parametrize("relufy, want", [
+    ("{batch_tokens: 32, stages: [{name: a, steps: 1}]}", "batch_tokens: must hold at least one window of seq_len "
+                                                           "64 tokens, got 32"),
+    ("{batch_tokens: 384, micro_batch: 4, stages: [{name: a, steps: 1}]}", "micro_batch: must divide the 6 windows "
+                                                                           "of a step (batch_tokens 384 / seq_len "
+                                                                           "64), got 4"),
+])
+def test_batch_that_is_not_whole_windows_is_a_plan_error(relufy, want, tmp_path):
+    from tscompile.engine import plan_build
+    from tscompile.spec import parse_spec
+    (tmp_path / "t.txt").write_text("some training text")
+    spec = parse_spec("version: 1\nname: r\nsource: {tiny: {family: llama, layers: 1, hidden: 32, intermediate: 64, "
+                      "heads: 2, kv_heads: 1, vocab: 300}}\n"
+                      f"data: {{train: {{mixture: [{{path: {tmp_path / 't.txt'}}}], seq_len: 64}}}}\n"
+                      f"pipeline: [drelu: {{}}, relufy: {relufy}]\n", "r.yaml")
+    with pytest.raises(UserError) as e:
+        plan_build(spec, tmp_path / "b", dry_run=True)
+    assert str(e.value) == f"r.yaml:5: pipeline[1].relufy.{want}"
+
+
 def test_needs_relu_activation(tmp_path):
     from tscompile.api import Context
     ir = make_tiny_ir("mistral", "swiglu")
