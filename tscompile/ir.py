@@ -141,9 +141,17 @@ class ArchConfig:
             for i in ids if isinstance(ids, list) else [ids]:
                 if i is not None and not (isinstance(i, int) and 0 <= i < self.vocab_size):
                     raise UserError(f"{where}: {key} {i} is outside the vocabulary (size {self.vocab_size})")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise UserError(f"{where}: rope_scaling must be a mapping or null, got {self.rope_scaling!r}")
         kind = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type"))
         if kind not in (None, "default", "linear", "llama3"):
             raise UserError(f"{where}: rope_scaling type {kind!r} is not supported (supported: linear, llama3)")
+        needs = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                    "original_max_position_embeddings")}.get(kind, ())
+        for key in needs:
+            v = self.rope_scaling.get(key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise UserError(f"{where}: rope_scaling {kind} needs {key} as a positive number, got {v!r}")
 
 
 def _first(x):
@@ -189,7 +197,23 @@ class FFNSparsity:
             out.predictor = Predictor(**pred) if pred else None
         except TypeError as e:
             raise UserError(f"{where}: {e}") from None
+        if not _is_number(out.threshold) or out.threshold < 0:
+            raise UserError(f"{where}.threshold: must be a number >= 0, got {out.threshold!r}")
+        if not isinstance(out.stats, dict):
+            raise UserError(f"{where}.stats: must be a mapping, got {out.stats!r}")
+        for key in ("sparsity", "gate_sparsity"):   # what inspect, the report and the backends read
+            v = out.stats.get(key)
+            if v is not None and not (_is_number(v) and 0 <= v <= 1):
+                raise UserError(f"{where}.stats.{key}: must be a number in [0, 1], got {v!r}")
+        p = out.predictor
+        if p is not None and (isinstance(p.rank, bool) or not isinstance(p.rank, int) or p.rank <= 0
+                              or not _is_number(p.threshold) or not isinstance(p.relu, bool)):
+            raise UserError(f"{where}.predictor: needs rank > 0, a numeric threshold and relu true/false, got {pred}")
         return out
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass

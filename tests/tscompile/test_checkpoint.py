@@ -256,6 +256,15 @@ def test_config_missing(tmp_path):
     (lambda c: c["tscompile"]["layers"][1].update(activation="gelu"), "tscompile.layers[1].activation: 'gelu'"),
     (lambda c: c["tscompile"]["layers"][0].update(mode="fast"), "tscompile.layers[0].mode: 'fast'"),
     (lambda c: c["tscompile"]["layers"][0].update(speed=3), "tscompile.layers[0]"),
+    (lambda c: c.update(rope_scaling="linear"), "rope_scaling must be a mapping or null, got 'linear'"),
+    (lambda c: c.update(rope_scaling={"rope_type": "linear"}), "rope_scaling linear needs factor as a positive "
+                                                               "number, got None"),
+    (lambda c: c["tscompile"]["layers"][0].update(threshold="0.1"), "tscompile.layers[0].threshold: must be a "
+                                                                     "number >= 0, got '0.1'"),
+    (lambda c: c["tscompile"]["layers"][1].update(stats={"sparsity": "high"}), "tscompile.layers[1].stats.sparsity: "
+                                                                               "must be a number in [0, 1]"),
+    (lambda c: c["tscompile"]["layers"][0].update(predictor={"rank": "8"}), "tscompile.layers[0].predictor: needs "
+                                                                             "rank > 0"),
 ])
 def test_bad_config(tmp_path, edit, expect):
     path = saved(tmp_path)
