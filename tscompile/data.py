@@ -32,6 +32,7 @@ from pathlib import Path
 from .cache import atomic_dir, atomic_file, scratch_dir, sha256_file
 from .errors import UserError
 from .importers import cache_root
+from .sources import expand_home
 
 DOC_SEP = "\x1e"
 HELDOUT_FRACTION = 0.03      # share of documents (by name hash) that a corpus never trains on
@@ -436,7 +437,7 @@ def resolve_texts(path: str) -> list[Path]:
     """A text file, a directory (its text files, sorted) or corpus:NAME[@heldout] -> its files."""
     if path.startswith("corpus:"):
         return [_corpus_file(path, None)]
-    p = Path(path).expanduser()
+    p = expand_home(path)
     if p.is_file():
         return [p]
     if p.is_dir():

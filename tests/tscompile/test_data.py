@@ -81,7 +81,8 @@ def test_resolve_texts(corpora, tmp_path):
     assert data.resolve_texts("corpus:prose") == [corpora["prose"] / "train.txt"]
     assert data.resolve_texts("corpus:code@heldout") == [corpora["code"] / "heldout.txt"]
     for bad, msg in [(str(tmp_path / "nope.txt"), "no such file"), ("corpus:klingon", "unknown corpus"),
-                     ("corpus:prose@test", "expected corpus:NAME")]:
+                     ("corpus:prose@test", "expected corpus:NAME"),
+                     ("~tsc_no_such_user/a.txt", "no home directory for ~tsc_no_such_user")]:
         with pytest.raises(UserError, match=msg) as e:
             data.resolve_texts(bad)
         assert "\n" not in str(e.value)

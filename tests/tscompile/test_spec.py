@@ -38,6 +38,10 @@ BAD = {
                             "x.yaml:4: source: give exactly one of 'path' or 'tiny'"),
     "source path not found": ("version: 1\nname: t\nsource:\n  path: no/such/model.gguf\n",
                               "x.yaml:4: source.path: file not found: no/such/model.gguf"),
+    "home of an unknown user": ("".join("source: {path: ~tsc_no_such_user/m}\n" if line.startswith("source:")
+                                        else line for line in tiny_spec().splitlines(keepends=True)),
+                                "x.yaml:4: source.path: ~tsc_no_such_user/m: no home directory for "
+                                "~tsc_no_such_user"),
     "bad tiny family": (tiny_spec().replace("family: llama", "family: gpt2"),
                         "x.yaml:4: source.tiny.family: must be 'llama', 'mistral', 'qwen2' or 'mixtral', got 'gpt2'"),
     "tiny heads do not divide hidden": (tiny_spec().replace("heads: 2", "heads: 3"),
