@@ -26,5 +26,5 @@ def apply_magnitude(ir: ModelIR, cfg: MagnitudeConfig, ctx: Context) -> ModelIR:
     return set_thresholds(ir, ts, {"calibrated_sparsity": cfg.sparsity})
 
 
-PASS = PassInfo(name="magnitude", version="1", config=MagnitudeConfig, run=apply_magnitude, needs_data=("calib",),
+PASS = PassInfo(name="magnitude", version="2", config=MagnitudeConfig, run=apply_magnitude, needs_data=("calib",),
                 doc="training-free: per-layer |h| thresholds to a target sparsity")

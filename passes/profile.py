@@ -28,6 +28,20 @@ def frequency_name(layer: int, expert: int | None) -> str:
     return f"{ffn_prefix(layer, expert)}.activation_frequency"
 
 
+# measured on the FFN's function: stale once a later pass changes it (set by this pass, relufy and reorder)
+MEASURED_STATS = ("sparsity", "profile_tokens", "frequency_p10", "frequency_p50", "frequency_p90", "never_active",
+                  "hot_20pct_share")
+
+
+def forget_measurements(ir: ModelIR) -> None:
+    """Drop the activation statistics and frequencies of every FFN of `ir` (in place): its function changed."""
+    for layer, expert, ann in ir.ffn_units():
+        for key in MEASURED_STATS:
+            ann.stats.pop(key, None)
+        if frequency_name(layer, expert) in ir.weights:
+            del ir.weights[frequency_name(layer, expert)]
+
+
 class _OnlyH(list):
     """An FFN's `capture` that keeps h and drops the input x (half the memory)."""
 

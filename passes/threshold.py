@@ -77,8 +77,12 @@ def calibrate_thresholds(ir: ModelIR, batch, target: float, device: str = "cpu")
 
 
 def set_thresholds(ir: ModelIR, thresholds: list[float], stats: dict | None = None) -> ModelIR:
-    """A copy of `ir` with these thresholds; a dense FFN becomes mode "exact" (h decides what down reads)."""
+    """A copy of `ir` with these thresholds; a dense FFN becomes mode "exact" (h decides what down reads).
+    Sparsity and activation frequencies measured before are dropped: they describe the old function (a later
+    reorder measures again)."""
+    from tscompile.passes.profile import forget_measurements
     out = ir.clone()
+    forget_measurements(out)
     for (_, _, ann), t in zip(out.ffn_units(), thresholds):
         ann.threshold = float(t)
         if ann.mode == "dense":
@@ -98,5 +102,5 @@ def apply_threshold(ir: ModelIR, cfg: ThresholdConfig, ctx: Context) -> ModelIR:
     return set_thresholds(ir, ts, {"calibrated_sparsity": cfg.target_sparsity})
 
 
-PASS = PassInfo(name="threshold", version="1", doc="FATReLU: zero |h| <= t, t given or calibrated per layer",
+PASS = PassInfo(name="threshold", version="2", doc="FATReLU: zero |h| <= t, t given or calibrated per layer",
                 config=ThresholdConfig, run=apply_threshold, needs_data=("calib",))

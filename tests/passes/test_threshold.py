@@ -60,6 +60,16 @@ def test_given_value_zeroes_small_activations():
             assert not small.any() and (h.abs() > 0.05).any()
 
 
+def test_measurements_of_the_old_function_are_dropped():
+    from tscompile.passes.profile import PASS as PROFILE
+    from tscompile.passes.profile import frequency_name
+    profiled = PROFILE.run(make_tiny_ir("llama", "relu"), PROFILE.config(), calib_context())
+    assert "sparsity" in profiled.layers[0].stats and frequency_name(0, None) in profiled.weights
+    out = PASS.run(profiled, ThresholdConfig(value=0.05), calib_context())
+    assert not {"sparsity", "frequency_p50", "never_active"} & set(out.layers[0].stats)   # they were before
+    assert frequency_name(0, None) not in out.weights and frequency_name(0, None) in profiled.weights
+
+
 def test_histogram_quantile_matches_exact_quantile():
     gen = torch.Generator().manual_seed(0)
     hist = AbsHistogram()
