@@ -65,6 +65,15 @@ def make_variant(name: str) -> tuple[ModelIR, str]:
         ir.layers[1].experts[2].predictor.relu = False
         ir.layers[0].experts[3].mode, ir.layers[0].experts[3].predictor = "dense", None
         return ir, "float32"
+    if name == "mixtral-bias-predictors-f32":       # every tensor kind: q/k/v bias, router, head, expert predictors
+        import torch
+        ir = make_tiny_ir("mixtral", "drelu", seed=5, experts=2, top_k=1, layers=1, intermediate=32)
+        c, g = ir.config, torch.Generator().manual_seed(0)
+        c.attention_bias = True
+        for n, d in (("q", c.num_heads * c.head_dim), ("k", c.num_kv_heads * c.head_dim),
+                     ("v", c.num_kv_heads * c.head_dim)):
+            ir.weights[f"model.layers.0.self_attn.{n}_proj.bias"] = 0.1 * torch.randn(d, generator=g)
+        return add_random_predictors(ir, rank=4, seed=3), "float32"
     if name == "mixtral-swiglu-window-f16":         # fp16 weights, 3 experts top-1, sliding window 4 < prompt
         return make_tiny_ir("mixtral", "swiglu", seed=6, experts=3, top_k=1, sliding_window=4), "float16"
     raise KeyError(name)

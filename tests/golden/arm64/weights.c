@@ -35,7 +35,9 @@
 #define FFN_SPEC_BYTES 24
 #define TENSOR_ENTRY_BYTES 80
 #define FFNS_PER_LAYER (N_FFNS / N_LAYERS)
-#define MAX_TENSORS (3 + N_LAYERS * (10 + 5 * FFNS_PER_LAYER))   // embed, head, rope + attention, norms, FFNs
+// at most: embed, final norm, lm_head, rope; per layer 2 norms, 4 projections, 3 biases, the router; per FFN 3
+// matrices and 2 predictor matrices
+#define MAX_TENSORS (4 + N_LAYERS * (10 + 5 * FFNS_PER_LAYER))
 
 typedef struct {
     char name[48];            // NUL-terminated
