@@ -31,6 +31,22 @@ def copy_build(src: Path, dst: Path) -> Path:
     return dst
 
 
+def test_generate_stops_at_eos_on_every_target_as_on_the_reference(tiny_build):
+    prompt = "dog lazy upon return that"   # the tiny model's greedy text reaches its EOS here
+    outs = [tsc("generate", str(tiny_build), "--prompt", prompt, "--max-new-tokens", "40", *t)
+            for t in ([], ["--target", "onnx"], ["--target", "arm64"])]
+    assert all(r.returncode == 0 for r in outs), [r.stderr for r in outs]
+    from tokenizers import Tokenizer
+
+    from tscompile.ir import ModelIR
+    from tscompile.reference import ReferenceModel
+    from tscompile.verify import prompt_ids
+    ir = ModelIR.load(tiny_build / "model")
+    ids = prompt_ids(Tokenizer.from_str(ir.tokenizer_json), [prompt], ir.config.bos_token_id)[0]
+    assert len(ReferenceModel.from_ir(ir).generate(ids, 40)) < 40     # it did stop at EOS
+    assert all(r.stdout == outs[0].stdout for r in outs), [r.stdout for r in outs]
+
+
 def test_build_verifies_and_writes_reports(tiny_build):
     r = tsc("verify", str(tiny_build))
     assert r.returncode == 0, r.stderr
