@@ -1,7 +1,6 @@
 """Lowering a ModelIR to the arm64 artifact: C sources, build files, weights.bin, tokenizer.bin, binaries."""
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -20,26 +19,18 @@ LOGITS_ROWS = ("--dump-logits: float32 [rows, vocab]; with --force-ids F: 1 + le
                "sampled from)")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def ffn_manifest(ann) -> dict:
     return {"activation": ann.activation, "mode": ann.mode, "threshold": ann.threshold,
             "predictor_rank": ann.predictor.rank if ann.predictor else 0}
 
 
-def write_sources(ir: ModelIR, dtype: str, outdir: Path) -> None:
+def write_sources(ir: ModelIR, cfg: Arm64Config, outdir: Path) -> None:
     """src/*.c|h, CMakeLists.txt and toolchain-aarch64.cmake."""
     src = outdir / "src"
     src.mkdir(parents=True, exist_ok=True)
-    for name, text in render_sources(ir, dtype).items():
+    for name, text in render_sources(ir, cfg.dtype).items():
         (src / name).write_text(text)
-    for name, text in render_build_files(android_ndk()).items():
+    for name, text in render_build_files(android_ndk(), cfg.qemu_cpu).items():
         (outdir / name).write_text(text)
 
 
@@ -48,7 +39,7 @@ def lower_arm64(ir: ModelIR, cfg: Arm64Config, outdir: Path, ctx=None) -> dict:
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    write_sources(ir, cfg.dtype, outdir)
+    write_sources(ir, cfg, outdir)
     write_weights_blob(ir, cfg.dtype, outdir / "weights.bin")
     tokenizer_note = None
     if ir.tokenizer_json:
@@ -62,7 +53,6 @@ def lower_arm64(ir: ModelIR, cfg: Arm64Config, outdir: Path, ctx=None) -> dict:
     if cfg.compile and "tsrun" not in binaries:
         binaries["tsrun"] = {"skipped": "no aarch64 compiler (apt-get install gcc-aarch64-linux-gnu, or set ANDROID_NDK)"}
     c = ir.config
-    files = sorted(p for p in outdir.rglob("*") if p.is_file() and p.name != "manifest.json")
     manifest = {
         "backend": "arm64",
         "blob_version": BLOB_VERSION,
@@ -87,7 +77,6 @@ def lower_arm64(ir: ModelIR, cfg: Arm64Config, outdir: Path, ctx=None) -> dict:
         "tokenizer_note": tokenizer_note,
         "logits": LOGITS_ROWS,
         "cross_compiler": (cross_compiler() or [None])[0],
-        "files": {str(p.relative_to(outdir)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files},
         "lower_seconds": round(time.perf_counter() - t0, 3),
     }
     (outdir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")

@@ -85,11 +85,12 @@ def render_sources(ir: ModelIR, dtype: str) -> dict[str, str]:
     return {name: env.get_template(tpl).render(**ctx) for name, tpl in SOURCES.items()}
 
 
-def render_build_files(android_ndk: str | None) -> dict[str, str]:
-    """CMakeLists.txt and the cross toolchain file (Android NDK's when one is given)."""
+def render_build_files(android_ndk: str | None, qemu_cpu: str = "cortex-a76") -> dict[str, str]:
+    """CMakeLists.txt and the cross toolchain file (Android NDK's when one is given; else ctest runs under qemu
+    emulating qemu_cpu)."""
     env = _environment()
     ctx = {"sources": [n for n in SOURCES if n.endswith(".c") and n not in NEON_FILES],
            "neon_sources": [n for n in NEON_FILES if n != FP16_ARITH_FILE], "fp16_source": FP16_ARITH_FILE,
-           "android_ndk": android_ndk}
+           "android_ndk": android_ndk, "qemu_cpu": qemu_cpu}
     return {"CMakeLists.txt": env.get_template("CMakeLists.txt.j2").render(**ctx),
             "toolchain-aarch64.cmake": env.get_template("toolchain-aarch64.cmake.j2").render(**ctx)}

@@ -176,3 +176,7 @@ def test_all_sources_compile_with_clang_warnings_as_errors(tmp_path, name):
                               str(tmp_path / fname), "-o", str(tmp_path / (fname + ".o"))],
                              check=False, capture_output=True, text=True)
         assert res.returncode == 0, f"{fname}: {res.stderr[-1500:]}"
+
+
+def test_toolchain_file_emulates_the_configured_cpu():
+    assert "qemu-aarch64 -cpu cortex-a53 -L" in render_build_files(None, "cortex-a53")["toolchain-aarch64.cmake"]
