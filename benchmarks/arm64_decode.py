@@ -61,12 +61,8 @@ def host_decode_tokens_per_second(outdir: Path, dense: bool, steps: int = 9, rep
     return {"tokens_per_second_best": max(rates), "tokens_per_second_all": rates, "ffn_neurons_computed_pct": computed}
 
 
-def compiler_version(cc: list[str]) -> str:
-    return subprocess.run(cc + ["--version"], check=True, capture_output=True, text=True).stdout.splitlines()[0]
-
-
 def main() -> int:
-    from tscompile.cache import write_text_atomic
+    from tscompile.cache import compiler_version, write_text_atomic
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "arm64_decode.json"))
     ap.add_argument("--keep", help="directory for the lowered model and binaries (default: a temp dir)")

@@ -20,6 +20,7 @@ import re
 import secrets
 import shutil
 import socket
+import subprocess
 import tempfile
 from contextlib import contextmanager
 from functools import cache
@@ -268,3 +269,12 @@ def load_manifest(target_dir: Path, keys: tuple[str, ...] = (), kind: str = "") 
     if missing:
         raise UserError(f"{path}: no {missing[0]!r} (not a manifest of the {kind} target, or a damaged one)")
     return manifest
+
+
+def compiler_version(cmd: list[str]) -> str:
+    """The first line of `cmd --version`, for cache keys and manifests; cmd[0] when it prints none or cannot run."""
+    try:
+        out = subprocess.run(cmd + ["--version"], check=False, capture_output=True, text=True).stdout
+    except OSError:
+        return cmd[0]
+    return (out.splitlines() or [cmd[0]])[0]

@@ -12,6 +12,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from tscompile.cache import compiler_version
 from tscompile.errors import UserError
 
 from .sources import FP16_ARITH_FILE, NEON_FILES, SOURCES
@@ -117,23 +118,16 @@ def build_binaries(outdir: Path, *, aarch64: bool = True, host: bool = True,
     cc = cross_compiler() if aarch64 else None
     if cc:
         jobs.append(aarch64_job(cc, src, bin_dir / "tsrun"))
-        built["tsrun"] = {"compiler": _version(cc), "flags": "-O2 -march=armv8-a -static (+fp16 for kernels_neon_fp16.c)"}
+        built["tsrun"] = {"compiler": compiler_version(cc), "flags": "-O2 -march=armv8-a -static (+fp16 for kernels_neon_fp16.c)"}
     hcc = host_compiler() if host or sanitizers else None
     if hcc and host and not is_arm64_host():
         jobs.append(host_job(hcc, src, bin_dir / "tsrun-host"))
-        built["tsrun-host"] = {"compiler": _version(hcc), "flags": "-O2 (scalar kernels)"}
+        built["tsrun-host"] = {"compiler": compiler_version(hcc), "flags": "-O2 (scalar kernels)"}
     for name in sanitizers if hcc else ():
         jobs.append(host_job(hcc, src, bin_dir / f"tsrun-host-{name}", sanitizer=name))
-        built[f"tsrun-host-{name}"] = {"compiler": _version(hcc), "flags": f"-O2 -fsanitize={SANITIZERS[name]}"}
+        built[f"tsrun-host-{name}"] = {"compiler": compiler_version(hcc), "flags": f"-O2 -fsanitize={SANITIZERS[name]}"}
     run_jobs(jobs)
     return built
-
-
-def _version(cc: list[str]) -> str:
-    try:
-        return subprocess.run(cc + ["--version"], check=False, capture_output=True, text=True).stdout.splitlines()[0]
-    except (OSError, IndexError):
-        return cc[0]
 
 
 def qemu_command(cpu: str = "cortex-a76") -> list[str] | None:

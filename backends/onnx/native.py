@@ -21,7 +21,7 @@ import tarfile
 import warnings
 from pathlib import Path
 
-from tscompile.cache import scratch_dir
+from tscompile.cache import compiler_version, scratch_dir
 from tscompile.errors import UserError
 from tscompile.importers import cache_root
 
@@ -131,16 +131,12 @@ def ort_include_dir() -> tuple[Path | None, str]:
     return inc, ""
 
 
-def _compiler_id(cxx: str) -> str:
-    return subprocess.run(
-        [cxx, "--version"], check=False, capture_output=True, text=True
-    ).stdout.splitlines()[0]
-
-
 def build_library(outdir: Path, log=None) -> Path | None:
     """Write outdir/libtscompile_ort.{cpp,so}; None (after one warning per process) without headers."""
     global _warned
     cxx = os.environ.get("CXX") or shutil.which("g++")
+    if cxx and shutil.which(cxx) is None:
+        raise UserError(f"CXX={cxx}: no such compiler (unset CXX to use g++)")
     inc, why = ort_include_dir() if cxx else (None, "g++ is not installed")
     if inc is None:
         if not _warned:
@@ -154,7 +150,7 @@ def build_library(outdir: Path, log=None) -> Path | None:
     (outdir / SOURCE_NAME).write_text(source)
     key = hashlib.sha256(
         "\n".join(
-            [source, _compiler_id(cxx), " ".join(CXXFLAGS), (inc / "onnxruntime_c_api.h").read_text()]
+            [source, compiler_version([cxx]), " ".join(CXXFLAGS), (inc / "onnxruntime_c_api.h").read_text()]
         ).encode()
     ).hexdigest()[:16]
     cached = cache_root() / "onnx-kernels" / key / LIBRARY_NAME
@@ -170,7 +166,8 @@ def build_library(outdir: Path, log=None) -> Path | None:
                 text=True,
             )
             if r.returncode != 0:
-                raise RuntimeError(f"g++ failed to build the SparseFFN kernel library:\n{r.stderr[-4000:]}")
+                first = next((line for line in r.stderr.splitlines() if "error" in line), f"exit status {r.returncode}")
+                raise UserError(f"{cxx} failed to build the SparseFFN kernel library (CXX, ORT_INCLUDE_DIR): {first}")
             os.replace(lib, cached)
     shutil.copy2(cached, outdir / LIBRARY_NAME)
     return outdir / LIBRARY_NAME

@@ -25,3 +25,19 @@ def test_generated_kernel_source_matches_golden():
     assert GOLDEN.exists(), f"{GOLDEN} is missing: write it with TSCOMPILE_UPDATE_GOLDENS=1 and review it"
     assert src == GOLDEN.read_text(), "generated C++ changed: review the diff, then TSCOMPILE_UPDATE_GOLDENS=1"
     assert "RegisterCustomOps" in src and "ai.tscompile" in src
+
+
+@pytest.mark.parametrize("cxx, want", [("/nonexistent/g++", "CXX=/nonexistent/g++: no such compiler (unset CXX to use "
+                                                           "g++)"),
+                                       ("false", "false failed to build the SparseFFN kernel library (CXX, "
+                                                 "ORT_INCLUDE_DIR): exit status 1")])
+def test_a_compiler_that_fails_is_a_one_line_user_error(cxx, want, tmp_path, monkeypatch):
+    from tscompile.backends.onnx.native import build_library, ort_include_dir
+
+    from tscompile.errors import UserError
+    if ort_include_dir()[0] is None:
+        pytest.skip("no ONNX Runtime headers")
+    monkeypatch.setenv("CXX", cxx)
+    with pytest.raises(UserError) as e:
+        build_library(tmp_path)
+    assert str(e.value) == want
