@@ -106,7 +106,7 @@ class ArchConfig:
                 num_experts=int(d.get("num_local_experts", 0) or 0),
                 num_experts_per_tok=int(d.get("num_experts_per_tok", 0) or 0),
                 max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
-                bos_token_id=d.get("bos_token_id"), eos_token_id=_first(d.get("eos_token_id")),
+                bos_token_id=_first(d.get("bos_token_id")), eos_token_id=_first(d.get("eos_token_id")),
             )
         except KeyError as e:
             raise UserError(f"{where}: missing key {e.args[0]!r}") from None

@@ -376,3 +376,10 @@ def test_saved_checkpoint_has_ordinary_permissions(tmp_path):
     assert {p.name: p.stat().st_mode & 0o777 for p in path.iterdir()} == \
         dict.fromkeys([p.name for p in path.iterdir()], 0o644)
     assert len(list(path.glob("model-*.safetensors"))) > 1
+
+
+def test_token_id_lists_keep_their_first_id(tmp_path):   # HF configs may list several BOS/EOS ids
+    path = saved(tmp_path)
+    edit_config(path, lambda c: c.update(bos_token_id=[1, 2], eos_token_id=[2, 1]))
+    cfg = ModelIR.load(path).config
+    assert (cfg.bos_token_id, cfg.eos_token_id) == (1, 2)
