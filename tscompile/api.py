@@ -73,7 +73,8 @@ class Runner(Protocol):
         """Greedy continuation (temperature 0), stopping at max_new_tokens only."""
 
     def decode_tokens_per_second(self, prompt_ids: list[int], n_tokens: int) -> float:
-        """Decode speed after a prefill of prompt_ids, timed over n_tokens single-token steps."""
+        """Decode speed after a prefill of prompt_ids, timed over n_tokens single-token steps. A runner that
+        times something other than the artifact itself says what in an attribute `speed_measured_on`."""
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,8 @@ def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
                      f"{_fmt(r.get('rel_l2'))} | {_fmt(r.get('top1'))} | "
                      f"{'match' if r.get('greedy_match') else 'differs'} | {_fmt(s.get('sparse_tokens_per_s'))} | "
                      f"{_fmt(s.get('dense_tokens_per_s'))} | {_fmt(s.get('speedup'), 3)} |")
+    lines += [f"\n{name}: tok/s measured on {r['speed']['measured_on']}." for name, r in results["targets"].items()
+              if r.get("speed", {}).get("measured_on")]
     if results.get("quality"):
         lines += ["", "## Quality vs the dense source", "",
                   "| text | tokens | sparse ppl | dense ppl | ratio | FFN sparsity |", "|---|---|---|---|---|---|"]

@@ -139,6 +139,8 @@ def measure_target(runner, dense_runner, ref: ReferenceRunner, prompts: list[lis
         s, d = statistics.median(sparse_tps), statistics.median(dense_tps)
         res["speed"] = {"sparse_tokens_per_s": s, "dense_tokens_per_s": d, "speedup": s / d,
                         "samples_sparse": sparse_tps, "samples_dense": dense_tps, "tokens": speed_tokens}
+        if getattr(runner, "speed_measured_on", None):
+            res["speed"]["measured_on"] = runner.speed_measured_on
     return res
 
 

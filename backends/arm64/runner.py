@@ -22,6 +22,9 @@ WHERE = ("auto", "qemu", "host", "host-asan", "host-tsan")
 
 class Arm64Runner:
     prefill = "stepwise"      # the prompt runs token by token through the same (gated) FFN path
+    # decode speed under qemu would time the emulator: it is timed on the host build
+    speed_measured_on = ("the native arm64 build" if is_arm64_host() else
+                         "the x86_64 host build (scalar kernels), not the aarch64 binary")
 
     def __init__(self, outdir: Path, dense: bool = False, exact: bool = False, where: str = "auto",
                  cpu: str | None = None, threads: int | None = None, timeout: float = 600.0):

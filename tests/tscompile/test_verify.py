@@ -59,6 +59,19 @@ def test_build_verifies_and_writes_reports(tiny_build):
     assert "Verdict: **PASS**" in report and "| onnx | ok |" in report and "| arm64 | ok |" in report
 
 
+def test_arm64_speed_says_it_is_the_host_builds(tiny_build, tmp_path):
+    b = copy_build(tiny_build, tmp_path / "b")   # the aarch64 binary runs under an emulator: its speed is not timed
+    spec = yaml.safe_load((b / "spec.resolved.yaml").read_text())
+    spec["verify"] |= {"speed_tokens": 4, "repeats": 1}
+    (b / "spec.resolved.yaml").write_text(yaml.safe_dump(spec))
+    r = tsc("verify", str(b))
+    assert r.returncode == 0, r.stderr
+    res = json.loads((b / "verify.json").read_text())
+    assert "measured_on" not in res["targets"]["onnx"]["speed"]
+    where = res["targets"]["arm64"]["speed"]["measured_on"]
+    assert "host build" in where and f"arm64: tok/s measured on {where}." in (b / "report.md").read_text()
+
+
 @pytest.mark.parametrize("target,rel", [("onnx", "model.onnx"), ("arm64", "weights.bin"),
                                         ("arm64", "bin/tsrun")])
 def test_tampered_artifact_fails(tiny_build, tmp_path, target, rel):
