@@ -10,7 +10,7 @@ chosen on val too; recall, precision, sparsity and bytes are then reported on se
 
 `rank: auto` picks per FFN the smallest rank of a ladder (capped by a byte budget) whose predicted sparsity is
 within `max_sparsity_gap` of the true sparsity. `mode: auto` then compares bytes read per token
-(sparse-methods.md §7): exact gating reads the gate fully, up where act(gate) != 0, down where h != 0;
+(ir.exact_row_shares): exact gating reads the gate fully, up where act(gate) != 0, down where h != 0;
 predictor gating reads the predictor plus the predicted-active rows of all three matrices.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ class PredictorsConfig(PassConfig):
     relu: bool = True                                  # False: fc2(fc1 x), Deja Vu's linear predictor
     mode: Literal["auto", "predictor", "exact"] = "auto"
     tokens: int | None = Field(None, gt=0)             # calibration tokens drawn from data.calib's mixture
-                                                       # (default: data.calib.tokens; the issue asks 100k-400k)
+                                                       # (default: data.calib.tokens)
     held_out: float = Field(0.1, gt=0, lt=0.5)         # share of sequences for val, and again for test
     epochs: int = Field(12, gt=0)
     patience: int = Field(2, gt=0)                     # epochs without val improvement before stopping

@@ -83,11 +83,10 @@ def apply_rope(x, cos, sin):
 
 @dataclass
 class KVCache:
-    """Per layer: k, v [B, n_kv, S, head_dim]; key positions and validity [B, S]."""
+    """Per layer: k, v [B, n_kv, S, head_dim]; key positions [B, S]."""
     k: list
     v: list
     pos: torch.Tensor | None = None
-    valid: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, n_layers: int) -> "KVCache":
@@ -246,10 +245,6 @@ class ReferenceModel(nn.Module):
             out.extend(f.experts if isinstance(f, MoE) else [f])
         return out
 
-    def weight_table(self) -> dict[str, torch.Tensor]:
-        """HF-named weights (detached, CPU), ready for ModelIR.weights."""
-        return {n: p.detach().cpu() for n, p in self.state_dict().items() if n != "inv_freq"}
-
     def forward(self, input_ids, position_ids=None, attention_mask=None, cache: KVCache | None = None,
                 gating: str = "auto"):
         """input_ids [B, T] -> logits [B, T, vocab] (float32). attention_mask [B, past + T], 1 = real token.
@@ -268,7 +263,7 @@ class ReferenceModel(nn.Module):
         kpos = position_ids if cache is None or cache.pos is None else torch.cat([cache.pos, position_ids], 1)
         kvalid = attention_mask[:, -kpos.shape[1]:]
         if cache is not None:
-            cache.pos, cache.valid = kpos, kvalid
+            cache.pos = kpos
         qpos = position_ids
         order = torch.arange(kpos.shape[1], device=dev)   # causal by order in the sequence, not position
         mask = kvalid[:, None, :] & (order[None, None, :] <= order[-T:][None, :, None])

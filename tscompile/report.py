@@ -135,7 +135,7 @@ def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(build_dir: Path, ir, results: dict[str, Any]) -> None:
+def write_report(build_dir: Path, results: dict[str, Any]) -> None:
     plots_dir = build_dir / "plots"
     plots_dir.mkdir(exist_ok=True)
     plots = [p for p in (plot_layer_sparsity(results, plots_dir), plot_predictors(results, plots_dir),

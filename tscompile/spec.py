@@ -127,9 +127,6 @@ class VerifySpec(Strict):
     repeats: PositiveInt = 3                   # speed samples, sparse and dense interleaved
     goals: Goals = Goals()
 
-    def prompt_list(self) -> list[str]:
-        return list(self.prompts)
-
     @field_validator("prompts", mode="before")
     @classmethod
     def _prompts_file(cls, v, info: ValidationInfo):

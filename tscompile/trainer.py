@@ -105,11 +105,6 @@ class TokenWindows:
         self.count, self.seq_len = len(windows), windows.shape[1] - 1
         self._perm: tuple[int, np.ndarray] | None = None
 
-    @classmethod
-    def from_flat(cls, tokens: np.ndarray, seq_len: int, seed: int) -> TokenWindows:
-        n = len(tokens) // (seq_len + 1)
-        return cls(tokens[:n * (seq_len + 1)].reshape(n, seq_len + 1), seed)
-
     def take(self, pos: int, n: int) -> torch.Tensor:
         """Windows pos .. pos+n-1 of the endless shuffled order -> LongTensor [n, seq_len+1]."""
         rows = []
@@ -126,7 +121,7 @@ class TokenWindows:
 def causal_attention(model) -> None:
     """Swap each attention's forward for one through F.scaled_dot_product_attention(is_causal=True) (flash
     attention on CUDA). Training windows are full causal sequences (no padding, no cache), where this is the
-    same function as the reference's explicit float32 softmax, which stores T×T scores per head and layer."""
+    same function as the reference's fp32 attention with an explicit mask, which rules flash attention out."""
     import types
 
     from tscompile.reference import apply_rope

@@ -219,7 +219,7 @@ def verify_build(build_dir: Path, spec, targets: list[str] | None = None) -> dic
     if ir.tokenizer_json is None:
         raise UserError(f"{model_dir}: no tokenizer.json; the verifier needs one to encode prompts")
     v = spec.verify
-    prompts = v.prompt_list() or DEFAULT_PROMPTS
+    prompts = list(v.prompts) or DEFAULT_PROMPTS
     ids = prompt_ids(Tokenizer.from_str(ir.tokenizer_json), prompts, ir.config.bos_token_id)
     t0 = time.time()
     results: dict[str, Any] = {"build_dir": str(build_dir), "spec": spec.name, "environment": environment_info(),
@@ -250,7 +250,7 @@ def verify_build(build_dir: Path, spec, targets: list[str] | None = None) -> dic
     results["goals"] = check_goals(v.goals, results)
     results["ok"] = all(g["ok"] for g in results["goals"])
     results["seconds"] = time.time() - t0
-    write_report(build_dir, ir, results)
+    write_report(build_dir, results)
     missed = [g for g in results["goals"] if not g["ok"]]
     if missed:
         raise GoalMissed(goal_table(missed))

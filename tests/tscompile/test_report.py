@@ -24,7 +24,7 @@ def test_report_files_get_ordinary_permissions(tmp_path):
     from tscompile.report import write_report
     old = os.umask(0o022)
     try:
-        write_report(tmp_path, None, _results([LayerSparsity(activation="relu")]))
+        write_report(tmp_path, _results([LayerSparsity(activation="relu")]))
     finally:
         os.umask(old)
     for name in ("verify.json", "report.md"):
@@ -35,8 +35,8 @@ def test_report_files_get_ordinary_permissions(tmp_path):
 def test_plots_of_an_earlier_verification_are_removed(tmp_path):
     from tscompile.report import write_report
     results = _results([LayerSparsity(activation="relu")])
-    write_report(tmp_path, None, results | {"targets": {"onnx": {"outputs_ok": True, "speed": {"speedup": 1.5}}}})
+    write_report(tmp_path, results | {"targets": {"onnx": {"outputs_ok": True, "speed": {"speedup": 1.5}}}})
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["speedup.png"]
     assert "plots/speedup.png" in (tmp_path / "report.md").read_text()
-    write_report(tmp_path, None, results)   # no speed measured this time: no plot, and none left behind
+    write_report(tmp_path, results)   # no speed measured this time: no plot, and none left behind
     assert not (tmp_path / "plots").exists() and "plots/" not in (tmp_path / "report.md").read_text()
