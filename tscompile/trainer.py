@@ -203,7 +203,10 @@ def evaluate(model, windows: np.ndarray, micro_batch: int, device, autocast) -> 
     """Perplexity and per-FFN sparsity over held-out windows [n, seq_len+1] (each rank its share; summed)."""
     import torch.distributed as dist
     world, rank = _world()
-    n = (len(windows) // world) * world
+    n = (len(windows) // world) * world   # every rank runs as many forwards (FSDP gathers inside each)
+    if n == 0:
+        raise UserError(f"relufy: {len(windows)} held-out window(s) cannot be shared by {world} ranks: raise "
+                        f"eval_tokens to at least {world} windows of seq_len tokens")
     mine = windows[rank:n:world]
     nll = torch.zeros((), dtype=torch.float64, device=device)
     tokens = torch.zeros((), dtype=torch.float64, device=device)

@@ -133,6 +133,15 @@ def test_batch_that_is_not_whole_windows_is_a_plan_error(relufy, want, tmp_path)
     assert str(e.value) == f"r.yaml:5: pipeline[1].relufy.{want}"
 
 
+def test_held_out_windows_fewer_than_ranks_is_an_error_not_perplexity_1(monkeypatch):
+    import contextlib
+
+    import tscompile.trainer as trainer
+    monkeypatch.setattr(trainer, "_world", lambda: (2, 0))
+    with pytest.raises(UserError, match="1 held-out window.s. cannot be shared by 2 ranks"):
+        trainer.evaluate(None, np.zeros((1, 9), np.int32), 4, "cpu", contextlib.nullcontext)
+
+
 def test_needs_relu_activation(tmp_path):
     from tscompile.api import Context
     ir = make_tiny_ir("mistral", "swiglu")
