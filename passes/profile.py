@@ -7,13 +7,10 @@ pass permutes it with the neurons). `ir.meta["profile"]` holds the model-level s
 """
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 from tscompile.api import Context, PassConfig, PassInfo
-from tscompile.cache import atomic_file
 from tscompile.errors import UserError
 from tscompile.ir import ModelIR, ffn_prefix
 
@@ -126,43 +123,6 @@ def profile_model(ir: ModelIR, batch, device: str = "cpu") -> ModelIR:
     out.meta["profile"] = {"sparsity": sum(sparsities) / max(len(sparsities), 1),
                            "tokens": int(batch.numel()), "ffns_seen": len(sparsities)}
     return out
-
-
-def plot_profile(ir: ModelIR, out_png: str | os.PathLike) -> Path:
-    """Two panels: FFN sparsity per layer, and the distribution of neuron activation frequencies."""
-    import matplotlib
-    import matplotlib.ticker
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    per_layer: dict[int, list[float]] = {}
-    freqs = []
-    for layer, expert, ann in ir.ffn_units():
-        if ann.stats.get("sparsity") is not None:
-            per_layer.setdefault(layer, []).append(ann.stats["sparsity"])
-        name = frequency_name(layer, expert)
-        if name in ir.weights:
-            freqs.append(ir.weights[name].float().numpy())
-    if not per_layer or not freqs:
-        raise UserError("plot_profile: the model has no activation statistics (run the profile pass first)")
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
-    layers = sorted(per_layer)
-    heights = [100 * np.mean(per_layer[i]) for i in layers]
-    a.bar(layers, heights, color="#4477aa")
-    a.axhline(np.mean(heights), color="k", ls="--", lw=1, label=f"mean {np.mean(heights):.1f}%")
-    a.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    a.legend(loc="lower right")
-    a.set(xlabel="layer", ylabel="FFN sparsity (%)", ylim=(0, 100), title="inactive neurons per layer")
-    b.hist(np.concatenate(freqs), bins=50, range=(0, 1), color="#cc6677")
-    b.set(xlabel="activation frequency", ylabel="neurons", yscale="log", title="how often each neuron fires")
-    fig.tight_layout()
-    out_png = Path(out_png)
-    try:
-        with atomic_file(out_png) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
-    return out_png
 
 
 PASS = PassInfo(name="profile", version="1", doc="measure per-layer and per-neuron activation frequency",
