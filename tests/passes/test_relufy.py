@@ -171,6 +171,24 @@ def test_short_run_lowers_loss_and_raises_sparsity(tmp_path):
     assert res.heldout["text"]["ppl"] == evals[1]["ppl"]
 
 
+@pytest.mark.parametrize("target, grows", [(0.99, True), (0.01, False)])
+def test_l1_control_steers_lambda_of_constant_stages_only(target, grows, tmp_path):
+    from tscompile.reference import ReferenceModel
+    from tscompile.trainer import train
+    cfg = RelufyConfig.model_validate(dict(CONFIG, stages=[
+        {"name": "constant", "steps": 4, "l1": 1e-3},
+        {"name": "ramp", "steps": 3, "l1": {"schedule": "sine", "to": 2e-3}}],
+        l1_control={"target": target, "gain": 0.5}, eval_every=100))
+    model = ReferenceModel.from_ir(make_tiny_ir("mistral", "drelu", seed=0))
+    train(model, cfg, TokenWindows(markov_windows(64, 32), seed=1), {}, tmp_path, progress=False)
+    log = [json.loads(ln) for ln in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    scale = [r["l1_scale"] for r in log[:4]]     # after each step: below the target sparsity, λ grows, else shrinks
+    assert all((b > a) == grows for a, b in zip([1.0] + scale, scale)), scale
+    assert [r["lambda"] for r in log[:4]] == pytest.approx([1e-3 * k for k in [1.0] + scale[:3]])
+    # a ramp stage runs as scheduled
+    assert [r["lambda"] for r in log[4:]] == pytest.approx([l1_at(cfg.stages, s) for s in (4, 5, 6)])
+
+
 def _run(work, env_extra, torchrun=False):
     env = dict(os.environ, TEST_DIR=os.path.dirname(__file__), RELUFY_CFG=json.dumps(CONFIG),
                OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1", **env_extra)
