@@ -33,9 +33,10 @@
 // Active-neuron lists are padded to a multiple of this (the sparse kernels' row unroll).
 #define ROW_UNROLL     4
 
-// The longest input of a matrix product: DIM (most), Q_DIM (o_proj) or HIDDEN_DIM (predictor fc2).
+// The longest input the fp16-arithmetic kernels read as fp16: DIM (most) or Q_DIM (o_proj). The predictors and
+// the router run on the fp32 kernels, which read their input as it is.
 #define MAX_OF(a, b)   ((a) > (b) ? (a) : (b))
-#define MAX_INPUT      MAX_OF(MAX_OF(DIM, Q_DIM), HIDDEN_DIM)
+#define MAX_INPUT      MAX_OF(DIM, Q_DIM)
 
 // ----------------------------------------------------------------------------
 // Sparsity of each FFN
