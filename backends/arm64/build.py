@@ -117,8 +117,11 @@ def build_binaries(outdir: Path, *, aarch64: bool = True, host: bool = True,
     jobs, built = [], {}
     cc = cross_compiler() if aarch64 else None
     if cc:
-        jobs.append(aarch64_job(cc, src, bin_dir / "tsrun"))
-        built["tsrun"] = {"compiler": compiler_version(cc), "flags": "-O2 -march=armv8-a -static (+fp16 for kernels_neon_fp16.c)"}
+        job = aarch64_job(cc, src, bin_dir / "tsrun")
+        jobs.append(job)
+        link = [f for f in job.commands[1][len(cc):] if f.startswith("-") and f not in ("-o", "-I")]
+        built["tsrun"] = {"compiler": compiler_version(cc),
+                          "flags": " ".join(link) + " (+fp16 for kernels_neon_fp16.c)"}
     hcc = host_compiler() if host or sanitizers else None
     if hcc and host and not is_arm64_host():
         jobs.append(host_job(hcc, src, bin_dir / "tsrun-host"))

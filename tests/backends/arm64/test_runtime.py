@@ -142,6 +142,7 @@ def test_manifest_describes_the_artifact(built):
                 "bin/tsrun", "bin/tsrun-host"):   # the engine records their digests (test_verify's tampering)
         assert (b.outdir / rel).is_file(), rel
     assert "qemu-aarch64 -cpu cortex-a76" in (b.outdir / "toolchain-aarch64.cmake").read_text()   # its qemu_cpu
+    assert "-march=armv8-a -static -lm" in m["binaries"]["tsrun"]["flags"]     # as the cross gcc was called
 
 
 def test_bad_arguments_are_one_line_errors(built):
