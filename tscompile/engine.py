@@ -146,6 +146,7 @@ def plan_build(spec: Spec, out_dir: Path | None = None, targets: list[str] | Non
     if not str(build_dir).isprintable():    # compilers write source paths into assembler text, line by line
         raise UserError(f"--out {str(build_dir)!r}: a build dir path with a line break or control character "
                         "is not supported")
+    _check_build_dir(build_dir, spec)
     seen: list[str] = []
     for i, step in enumerate(spec.pipeline):
         info = registry.pass_info(step.name)
@@ -190,6 +191,28 @@ def plan_build(spec: Spec, out_dir: Path | None = None, targets: list[str] | Non
                and manifest.get("files") == file_digests(build_dir / name, memo, write_memo))   # edited: rebuilt
         planned_targets.append(PlannedTarget(name, info, cfg, tkey, hit))
     return Plan(spec, build_dir, policy, source, steps, planned_targets, verify)
+
+
+BUILD_DIR_MARKS = (".cache", "spec.resolved.yaml", "build.log")   # what a build writes first
+
+
+def _check_build_dir(build_dir: Path, spec: Spec) -> None:
+    """A build replaces model/ and its target dirs whole: refuse a dir that is neither empty nor an earlier
+    build, and one that holds the spec's own source."""
+    out = build_dir.resolve()
+    if spec.source.path and not spec.source.path.startswith("pypi:"):
+        src = Path(spec.source.path).resolve()
+        if src == out or out in src.parents:
+            raise UserError(f"--out {build_dir}: holds the spec's source {spec.source.path}; a build would replace "
+                            "it (choose another build dir)")
+    try:
+        if out.is_dir() and any(out.iterdir()) and not any((out / m).exists() for m in BUILD_DIR_MARKS):
+            raise UserError(f"--out {build_dir}: exists and is not a tscompile build dir (refusing to write into "
+                            "it; choose an empty or new dir)")
+    except OSError as e:
+        raise UserError(f"--out {build_dir}: cannot read ({e.strerror})") from None
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {build_dir}: exists and is not a directory")
 
 
 def format_plan(plan: Plan) -> str:

@@ -248,3 +248,19 @@ def test_checkpoint_dir_source_is_read_in_place_not_copied(built, tmp_path):
     assert torch.allclose(got.weights[down], 3 * src.weights[down])
     (model_dir / "tokenizer.json").write_text((model_dir / "tokenizer.json").read_text() + " ")
     assert not plan_build(spec, out).steps[0].cached          # the source's bytes changed: so did every key
+
+
+def test_an_out_dir_that_is_not_a_build_or_holds_the_source_is_refused(built, tmp_path):
+    mine = tmp_path / "mine"
+    (mine / "onnx").mkdir(parents=True)
+    (mine / "onnx" / "notes.txt").write_text("keep")
+    with pytest.raises(UserError, match=f"--out {mine}: exists and is not a tscompile build dir"):
+        build(spec_of("[scale: {}]"), out_dir=mine)
+    assert [str(p.relative_to(mine)) for p in mine.rglob("*")] == ["onnx", "onnx/notes.txt"]
+    work = tmp_path / "work"
+    shutil.copytree(built[3] / "model", work / "model")
+    spec = parse_spec(f"version: 1\nname: d\nplugins: [tsc_test_plugin]\nsource: {{path: {work / 'model'}}}\n"
+                      "pipeline: [scale: {factor: 3}]\n", "d.yaml")
+    with pytest.raises(UserError, match="holds the spec's source"):
+        build(spec, out_dir=work)                     # model/ would be replaced by the build's output
+    assert build(spec, out_dir=tmp_path / "new", verify=False).ran == ["source", "scale"]   # a new dir is fine
