@@ -256,7 +256,7 @@ def eval_cmd(path: str, text: str, tokens: int | None, seq_len: int, as_json: bo
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True)
 @click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 def generate(path: str, target: str | None, prompt: str, max_new_tokens: int, temperature: float,
              top_p: float, seed: int) -> None:
     """Generate text from a build dir or checkpoint (reference model, or a built target)."""

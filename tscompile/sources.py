@@ -46,7 +46,7 @@ class TinySource(BaseModel):
     model_config = ConfigDict(extra="forbid")
     family: Literal["llama", "mistral", "qwen2", "mixtral"] = "mistral"
     activation: Literal["swiglu", "geglu", "relu", "drelu"] = "swiglu"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)
     layers: int = Field(2, gt=0, le=64)
     hidden: int = Field(64, gt=0, le=8192)
     intermediate: int = Field(192, gt=0, le=32768)

@@ -157,7 +157,7 @@ class Spec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
     source: SourceSpec
     plugins: list[str] = []
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)   # numpy and torch generators take 0 .. 2^63 - 1
     data: DataSpec | None = None
     pipeline: list[Step] = []
     targets: dict[str, SerializeAsAny[PassConfig]] = {}

@@ -42,6 +42,10 @@ BAD = {
                                         else line for line in tiny_spec().splitlines(keepends=True)),
                                 "x.yaml:4: source.path: ~tsc_no_such_user/m: no home directory for "
                                 "~tsc_no_such_user"),
+    "negative seed": (tiny_spec(extra="seed: -1\n"), "x.yaml:7: seed: must be >= 0, got -1"),
+    "seed too big for the generators": (tiny_spec().replace("vocab: 300", "vocab: 300, seed: 99999999999999999999"),
+                                        "x.yaml:4: source.tiny.seed: must be < 9223372036854775808, got "
+                                        "99999999999999999999"),
     "bad tiny family": (tiny_spec().replace("family: llama", "family: gpt2"),
                         "x.yaml:4: source.tiny.family: must be 'llama', 'mistral', 'qwen2' or 'mixtral', got 'gpt2'"),
     "tiny heads do not divide hidden": (tiny_spec().replace("heads: 2", "heads: 3"),
