@@ -176,10 +176,11 @@ def window_files(ir: ModelIR, cfg: RelufyConfig, ctx: Context) -> tuple[Path, di
 
 def training_data(ir: ModelIR, cfg: RelufyConfig, ctx: Context):
     """(TokenWindows over the train split, {source path: held-out windows}) from spec.data.train."""
-    from tscompile.data import tokenizer_of
+    from tscompile.data import check_window, tokenizer_of
     from tscompile.trainer import TokenWindows
     train = _train_spec(ctx)
     seq_len = cfg.seq_len or train.seq_len
+    check_window(ir, seq_len, "relufy")
     tok = tokenizer_of(ir)
     train_file, heldout_files, n_train, n_eval = window_files(ir, cfg, ctx)
     arr = _load_or_make(train_file, lambda: _windows(tok, train.mixture, seq_len, ctx.seed, "train",

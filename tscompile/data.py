@@ -604,11 +604,19 @@ def token_stream(tokenizer, sources, seq_len: int, seed: int = 0, split: str = "
         yield torch.from_numpy(buf[:seq_len].copy())
 
 
+def check_window(ir, seq_len: int, what: str) -> None:
+    """Windows of text for `ir` fit its context (a longer one would also mean an attention mask of seq_len^2)."""
+    if seq_len > ir.config.max_position_embeddings:
+        raise UserError(f"{what}: seq_len {seq_len} is longer than the model's context (max_position_embeddings "
+                        f"{ir.config.max_position_embeddings})")
+
+
 def calibration_batch(ir, calib_spec, device="cpu", seed: int = 0):
     """LongTensor [ceil(tokens / seq_len), seq_len] of training-split text for calibrating a pass.
 
     calib_spec: spec.data.calib (tscompile.spec.CalibData: mixture, tokens, seq_len)."""
     import torch
+    check_window(ir, calib_spec.seq_len, "data.calib")
     n = math.ceil(calib_spec.tokens / calib_spec.seq_len)
     stream = token_stream(tokenizer_of(ir), calib_spec.mixture, calib_spec.seq_len, seed, "train")
     return torch.stack([next(stream) for _ in range(n)]).to(device)

@@ -172,6 +172,9 @@ def test_calibration_batch_is_deterministic_and_cached(corpora):
     assert shards
     assert data.calibration_batch(ir, spec).equal(batch)
     assert sorted((cache_root() / "tokens").rglob("*.npy")) == shards   # second call read the token cache
+    long = SimpleNamespace(mixture=mixture, tokens=1000, seq_len=ir.config.max_position_embeddings + 1)
+    with pytest.raises(UserError, match=f"data.calib: seq_len {long.seq_len} is longer than the model's context"):
+        data.calibration_batch(ir, long)      # before any window (or its seq_len^2 mask) is made
     tok = data.tokenizer_of(ir)
     for row, name in [(0, "prose"), (1, "code")]:     # 1:1 mixture: prose, code, prose, ...
         lines = [ln for ln in tok.decode(batch[row].tolist()).splitlines()[1:-1] if len(ln.strip()) > 20]
