@@ -57,9 +57,9 @@ def evaluate_text(ir: ModelIR, path: str, tokens: int | None = None, seq_len: in
         raise UserError(f"gating {gating!r} is not one of {', '.join(GATINGS)}")
     if seq_len < 2:
         raise UserError(f"seq_len must be at least 2, got {seq_len}")
-    from .data import check_window
-    check_window(ir, seq_len, f"eval of {path}")
     ids = text_token_ids(ir, path, tokens)
+    from .data import check_window
+    check_window(ir, min(seq_len, len(ids)), f"eval of {path}")   # a text shorter than seq_len is one window
     model = ReferenceModel.from_ir(ir)
     units = list(ir.ffn_units())
     counters = [SparsityCounter() for _ in units]

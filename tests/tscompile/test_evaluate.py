@@ -122,6 +122,10 @@ def test_bad_inputs(tmp_path, text_file):
         evaluate_text(ir, str(tmp_path / "bin.txt"))
     with pytest.raises(UserError, match="no such file"):
         evaluate_text(ir, str(tmp_path / "missing.txt"))
+    (tmp_path / "long.txt").write_text("the lazy dog " * 400)
+    with pytest.raises(UserError, match="seq_len 1024 is longer than the model's context .max_position_embeddings "
+                                        "512.$"):
+        evaluate_text(ir, str(tmp_path / "long.txt"), seq_len=1024)
     ir.tokenizer_json = None
     with pytest.raises(UserError, match="tokenizer"):
         evaluate_text(ir, str(text_file))
