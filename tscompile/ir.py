@@ -87,31 +87,41 @@ class ArchConfig:
         family = d.get("model_type")
         if family not in FAMILIES:
             raise UserError(f"{where}: model_type {family!r} is not supported (supported: {', '.join(FAMILIES)})")
-        try:
-            heads = int(d["num_attention_heads"])
-            hidden = int(d["hidden_size"])
-            window = d.get("sliding_window")
-            if family == "qwen2" and not d.get("use_sliding_window", False):
-                window = None
-            cfg = cls(
-                family=family, vocab_size=int(d["vocab_size"]), hidden_size=hidden,
-                intermediate_size=int(d["intermediate_size"]), num_layers=int(d["num_hidden_layers"]),
-                num_heads=heads, num_kv_heads=int(d.get("num_key_value_heads") or heads),
-                head_dim=int(d.get("head_dim") or hidden // heads),
-                rope_theta=float(d.get("rope_theta", 10000.0)), rope_scaling=d.get("rope_scaling"),
-                rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                sliding_window=int(window) if window else None,
-                attention_bias=family == "qwen2" or bool(d.get("attention_bias", False)),
-                num_experts=int(d.get("num_local_experts", 0) or 0),
-                num_experts_per_tok=int(d.get("num_experts_per_tok", 0) or 0),
-                max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
-                bos_token_id=_first(d.get("bos_token_id")), eos_token_id=_first(d.get("eos_token_id")),
-            )
-        except KeyError as e:
-            raise UserError(f"{where}: missing key {e.args[0]!r}") from None
-        except (TypeError, ValueError, ZeroDivisionError) as e:
-            raise UserError(f"{where}: bad value: {e}") from None
+        def num(key: str, default: Any = ..., kind: type = int) -> Any:
+            """d[key] as `kind`: an int must be a JSON integer (a bool is not), a float any JSON number."""
+            if key not in d or (d[key] is None and default is not ...):
+                if default is ...:
+                    raise UserError(f"{where}: missing key {key!r}")
+                return default
+            v = d[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)):
+                raise UserError(f"{where}: {key} must be {'an integer' if kind is int else 'a number'}, got {v!r}")
+            return kind(v)
+
+        def flag(key: str) -> bool:
+            v = d.get(key, False)
+            if not isinstance(v, bool):
+                raise UserError(f"{where}: {key} must be true or false, got {v!r}")
+            return v
+
+        heads, hidden = num("num_attention_heads"), num("hidden_size")
+        window = num("sliding_window", None)
+        if family == "qwen2" and not flag("use_sliding_window"):
+            window = None
+        if window is not None and window <= 0:
+            raise UserError(f"{where}: sliding_window must be positive or null, got {window}")
+        cfg = cls(
+            family=family, vocab_size=num("vocab_size"), hidden_size=hidden,
+            intermediate_size=num("intermediate_size"), num_layers=num("num_hidden_layers"),
+            num_heads=heads, num_kv_heads=num("num_key_value_heads", heads),
+            head_dim=num("head_dim", hidden // heads if heads > 0 else 0),
+            rope_theta=num("rope_theta", 10000.0, float), rope_scaling=d.get("rope_scaling"),
+            rms_norm_eps=num("rms_norm_eps", 1e-5, float), tie_word_embeddings=flag("tie_word_embeddings"),
+            sliding_window=window, attention_bias=family == "qwen2" or flag("attention_bias"),
+            num_experts=num("num_local_experts", 0), num_experts_per_tok=num("num_experts_per_tok", 0),
+            max_position_embeddings=num("max_position_embeddings", 4096),
+            bos_token_id=_first(d.get("bos_token_id")), eos_token_id=_first(d.get("eos_token_id")),
+        )
         cfg.check(where)
         return cfg
 
@@ -191,6 +201,9 @@ class FFNSparsity:
             raise UserError(f"{where}.activation: {d.get('activation')!r} is not one of {', '.join(ACTIVATIONS)}")
         if d.get("mode", "dense") not in MODES:
             raise UserError(f"{where}.mode: {d.get('mode')!r} is not one of {', '.join(MODES)}")
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(LayerSparsity)})
+        if unknown:
+            raise UserError(f"{where}: unknown key {unknown[0]!r}")
         pred = d.pop("predictor", None)
         try:
             out = cls(**{k: v for k, v in d.items() if k != "experts"})

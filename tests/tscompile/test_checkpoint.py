@@ -246,7 +246,11 @@ def test_config_missing(tmp_path):
 @pytest.mark.parametrize("edit,expect", [
     (lambda c: c.update(model_type="gpt2"), "model_type 'gpt2' is not supported"),
     (lambda c: c.pop("hidden_size"), "missing key 'hidden_size'"),
-    (lambda c: c.update(num_hidden_layers="many"), "bad value"),
+    (lambda c: c.update(num_hidden_layers="many"), "num_hidden_layers must be an integer, got 'many'"),
+    (lambda c: c.update(hidden_size=64.5), "hidden_size must be an integer, got 64.5"),
+    (lambda c: c.update(tie_word_embeddings="false"), "tie_word_embeddings must be true or false, got 'false'"),
+    (lambda c: c.update(sliding_window=-3), "sliding_window must be positive or null, got -3"),
+    (lambda c: c.update(sliding_window=True), "sliding_window must be an integer, got True"),
     (lambda c: c.update(num_attention_heads=0), "num_attention_heads must be positive"),
     (lambda c: c.update(num_key_value_heads=3), "not a multiple of num_key_value_heads (3)"),
     (lambda c: c.update(vocab_size=-5), "vocab_size must be positive"),
@@ -255,7 +259,7 @@ def test_config_missing(tmp_path):
     (lambda c: c["tscompile"]["layers"].pop(), "tscompile.layers must list 2 layers"),
     (lambda c: c["tscompile"]["layers"][1].update(activation="gelu"), "tscompile.layers[1].activation: 'gelu'"),
     (lambda c: c["tscompile"]["layers"][0].update(mode="fast"), "tscompile.layers[0].mode: 'fast'"),
-    (lambda c: c["tscompile"]["layers"][0].update(speed=3), "tscompile.layers[0]"),
+    (lambda c: c["tscompile"]["layers"][0].update(speed=3), "tscompile.layers[0]: unknown key 'speed'"),
     (lambda c: c.update(rope_scaling="linear"), "rope_scaling must be a mapping or null, got 'linear'"),
     (lambda c: c.update(rope_scaling={"rope_type": "linear"}), "rope_scaling linear needs factor as a positive "
                                                                "number, got None"),
