@@ -297,10 +297,17 @@ def data() -> None:
 
 @data.command("build")
 @click.argument("out_dir", metavar="[DIR]", required=False, type=click.Path(file_okay=False, path_type=Path))
-def data_build(out_dir: Path | None) -> None:
-    """Build the offline corpora (into DIR, default the tscompile cache dir)."""
+@click.option("--corpus", "names", multiple=True, metavar="NAME",
+              help="A corpus to build (repeatable) [prose and code]; corpus:NAME paths build theirs on first use.")
+def data_build(out_dir: Path | None, names: tuple[str, ...]) -> None:
+    """Build the offline corpora (into DIR, default the tscompile cache dir, where corpus:NAME reads them)."""
+    import json
+
     from .data import build_corpora
-    build_corpora(out_dir)
+    for name, d in build_corpora(out_dir, names or None).items():
+        files = json.loads((d / "manifest.json").read_text())["files"]
+        click.echo(f"corpus {name}: {d} ({files['train.txt']['documents']} train, "
+                   f"{files['heldout.txt']['documents']} held-out documents)")
 
 
 # ---- entry point ------------------------------------------------------------------------------------

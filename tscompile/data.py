@@ -286,7 +286,7 @@ def _metamath(cache, corpus):
     tree, rec = debian_package("metamath-databases", cache, corpus)
 
     def docs():
-        for f in sorted(tree.glob("usr/share/metamath/*.mm")):
+        for f in sorted(tree.glob("usr/share/metamath/**/*.mm")):   # databases/ since the 2021 package
             yield from cut_pieces(f"metamath/{f.name}", f.read_text("utf-8", "replace"))
     return rec, docs()
 

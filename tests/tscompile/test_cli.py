@@ -334,3 +334,8 @@ def test_tiny_spec_builds_and_verifies_end_to_end_with_onnx(tmp_path):
     assert (tmp_path / "b" / "report.md").is_file()
     again = tsc(*args)
     assert again.returncode == 0 and "everything cached, nothing to rebuild" in again.stderr
+
+
+def test_data_build_says_what_it_built(capsys):
+    rc, out, _ = run_main(capsys, "data", "build", "--corpus", "math")
+    assert rc == 0 and out.startswith("corpus math: ") and out.endswith(" held-out documents)\n")

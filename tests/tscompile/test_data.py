@@ -54,6 +54,13 @@ def test_corpus_manifest_matches_files_and_split(corpora):
     assert "def " in code and "class " in code and "from sympy" in code
 
 
+def test_math_corpus_holds_the_metamath_databases():   # the 2021 package keeps them under databases/
+    d = data.build_corpora(names=["math"])["math"]
+    files = json.loads((d / "manifest.json").read_text())["files"]
+    assert files["train.txt"]["documents"] > 1000 and files["heldout.txt"]["documents"] > 10
+    assert "$(" in (d / "train.txt").read_text()[:200000]      # Metamath comments
+
+
 def test_corpus_rebuild_is_byte_identical(corpora, tmp_path):
     again = data.build_corpora(tmp_path, names=["prose"])["prose"]    # downloads come from the cache
     old = json.loads((corpora["prose"] / "manifest.json").read_text())
