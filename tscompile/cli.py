@@ -372,6 +372,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         rc = cli.main(args=args, prog_name="tscompile", standalone_mode=False)
         rc = rc if isinstance(rc, int) else 0
+    except click.exceptions.NoArgsIsHelpError as e:   # `tscompile` or `tscompile data` alone: its help, as is
+        click.echo(e.ctx.get_help())
+        rc = 0
     except click.ClickException as e:        # usage errors: bad option, missing argument, bad choice
         where = f"{e.ctx.command_path}: " if getattr(e, "ctx", None) else ""
         click.echo(f"error: {where}{_one_line(e.format_message())}", err=True)

@@ -336,6 +336,12 @@ def test_tiny_spec_builds_and_verifies_end_to_end_with_onnx(tmp_path):
     assert again.returncode == 0 and "everything cached, nothing to rebuild" in again.stderr
 
 
+@pytest.mark.parametrize("args", [[], ["data"]])
+def test_a_group_alone_prints_its_help(args, capsys):
+    rc, out, err = run_main(capsys, *args)
+    assert (rc, err) == (0, "") and out.startswith("Usage: tscompile") and "\nCommands:\n" in out
+
+
 def test_data_build_says_what_it_built(capsys):
     rc, out, _ = run_main(capsys, "data", "build", "--corpus", "math")
     assert rc == 0 and out.startswith("corpus math: ") and out.endswith(" held-out documents)\n")
