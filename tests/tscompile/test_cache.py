@@ -325,6 +325,7 @@ def test_atomic_text_files_get_ordinary_permissions(tmp_path):
 def test_a_killed_memo_write_leaves_a_temp_file_that_the_next_write_removes(tmp_path, killed_at_rename):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "w.bin").write_bytes(b"weights")
+    (tmp_path / "model" / "config.json").write_text("{}")      # what a source dir needs to be taken for one
     memo = tmp_path / "build" / "file-hashes.json"
     killed_at_rename("from pathlib import Path\n"
                      "from tscompile.sources import SourceSpec, source_key\n"

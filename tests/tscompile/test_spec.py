@@ -38,6 +38,10 @@ BAD = {
                             "x.yaml:4: source: give exactly one of 'path' or 'tiny'"),
     "source path not found": ("version: 1\nname: t\nsource:\n  path: no/such/model.gguf\n",
                               "x.yaml:4: source.path: file not found: no/such/model.gguf"),
+    "source dir without a checkpoint": ("version: 1\nname: t\nsource:\n  path: .\n",
+                                        "x.yaml:4: source.path: .: not a checkpoint directory (no config.json)"),
+    "source file that is not GGUF": ("version: 1\nname: t\nsource:\n  path: x.yaml\n",
+                                     "x.yaml:4: source.path: x.yaml: not a GGUF file (a source file must be .gguf)"),
     "home of an unknown user": ("".join("source: {path: ~tsc_no_such_user/m}\n" if line.startswith("source:")
                                         else line for line in tiny_spec().splitlines(keepends=True)),
                                 "x.yaml:4: source.path: ~tsc_no_such_user/m: no home directory for "
