@@ -135,6 +135,17 @@ def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _finite(x: Any) -> Any:
+    """x with every infinite or NaN float as null: JSON has no Infinity (a tampered target's errors are inf)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
 def write_report(build_dir: Path, results: dict[str, Any]) -> None:
     plots_dir = build_dir / "plots"
     plots_dir.mkdir(exist_ok=True)
@@ -145,5 +156,5 @@ def write_report(build_dir: Path, results: dict[str, Any]) -> None:
             old.unlink()
     if not any(plots_dir.iterdir()):
         plots_dir.rmdir()
-    write_text_atomic(build_dir / "verify.json", json.dumps(results, indent=1, default=str))
+    write_text_atomic(build_dir / "verify.json", json.dumps(_finite(results), indent=1, default=str))
     write_text_atomic(build_dir / "report.md", render_markdown(results, plots))

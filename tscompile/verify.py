@@ -42,7 +42,7 @@ def check_integrity(target_dir: Path) -> list[str]:
     if not recorded:
         return ["manifest.json records no file digests"]
     now = file_digests(target_dir)
-    return [f for f, h in recorded.items() if now.get(f) != h]
+    return [f if f in now else f"{f} (missing)" for f, h in recorded.items() if now.get(f) != h]
 
 
 def prompt_ids(tokenizer, prompts: list[str], bos: int | None) -> list[list[int]]:
@@ -164,7 +164,7 @@ def check_goals(goals, results: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({"goal": goal, "target": target, "value": value, "limit": limit, "ok": bool(ok)})
 
     for name, r in results["targets"].items():
-        row("integrity", name, len(r["tampered"]), 0, not r["tampered"])
+        row("integrity", name, ", ".join(r["tampered"]) or "intact", "intact", not r["tampered"])
         if "skipped" in r:   # cannot run here (e.g. no GPU): reported, not judged
             continue
         row("outputs", name, r["outputs_ok"], True, r["outputs_ok"])

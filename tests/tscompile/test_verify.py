@@ -82,9 +82,13 @@ def test_tampered_artifact_fails(tiny_build, tmp_path, target, rel):
     f.write_bytes(data)
     r = tsc("verify", str(build), "--target", target)
     assert r.returncode == 1
-    assert "integrity" in r.stderr and target in r.stderr
-    res = json.loads((build / "verify.json").read_text())
+    assert f"integrity      {target:<10} {rel:>12}" in r.stderr      # the file, not a count
+    res = json.loads((build / "verify.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert res["targets"][target]["tampered"] == [rel] and not res["ok"]
+    assert res["targets"][target]["rel_l2"] is None                  # was Infinity, which JSON does not have
+    f.unlink()
+    tsc("verify", str(build), "--target", target)
+    assert json.loads((build / "verify.json").read_text())["targets"][target]["tampered"] == [f"{rel} (missing)"]
 
 
 def test_goal_out_of_reach_exits_1(tiny_build, tmp_path):
