@@ -362,6 +362,8 @@ def _take_debug(args: list[str]) -> tuple[bool, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if not sys.stderr.isatty():   # progress bars only on a terminal: in a log, \r-joined bars hide the error line
+        os.environ.setdefault("TQDM_DISABLE", "1")
     debug, args = _take_debug(list(sys.argv[1:] if argv is None else argv))
     debug = debug or os.environ.get("TSCOMPILE_DEBUG") == "1"
     handler = _ProgressAwareHandler()

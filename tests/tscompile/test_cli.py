@@ -109,6 +109,12 @@ def test_light_commands_do_not_import_torch():
     assert r.returncode == 0 and r.stdout.endswith("ok\n"), r.stderr[-2000:]
 
 
+def test_no_progress_bars_when_stderr_is_not_a_terminal(tmp_path):
+    (tmp_path / "x.yaml").write_text(tiny_spec(pipeline="[scale: {}]", targets="{ckpt: {}}"))
+    r = tsc("build", "x.yaml", "--no-verify", cwd=tmp_path)
+    assert r.returncode == 0 and "\r" not in r.stderr and "pass scale: done" in r.stderr
+
+
 def test_bad_spec_is_one_line_exit_2_and_debug_shows_the_traceback(tmp_path):
     (tmp_path / "x.yaml").write_text(tiny_spec(pipeline="[scale: {factor: -1}]"))
     r = tsc("build", "x.yaml", cwd=tmp_path)
