@@ -113,6 +113,9 @@ def test_no_progress_bars_when_stderr_is_not_a_terminal(tmp_path):
     (tmp_path / "x.yaml").write_text(tiny_spec(pipeline="[scale: {}]", targets="{ckpt: {}}"))
     r = tsc("build", "x.yaml", "--no-verify", cwd=tmp_path)
     assert r.returncode == 0 and "\r" not in r.stderr and "pass scale: done" in r.stderr
+    (tmp_path / "t.txt").write_text("the lazy dog jumps " * 50)
+    r = tsc("eval", str(tmp_path / "build" / "t"), "--text", str(tmp_path / "t.txt"), "--seq-len", "64")
+    assert r.returncode == 0 and "window/s" not in r.stderr   # eval's bar over its windows
 
 
 def test_bad_spec_is_one_line_exit_2_and_debug_shows_the_traceback(tmp_path):
