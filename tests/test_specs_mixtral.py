@@ -29,7 +29,9 @@ def test_tiny_mixtral_builds_and_verifies(tmp_path):
     for name in ("onnx", "arm64"):
         t = res["targets"][name]
         assert t["outputs_ok"] and t["greedy_match"] and t["top1"] == 1.0 and t["rel_l2"] < 1e-4, name
-    assert "Verdict: **PASS**" in (out / "report.md").read_text()
+    cuda_here = "skipped" not in res["targets"]["cuda"]
+    verdict = "PASS" if cuda_here else "PASS, except cuda: not verified here"
+    assert f"Verdict: **{verdict}**" in (out / "report.md").read_text()
     # every expert of every layer carries its own trained predictor, gated in each backend
     model = ModelIR.load(out / "model")
     assert model.config.num_experts == 4 and model.config.num_experts_per_tok == 2
@@ -51,6 +53,7 @@ def test_mixtral_spec_plans_every_pass(tmp_path):
     assert MIXTRAL_PLACEHOLDER in text
     src = tmp_path / "Mixtral-8x7B-v0.1"        # the user's HF directory (the plan reads nothing from it)
     src.mkdir()
+    (src / "config.json").write_text("{}")
     local = tmp_path / "mixtral.yaml"
     local.write_text(text.replace(MIXTRAL_PLACEHOLDER, str(src)))
     r = tsc("build", str(local), "--dry-run", "--out", str(tmp_path / "b"))

@@ -92,8 +92,12 @@ def verify(build_dir: Path, targets: tuple[str, ...]) -> None:
                             f"build it again (tscompile build SPEC --target {t})")
         click.echo(f"note: skipping {t}: {build_dir / t} was built from an earlier model than model/", err=True)
     built = [t for t in built if t not in stale]
-    verify_dir(build_dir, spec, list(targets) or built)
-    click.echo(f"verified {build_dir}: {', '.join(targets or built) or 'reference only'} "
+    results = verify_dir(build_dir, spec, list(targets) or built)
+    judged = [t for t, r in results["targets"].items() if "skipped" not in r]
+    for t, r in results["targets"].items():
+        if t not in judged:
+            click.echo(f"note: not verified {t}: {r['skipped']}", err=True)
+    click.echo(f"verified {build_dir}: {', '.join(judged) or 'no target (reference only)'} "
                f"(details in {build_dir / 'verify.json'})")
 
 

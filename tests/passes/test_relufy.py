@@ -267,6 +267,7 @@ def test_example_specs_validate(tmp_path):
     assert [s.name for s in smol.pipeline] == ["drelu", "relufy", "threshold"]
     assert sum(s.steps for s in cfg.stages) * cfg.batch_tokens <= 140_000_000     # ~20 GPU-minutes
     # mistral.yaml names a user's local checkpoint; point it at an existing directory to validate the rest
+    (tmp_path / "config.json").write_text("{}")                       # what a checkpoint dir shows at spec time
     text = (specs / "mistral.yaml").read_text().replace("/path/to/Mistral-7B-v0.1", str(tmp_path))
     mistral = parse_spec(text, "mistral.yaml")
     cfg = next(s.config for s in mistral.pipeline if s.name == "relufy")

@@ -351,6 +351,15 @@ def test_a_group_alone_prints_its_help(args, capsys):
     assert (rc, err) == (0, "") and out.startswith("Usage: tscompile") and "\nCommands:\n" in out
 
 
+def test_verify_says_which_targets_it_could_not_run(tmp_path):
+    (tmp_path / "x.yaml").write_text(tiny_spec(pipeline="[scale: {}]", targets="{ckpt: {}}"))
+    assert tsc("build", "x.yaml", "--no-verify", cwd=tmp_path).returncode == 0
+    r = tsc("verify", "build/t", cwd=tmp_path, TSC_TEST_CKPT_UNAVAILABLE="no ckpt runner here")
+    assert r.returncode == 0 and "note: not verified ckpt: no ckpt runner here\n" in r.stderr
+    assert r.stdout.startswith("verified build/t: no target (reference only)")
+    assert "Verdict: **PASS, except ckpt: not verified here**" in (tmp_path / "build/t/report.md").read_text()
+
+
 def test_data_build_says_what_it_built(capsys):
     rc, out, _ = run_main(capsys, "data", "build", "--corpus", "math")
     assert rc == 0 and out.startswith("corpus math: ") and out.endswith(" held-out documents)\n")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Literal
@@ -87,7 +88,8 @@ def load_ckpt(outdir: Path, dense: bool = False, **opts):
     raise NotImplementedError("the ckpt test backend only lowers")
 
 
-BACKENDS = [BackendInfo("ckpt", "1", "checkpoint copy (test backend)", CkptConfig, lower_ckpt, load_ckpt)]
+BACKENDS = [BackendInfo("ckpt", "1", "checkpoint copy (test backend)", CkptConfig, lower_ckpt, load_ckpt,
+                       available=lambda: os.environ.get("TSC_TEST_CKPT_UNAVAILABLE"))]
 
 
 def fake_distribution(root: Path, group: str, entry: str, module: str, source: str) -> None:
