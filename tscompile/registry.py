@@ -137,6 +137,10 @@ def load_plugin(module: str) -> None:
     PASS/PASSES/BACKEND/BACKENDS it exposes."""
     if module in _loaded_plugins:
         return
+    if "/" in module or module.endswith(".py"):
+        name = os.path.basename(module).removesuffix(".py")
+        raise UserError(f"plug-in {module!r}: give a module name, not a file path (e.g. -p {name}, run from the "
+                        "directory that holds it, or with it on PYTHONPATH)")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.append(os.getcwd())      # like `python -m`: a plug-in module in the current directory is found
     try:

@@ -368,3 +368,11 @@ def test_mode_is_chosen_on_val_and_test_only_reports(monkeypatch):
     # reported from the test split
     assert contrary.stats["true_sparsity"] == 1.0 and honest.stats["true_sparsity"] < 0.9
     assert contrary.stats["true_sparsity"] - contrary.stats["predicted_sparsity"] > 0.1
+
+
+def test_a_rank_above_the_models_dimensions_is_refused(tmp_path):
+    from tscompile.passes.predictors import apply_predictors
+    ir = make_tiny_ir("mistral", "drelu")
+    with pytest.raises(UserError, match=f"rank 100000 is more than min.hidden, intermediate. = "
+                                        f"{min(ir.config.hidden_size, ir.config.intermediate_size)}"):
+        apply_predictors(ir, PredictorsConfig(rank=100000), None)

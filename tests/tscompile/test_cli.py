@@ -148,6 +148,8 @@ def test_debug_is_taken_anywhere_except_as_a_value(args, want):
     (["build", "x.yaml", "-p", "tsc_no_such_plugin"], "error: plug-in 'tsc_no_such_plugin' failed to import: "
                                                       "ModuleNotFoundError: No module named 'tsc_no_such_plugin'\n"),
     (["verify", "."], "error: .: not a build directory (no spec.resolved.yaml)\n"),
+    (["passes", "-p", "./myplug.py"], "error: plug-in './myplug.py': give a module name, not a file path (e.g. -p "
+                                      "myplug, run from the directory that holds it, or with it on PYTHONPATH)\n"),
     (["eval", ".", "--text", "x.yaml", "--tokens", "1"], "error: tscompile eval: Invalid value for '--tokens': 1 is "
                                                           "not in the range x>=2.\n"),
 ])
