@@ -385,8 +385,9 @@ def main(argv: list[str] | None = None) -> None:
         where = f"{e.ctx.command_path}: " if getattr(e, "ctx", None) else ""
         click.echo(f"error: {where}{_one_line(e.format_message())}", err=True)
         rc = 2
-    except click.Abort:
-        click.echo("error: aborted", err=True)
+    except click.Abort as e:                 # click's form of Ctrl-C (or end of input at a prompt)
+        click.echo("error: interrupted" if isinstance(e.__cause__, KeyboardInterrupt) else "error: aborted",
+                   err=True)
         rc = 130
     except UserError as e:
         if debug:

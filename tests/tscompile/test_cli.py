@@ -365,3 +365,16 @@ def test_verify_says_which_targets_it_could_not_run(tmp_path):
 def test_data_build_says_what_it_built(capsys):
     rc, out, _ = run_main(capsys, "data", "build", "--corpus", "math")
     assert rc == 0 and out.startswith("corpus math: ") and out.endswith(" held-out documents)\n")
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
+    import signal
+    (tmp_path / "x.yaml").write_text(tiny_spec(pipeline="[scale: {factor: 2, pause: 30}]", targets="{ckpt: {}}"))
+    p = subprocess.Popen([sys.executable, "-m", "tscompile", "build", "x.yaml", "--no-verify"], cwd=tmp_path,
+                         stderr=subprocess.PIPE, text=True, env=_env())
+    for line in p.stderr:
+        if "pass scale v1: running" in line:
+            break
+    p.send_signal(signal.SIGINT)
+    rest = p.stderr.read()
+    assert p.wait(timeout=60) == 130 and rest.endswith("error: interrupted\n"), rest
