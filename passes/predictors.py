@@ -426,7 +426,7 @@ def fit_predictors(ir: ModelIR, cfg: PredictorsConfig, calib_ids, device: str = 
     group = max(1, int(sample_memory(cfg, device) // per_unit))
     batch_seqs = max(1, (32768 if cuda else 4096) // ids.shape[1])   # sequences per calibration forward
     log.info("predictors: %d FFNs, %d calibration tokens (%d train / %d val / %d test), %d FFNs per pass",
-             len(units), sum(rows.values()), rows["train"], rows["val"], rows["test"], group)
+             len(units), sum(rows.values()), rows["train"], rows["val"], rows["test"], min(group, len(units)))
     per_ffn = []
     bar = tqdm(total=len(units), desc="predictors", unit="ffn")
     for g0 in range(0, len(units), group):

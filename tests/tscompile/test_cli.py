@@ -256,7 +256,7 @@ def _fake_verifier(monkeypatch) -> list:
         calls.append(targets)
         (build_dir / "verify.json").write_text(json.dumps({"ok": True, "targets": targets}))
         (build_dir / "report.md").write_text(f"report of {targets}")
-        return {"ok": True}
+        return {"ok": True, "targets": {t: {"outputs_ok": True} for t in targets}}
     monkeypatch.setattr(tscompile.verify, "verify_build", fake)
     return calls
 
