@@ -99,7 +99,7 @@ class ArchConfig:
             return kind(v)
 
         def flag(key: str) -> bool:
-            v = d.get(key, False)
+            v = False if d.get(key) is None else d[key]   # absent or null: false
             if not isinstance(v, bool):
                 raise UserError(f"{where}: {key} must be true or false, got {v!r}")
             return v
