@@ -387,3 +387,10 @@ def test_token_id_lists_keep_their_first_id(tmp_path):   # HF configs may list s
     edit_config(path, lambda c: c.update(bos_token_id=[1, 2], eos_token_id=[2, 1]))
     cfg = ModelIR.load(path).config
     assert (cfg.bos_token_id, cfg.eos_token_id) == (1, 2)
+
+
+def test_a_null_flag_reads_as_false(tmp_path):
+    path = saved(tmp_path)
+    edit_config(path, lambda c: c.update(attention_bias=None, tie_word_embeddings=None))
+    cfg = ModelIR.load(path).config
+    assert (cfg.attention_bias, cfg.tie_word_embeddings) == (False, False)
