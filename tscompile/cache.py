@@ -161,7 +161,7 @@ def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     size = path.stat().st_size
     with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"hash {path.name}",
-                                     disable=size < 256 * 1024**2, leave=False) as bar:
+                                     disable=True if size < 256 * 1024**2 else None, leave=False) as bar:
         while chunk := f.read(16 * 1024**2):
             h.update(chunk)
             bar.update(len(chunk))

@@ -262,7 +262,7 @@ def save_checkpoint(ir: ModelIR, out: Path, shard_bytes: int) -> None:
             [f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors" for k in range(len(plan))]
         total = sum(sizes.values())
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"save {out.name}", file=sys.stderr,
-                  disable=total < 256 * 1024**2) as bar:
+                  disable=True if total < 256 * 1024**2 else None) as bar:   # None: terminals only
             for names, fname in zip(plan, fnames):
                 try:
                     save_file(_untie({n: ir.weights[n].contiguous() for n in names}), str(tmp / fname),

@@ -395,7 +395,8 @@ def train(model, cfg, train_data: TokenWindows, heldout: dict[str, np.ndarray], 
     start_capture(model)
     fpt = flops_per_token(model.cfg, seq_len, teacher is not None and cfg.distill > 0)
     t_start, tokens_run, last, history = time.time(), 0, {}, []
-    bar = tqdm(total=total_steps, initial=step, desc="relufy", disable=not progress or rank != 0, leave=False)
+    bar = tqdm(total=total_steps, initial=step, desc="relufy", leave=False,
+               disable=True if not progress or rank != 0 else None)   # None: on a terminal only
     stop_early = False
     while step < total_steps:
         t0 = time.time()
