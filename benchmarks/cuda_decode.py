@@ -357,7 +357,7 @@ def main():
                           if k not in ("active_fraction_per_layer", "positive_gate_fraction_per_layer", "step_census")}),
               flush=True)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "command": "python benchmarks/cuda_decode.py --models " + args.models, "models": rows}
+              "command": " ".join(["python", *sys.argv]), "models": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, json.dumps(result, indent=1))

@@ -345,7 +345,7 @@ def main():
     bw = max(bw, copy_bandwidth())   # again, at the end: report the better of the two
     for r in rows:
         r["fraction_of_copy_bw"] = r["achieved_GBps"] / bw
-    result = {"device": props.name, "sms": sms, "command": "python benchmarks/cuda_ffn.py",
+    result = {"device": props.name, "sms": sms, "command": " ".join(["python", *sys.argv]),
               "torch": torch.__version__, "shape": {"hidden": H, "intermediate": I, "dtype": "bfloat16"},
               "copy_GBps": bw, "dense_us": dense_us, "dense_variants_us": dense, "sparse": rows,
               "predictor": predictor, "gemv": gemv, "exact_gating": exact}

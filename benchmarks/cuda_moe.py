@@ -224,7 +224,7 @@ def main():
     for r in (sparse, predictor):
         r["fraction_of_copy_bw"] = r["achieved_GBps"] / bw
         r["bytes_at_copy_bw_us"] = r["bytes"] / bw / 1e3   # the time floor of these bytes
-    result = {"device": props.name, "sms": sms, "command": "python benchmarks/cuda_moe.py", "torch": torch.__version__,
+    result = {"device": props.name, "sms": sms, "command": " ".join(["python", *sys.argv]), "torch": torch.__version__,
               "shape": {"hidden": H, "intermediate": I, "experts": E, "top_k": K, "dtype": "bfloat16", "batch": 1,
                         "sparsity": SPARSITY},
               "copy_GBps": bw, "dense": dense | {"bytes": dense_bytes, "max_rel_err": max(dense_errs),

@@ -172,7 +172,7 @@ def main():
         lib = KernelLibrary(compile_library(with_hooks(render_source(shape)), device_arch(), Path(tmp)))
     w = random_weights(cfg, rank)
     prompt = random_prompt(cfg)
-    result = {"device": torch.cuda.get_device_name(), "command": "python benchmarks/cuda_timeline.py",
+    result = {"device": torch.cuda.get_device_name(), "command": " ".join(["python", *sys.argv]),
               "model": "mistral-7b (cuda_decode.py)", "runners": {}}
     for label, runner in zip(("sparse", "dense"), calibrated_runners(cfg, lib, w, prompt)):
         runner.generate(prompt, 2)   # prefill, capture the step's graph
