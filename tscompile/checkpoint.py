@@ -148,8 +148,14 @@ def _weight_files(root: Path) -> dict[str, Path]:
 
 def validate_weights(ir: ModelIR, where: Path, check_values: bool = True) -> None:
     """Every expected tensor is present with the right shape and, when `check_values` (which reads every
-    tensor's data; without it only headers are read), has a float dtype and finite values."""
+    tensor's data; without it only headers are read), has a float dtype and finite values. A bias the model does
+    not expect is refused: dropping it would change the outputs in silence (HF Llama's attention_bias puts one on
+    o_proj too, its mlp_bias on the FFN)."""
     want = expected_shapes(ir.config, ir.layers)
+    for name in ir.weights:
+        if name.endswith(".bias") and name not in want:
+            raise UserError(f"{where}: tensor {name}: not supported (tscompile's {ir.config.family} layers have "
+                            "no bias there)")
     for name, shape in want.items():
         if name not in ir.weights:
             raise UserError(f"{where}: missing tensor {name}")

@@ -166,6 +166,17 @@ def test_missing_tensor(tmp_path):
     assert str(path) in msg and "missing tensor model.layers.0.self_attn.k_proj.weight" in msg
 
 
+@pytest.mark.parametrize("name", ["model.layers.1.self_attn.o_proj.bias", "model.layers.0.mlp.up_proj.bias"])
+def test_unexpected_bias(tmp_path, name):
+    # HF Llama with attention_bias (o_proj too) or mlp_bias: the reference has no such bias, so loading it
+    # without one would give other logits
+    ir = make_tiny_ir("llama")
+    ir.weights[name] = torch.ones(ir.weights[name.replace(".bias", ".weight")].shape[0])
+    path = saved(tmp_path, ir)
+    msg = load_error(path)
+    assert str(path) in msg and f"tensor {name}: not supported (tscompile's llama layers have no bias there)" in msg
+
+
 def test_missing_predictor_tensor(tmp_path):
     ir = add_random_predictors(make_tiny_ir("llama"), rank=4)
     fc1, _ = predictor_names(1)
