@@ -259,7 +259,6 @@ def main():
     print(f"device {props.name}, {sms} SMs; copy {bw:.0f} GB/s; dense cuBLAS {dense_us:.1f} us "
           f"({dense_bytes / dense_us / 1e3:.0f} GB/s) {dense}", flush=True)
 
-    grids = {"1/SM": sms, "2/SM": 2 * sms}   # the library caps the grid at the blocks that fit at once
     for batch, sparsity in [(1, 0.5), (1, 0.8), (1, 0.9), (1, 0.95), (2, 0.9), (4, 0.9), (8, 0.9)]:
         n = round((1 - sparsity) * I)
         ids = torch.stack([torch.randperm(I, device=dev)[:n] for _ in range(SETS)]).int()
@@ -272,35 +271,27 @@ def main():
         masks_u8 = masks.to(torch.uint8) if masks is not None else None
         y = torch.empty(SETS, batch, H, device=dev, dtype=bf)
         threshold = 1e-3
-        # correctness: fresh inputs, poisoned outputs, every grid
-        errs = []
-        for grid in grids.values():
-            y.fill_(float("nan"))
+        def sparse():   # one block per SM: the library caps the grid at the blocks that fit at once
             for k in range(SETS):
                 lib.sparse_ffn(xb[k], wg, wu, wdt, "swiglu", threshold, ids_full[k], count,
-                               None if masks is None else masks_u8[k], ws, y[k], grid)
-            torch.cuda.synchronize()
-            errs.append(max(rel_err(y[k], ffn_reference(xb[k], wg, wu, wdt, ids[k].long(), threshold,
-                                                        None if masks is None else masks[k]))
-                            for k in range(SETS)))
-            assert int(ws.barrier.item()) & 0x7FFFFFFF == 0, "grid barrier counter left mid-count"
-        times = {}
-        for gname, grid in grids.items():
-            def sparse(grid=grid):
-                for k in range(SETS):
-                    lib.sparse_ffn(xb[k], wg, wu, wdt, "swiglu", threshold, ids_full[k], count,
-                                   None if masks is None else masks_u8[k], ws, y[k], grid)
-            times[gname] = time_graph(sparse, SETS)
-        best = min(times, key=times.get)
+                               None if masks is None else masks_u8[k], ws, y[k], sms)
+        # correctness: fresh inputs, poisoned outputs
+        y.fill_(float("nan"))
+        sparse()
+        torch.cuda.synchronize()
+        err = max(rel_err(y[k], ffn_reference(xb[k], wg, wu, wdt, ids[k].long(), threshold,
+                                              None if masks is None else masks[k])) for k in range(SETS))
+        assert int(ws.barrier.item()) & 0x7FFFFFFF == 0, "grid barrier counter left mid-count"
+        sparse_us = time_graph(sparse, SETS)
         lib.set_dependent_launch(False)
-        plain_us = time_graph(lambda: sparse(grids[best]), SETS)
+        plain_us = time_graph(sparse, SETS)
         lib.set_dependent_launch(True)
         nbytes = 3 * n * H * 2
-        row = {"batch": batch, "sparsity": sparsity, "active": n, "max_rel_err": max(errs),
-               "sparse_us": times[best], "grid": best, "grid_us": times, "plain_launch_us": plain_us,
-               "dense_us": batch_dense_us, "speedup_vs_dense": batch_dense_us / times[best],
-               "bytes_floor_speedup": dense_bytes / nbytes, "achieved_GBps": nbytes / times[best] / 1e3,
-               "fraction_of_copy_bw": nbytes / times[best] / 1e3 / bw}
+        row = {"batch": batch, "sparsity": sparsity, "active": n, "max_rel_err": err,
+               "sparse_us": sparse_us, "plain_launch_us": plain_us,
+               "dense_us": batch_dense_us, "speedup_vs_dense": batch_dense_us / sparse_us,
+               "bytes_floor_speedup": dense_bytes / nbytes, "achieved_GBps": nbytes / sparse_us / 1e3,
+               "fraction_of_copy_bw": nbytes / sparse_us / 1e3 / bw}
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -354,11 +345,11 @@ def main():
     write_text_atomic(out, json.dumps(result, indent=1))
     print(f"\n{props.name}: copy {bw:.0f} GB/s, dense cuBLAS {dense_us:.1f} us")
     print(f"{'batch':>5} {'sparsity':>8} {'us':>7} {'speedup':>7} {'floor':>6} {'GB/s':>6} {'%copy':>6} {'err':>8} "
-          f"{'no-PDL us':>9} grid")
+          f"{'no-PDL us':>9}")
     for r in rows:
         print(f"{r['batch']:>5} {r['sparsity']:>8} {r['sparse_us']:>7.1f} {r['speedup_vs_dense']:>7.2f} "
               f"{r['bytes_floor_speedup']:>6.1f} {r['achieved_GBps']:>6.0f} {100 * r['fraction_of_copy_bw']:>5.0f}% "
-              f"{r['max_rel_err']:>8.1e} {r['plain_launch_us']:>9.1f} {r['grid']}")
+              f"{r['max_rel_err']:>8.1e} {r['plain_launch_us']:>9.1f}")
     print(f"predictor r={RANK}: {pred_us:.1f} us ({predictor['predict_GBps']:.0f} GB/s), active "
           f"{100 * predictor['active_fraction']:.1f}%, set ok {predictor_ok}; predictor+ffn {both_us:.1f} us "
           f"= {predictor['speedup_vs_dense_with_predictor']:.2f}x dense (plain launches: {plain})")

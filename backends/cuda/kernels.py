@@ -28,6 +28,8 @@ DTYPES = {  # dtype name -> (C type, header, packed pair type, pair -> float2, 2
 }
 RING_BYTES = 64 * 1024   # shared-memory ring of sparse_ffn; 4 stages of 16 KB beat 6, 8 and 12 at s >= 0.8 (NOTES.md)
 BATCHES = (1, 2, 4, 8)
+MAX_HIDDEN = 16384   # sparse_ffn's ring (two stages at least) and partial sums fit an sm_80 block's 163 KB at batch 8
+MAX_GROUP = 8        # query heads per KV head: decode_attention's static shared memory stays under 48 KB
 LIBRARY = "libtscffn.so"
 
 
@@ -49,8 +51,8 @@ class KernelShape:
 def check_shape(shape: KernelShape, where: str) -> None:
     if shape.hidden % 8:
         raise UserError(f"{where}: hidden_size {shape.hidden} is not a multiple of 8 (16-byte weight loads)")
-    if shape.hidden // 8 > 1024 * 4:
-        raise UserError(f"{where}: hidden_size {shape.hidden} is larger than the kernels support (32768)")
+    if shape.hidden > MAX_HIDDEN:
+        raise UserError(f"{where}: hidden_size {shape.hidden} is larger than the kernels support ({MAX_HIDDEN})")
     if shape.dtype not in DTYPES:
         raise UserError(f"{where}: dtype {shape.dtype!r} is not one of {', '.join(DTYPES)}")
     for a in shape.activations:
@@ -62,6 +64,9 @@ def check_shape(shape: KernelShape, where: str) -> None:
             raise UserError(f"{where}: head_dim {hd} is not a power of two in [16, 256] (attention kernel)")
         if shape.heads % shape.kv_heads:
             raise UserError(f"{where}: num_heads {shape.heads} is not a multiple of num_kv_heads {shape.kv_heads}")
+        if shape.heads // shape.kv_heads > MAX_GROUP:
+            raise UserError(f"{where}: {shape.heads // shape.kv_heads} query heads per KV head, the attention kernel "
+                            f"takes at most {MAX_GROUP}")
 
 
 def ffn_launch(hidden: int, batch: int) -> dict:

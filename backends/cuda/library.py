@@ -137,8 +137,9 @@ class Workspace:
     def __init__(self, lib: KernelLibrary, max_rank: int, max_batch: int, device="cuda"):
         import torch
         hidden, inter = lib.hidden, lib.inter
-        # sparse_ffn: each block's fp32 partial y (a grid of up to 2 blocks per multiprocessor), the barrier counter
-        blocks = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        # sparse_ffn: each block's fp32 partial y (one block per multiprocessor: it asks for more than half of
+        # one's shared memory, persistent_blocks in ffn.cu.j2), the barrier counter
+        blocks = torch.cuda.get_device_properties(device).multi_processor_count
         self.partials = torch.zeros(blocks, max_batch, hidden, dtype=torch.float32, device=device)
         self.barrier = torch.zeros(1, dtype=torch.int32, device=device)
         self.z = torch.zeros(max_batch, max(max_rank, 8), dtype=torch.float32, device=device)

@@ -170,8 +170,9 @@ class MoEWorkspace:
         self.z = torch.zeros(K, max(max_rank, 8), dtype=torch.float32, device=device)
         self.lists = torch.zeros(E, lib.inter, dtype=torch.int32, device=device)
         self.counts = torch.zeros(E, dtype=torch.int32, device=device)
-        # moe_experts: each block's fp32 partial y (a grid of up to 2 blocks per multiprocessor), the barrier counter
-        blocks = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        # moe_experts: each block's fp32 partial y (one block per multiprocessor: it asks for more than half of
+        # one's shared memory, persistent_blocks in ffn.cu.j2), the barrier counter
+        blocks = torch.cuda.get_device_properties(device).multi_processor_count
         self.partials = torch.zeros(blocks, lib.hidden, dtype=torch.float32, device=device)
         self.barrier = torch.zeros(1, dtype=torch.int32, device=device)
 

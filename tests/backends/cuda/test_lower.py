@@ -11,7 +11,8 @@ import torch
 from cpu_decoder import decode_on_cpu
 from golden_cases import CASES, case_ir
 from tscompile.backends.cuda import BACKEND, CudaConfig
-from tscompile.backends.cuda.kernels import LIBRARY, KernelShape, compile_library, nvcc_path, render_source
+from tscompile.backends.cuda.kernels import (LIBRARY, KernelShape, check_shape, compile_library, nvcc_path,
+                                             render_source)
 from tscompile.backends.cuda.lower import ffn_specs, lower_cuda
 from tscompile.errors import UserError
 from tscompile.tiny import make_tiny_ir
@@ -101,6 +102,12 @@ def test_mode_dense_is_in_the_ffn_specs():
 def test_bad_models_are_refused(tmp_path):
     with pytest.raises(UserError, match="hidden_size 60 is not a multiple of 8"):
         lower_cuda(make_tiny_ir("llama", hidden=60, heads=4, kv_heads=2), CudaConfig(), tmp_path / "h60")
+    # nvcc had failed on these (static shared memory of the attention kernel; the ring past what a block may ask)
+    with pytest.raises(UserError, match="^.*: 16 query heads per KV head, the attention kernel takes at most 8$"):
+        lower_cuda(make_tiny_ir("llama", hidden=256, heads=16, kv_heads=1), CudaConfig(), tmp_path / "g16")
+    with pytest.raises(UserError, match="hidden_size 16392 is larger than the kernels support"):
+        check_shape(KernelShape("m", 16392, 64, "bfloat16", ("swiglu",)), "m")
+    check_shape(KernelShape("m", 16384, 64, "bfloat16", ("swiglu",), heads=128, kv_heads=16, head_dim=128), "m")
 
 
 def test_available_says_why_not_without_a_gpu():

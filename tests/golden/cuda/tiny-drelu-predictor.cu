@@ -925,8 +925,8 @@ int tsc_predict(int batch, const void* x, const void* norm_w, float eps, const v
 #define GROUP (HEADS / KV_HEADS)    // query heads that share one KV head
 #define HVPR (HEAD_DIM / 8)         // 16-byte vectors in one cached k or v row
 #define SPLIT 64                    // cached positions per attention chunk (two per lane of a warp)
-#define ATT_THREADS (GROUP <= 4 ? 256 : 128)   // attention block; o_stage stays <= 32 KB
-#define GEMV_THREADS 256            // 8 warps, one output row each
+#define ATT_THREADS (GROUP <= 4 ? 256 : 128)   // attention block; o_stage stays <= 32 KB (GROUP <= 8)
+#define GEMV_THREADS 256            // 8 warps, two output rows each
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
