@@ -129,3 +129,22 @@ def test_ffn_follows_the_documented_formula(kind):
         assert torch.allclose(ffn(x, gating="auto"), h @ ffn.down_proj.weight.T, atol=1e-6)
         assert torch.allclose(ffn(x[:, :1], gating="auto"), gated[:, :1] @ ffn.down_proj.weight.T, atol=1e-6)
     assert 0 < int((gated == 0).sum()) - int((h == 0).sum())   # the predictor removed some neurons
+
+
+def test_sample_top_p_keeps_the_smallest_head_over_p():
+    from tscompile.reference import sample
+    logits = torch.tensor([3.0, 2.0, 0.0, -5.0])   # softmax ~ 0.705, 0.259, 0.035, 0.0002
+    gen = torch.Generator().manual_seed(0)
+
+    def drawn(temperature, top_p):
+        return {sample(logits, temperature, top_p, gen) for _ in range(300)}
+    assert drawn(1.0, 0.5) == {0}
+    assert drawn(1.0, 0.9) == {0, 1}
+    assert {0, 1, 2} <= drawn(1.0, 1.0)
+    assert drawn(0.0, 1.0) == {0}                 # temperature 0: greedy
+
+
+def test_generate_with_a_seed_repeats():
+    m = ReferenceModel.from_ir(make_tiny_ir("llama", seed=3))
+    runs = [m.generate([1, 2, 3], 12, temperature=0.9, top_p=0.95, seed=s) for s in (7, 7, 8)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]

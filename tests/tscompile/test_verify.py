@@ -113,3 +113,36 @@ def test_max_rel_err_per_target():
     assert judged == {"onnx": (1e-3, True), "cuda": (3e-2, True), "arm64": (1e-3, False)}
     rows = check_goals(Goals(max_rel_err_by_target={"cuda": 3e-2}), res)
     assert [(r["target"], r["ok"]) for r in rows if r["goal"] == "max_rel_err"] == [("cuda", True)]
+
+
+def test_speed_and_perplexity_goals():
+    """min_speedup per target (a target without a speed measurement misses it) and max_ppl_ratio per text, each
+    met at its limit."""
+    from tscompile.spec import Goals
+    from tscompile.verify import check_goals
+    ok = {"tampered": [], "outputs_ok": True, "top1": 1.0, "rel_l2": 0.0}
+    res = {"targets": {"onnx": {**ok, "speed": {"speedup": 1.1}}, "arm64": {**ok, "speed": {"speedup": 1.2}},
+                       "ckpt": ok},
+           "quality": {"wiki": {"ppl_ratio": 1.3}, "code": {"ppl_ratio": 1.1}}}
+    rows = check_goals(Goals(min_speedup={"onnx": 1.2, "arm64": 1.2, "ckpt": 1.2}, max_ppl_ratio=1.1), res)
+    judged = {(r["goal"], r["target"]): r["ok"] for r in rows if r["goal"] in ("min_speedup", "max_ppl_ratio")}
+    assert judged == {("min_speedup", "onnx"): False, ("min_speedup", "arm64"): True,
+                      ("min_speedup", "ckpt"): False, ("max_ppl_ratio", "wiki"): False,
+                      ("max_ppl_ratio", "code"): True}
+
+
+def test_perplexity_ratio_is_sparse_over_dense(tmp_path):
+    """The sparse model (predictor gating) against its source (exact gating), on the same tokens."""
+    from tscompile.evaluate import evaluate_text
+    from tscompile.tiny import add_random_predictors, make_tiny_ir
+    from tscompile.verify import measure_quality
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. Sparse models compute only what fires.\n" * 4)
+    source = make_tiny_ir("mistral", activation="relu", seed=2)
+    ir = add_random_predictors(source.clone(), rank=8, threshold=0.3)
+    q = measure_quality(ir, source, {"t": str(text)}, tokens=100, seq_len=50)["t"]
+    sparse = evaluate_text(ir, str(text), tokens=100, seq_len=50, gating="predictor")["perplexity"]
+    dense = evaluate_text(source, str(text), tokens=100, seq_len=50, gating="exact")["perplexity"]
+    assert sparse != pytest.approx(dense, rel=1e-3)
+    assert (q["perplexity"], q["dense_perplexity"]) == (sparse, dense)
+    assert q["ppl_ratio"] == pytest.approx(sparse / dense, rel=1e-12)
