@@ -81,6 +81,7 @@ def verify(build_dir: Path, targets: tuple[str, ...]) -> None:
         raise UserError(f"{build_dir}: not a build directory (no spec.resolved.yaml)")
     spec = load_spec(resolved)
     from .engine import lowered_from_current_model, verify_dir
+    from .verify import skipped_targets
     built = [t for t in spec.targets if (build_dir / t / "manifest.json").is_file()]
     for t in targets:
         if t not in built:
@@ -93,10 +94,10 @@ def verify(build_dir: Path, targets: tuple[str, ...]) -> None:
         click.echo(f"note: skipping {t}: {build_dir / t} was built from an earlier model than model/", err=True)
     built = [t for t in built if t not in stale]
     results = verify_dir(build_dir, spec, list(targets) or built)
-    judged = [t for t, r in results["targets"].items() if "skipped" not in r]
-    for t, r in results["targets"].items():
-        if t not in judged:
-            click.echo(f"note: not verified {t}: {r['skipped']}", err=True)
+    skipped = skipped_targets(results)
+    for t in skipped:
+        click.echo(f"note: not verified {t}: {results['targets'][t]['skipped']}", err=True)
+    judged = [t for t in results["targets"] if t not in skipped]
     click.echo(f"verified {build_dir}: {', '.join(judged) or 'no target (reference only)'} "
                f"(details in {build_dir / 'verify.json'})")
 

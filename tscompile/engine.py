@@ -411,9 +411,10 @@ class _Build:
             log.info("verify: cached (passed before; %s)", report)
             return
         self.result.verify = verify_dir(build_dir, self.plan.spec, [t.name for t in self.plan.targets])
+        from .verify import skipped_targets
         # only after it passed (a missed goal is checked again) and judged every target (one that could not run
         # here, e.g. without a GPU, is verified once it can)
-        if not any("skipped" in r for r in self.result.verify["targets"].values()):
+        if not skipped_targets(self.result.verify):
             cache.write_text_atomic(build_dir / ".verify.key", self.verify_key())
         self.done("verify")
 

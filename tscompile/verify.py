@@ -156,6 +156,11 @@ def measure_quality(ir, source_ir, texts: dict[str, str], tokens: int, seq_len: 
     return out
 
 
+def skipped_targets(results: dict[str, Any]) -> list[str]:
+    """The targets the verifier could not run here (e.g. cuda without a GPU): reported, not judged."""
+    return [name for name, r in results["targets"].items() if "skipped" in r]
+
+
 def check_goals(goals, results: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per goal and target: value, limit, ok."""
     rows = []
