@@ -12,6 +12,7 @@ import copy
 import functools
 import math
 import re
+import signal
 
 import pytest
 import yaml
@@ -298,28 +299,45 @@ def test_a_duplicated_top_level_key_is_named_at_its_second_line(name):
         assert line == i + 2 and error.startswith(f"{key[1]}: duplicate key"), (name, key[1], error)
 
 
-PATHOLOGICAL = {
-    "nesting 20000 deep": "version: 1\nname: x\nsource: " + "[" * 20000 + "]" * 20000,
-    "block nesting 2000 deep": "version: 1\n" + "".join(" " * k + "- \n" for k in range(2000)),
-    "alias bomb": "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+PATHOLOGICAL = {   # case: (file text, the error's line, how its message starts)
+    "nesting 20000 deep": ("version: 1\nname: x\nsource: " + "[" * 20000 + "]" * 20000,
+                           3, "YAML syntax error: nested deeper than 64 levels"),
+    "block nesting 2000 deep": ("version: 1\n" + "".join(" " * k + "- \n" for k in range(2000)),
+                                2, "YAML syntax error: expected <block end>"),
+    "alias bomb": ("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9)) + "seed: *a8\n",
-    "alias in its own anchor": "version: 1\nname: x\nsource: &s {tiny: {}, x: *s}\n",
-    "control character": "version: 1\nname: x\x07\n",
-    "NUL": "version: 1\n\x00",
-    "byte order mark only": "\ufeff",
-    "only a comment": "# nothing\n",
-    "a list": "- version: 1\n",
-    "a number": "42\n",
-    "tab indentation": "version: 1\nsource:\n\ttiny: {}\n",
-    "unclosed quote": 'version: 1\nname: "tiny\n',
-    "complex key": "version: 1\n? [a, b]\n: c\n",
-    "1 MB name": "version: 1\nname: " + "x" * 1_000_000 + "\n",
+        5, "YAML syntax error: the spec expands to more than 100000 YAML nodes"),
+    "alias in its own anchor": ("version: 1\nname: x\nsource: &s {tiny: {}, x: *s}\n",
+                                3, "YAML syntax error: alias *s refers to itself"),
+    "control character": ("version: 1\nname: x\x07\n", 2, "YAML syntax error: unacceptable character #x0007"),
+    "NUL": ("version: 1\n\x00", 2, "YAML syntax error: unacceptable character #x0000"),
+    "byte order mark only": ("\ufeff", 1, "(top level): the spec is empty"),
+    "only a comment": ("# nothing\n", 1, "(top level): the spec is empty"),
+    "a list": ("- version: 1\n", 1, "(top level): the spec must be a mapping of keys, got list"),
+    "a number": ("42\n", 1, "(top level): the spec must be a mapping of keys, got int"),
+    "tab indentation": ("version: 1\nsource:\n\ttiny: {}\n", 3, "YAML syntax error: found character '\\t'"),
+    "unclosed quote": ('version: 1\nname: "tiny\n', 3, "YAML syntax error: found unexpected end of stream"),
+    "complex key": ("version: 1\n? [a, b]\n: c\n", 2, "YAML syntax error: found unhashable key"),
+    "1 MB name": ("version: 1\nname: " + "x" * 1_000_000 + "\n", 1, "source: required key is missing"),
 }
 
 
 @pytest.mark.parametrize("case", list(PATHOLOGICAL))
 def test_pathological_yaml(case):
-    assert check(PATHOLOGICAL[case]) is not None
+    """Each is refused with its own error, and soon: a node or depth limit that stopped working would expand the
+    alias bomb to 10^9 nodes or recurse 20000 deep, so the parse runs under a 60 s alarm (it takes < 1 s)."""
+    text, line, start = PATHOLOGICAL[case]
+
+    def hung(*_):
+        raise AssertionError(f"{case}: the parse ran for 60 s")
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        error = check(text)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert error is not None and error[0] == line and error[1].startswith(start), (case, error)
 
 
 CLI_CASES = {      # file text -> what the one stderr line must hold

@@ -254,9 +254,10 @@ def _fake_verifier(monkeypatch) -> list:
 
     def fake(build_dir, spec, targets):
         calls.append(targets)
-        (build_dir / "verify.json").write_text(json.dumps({"ok": True, "targets": targets}))
+        result = {"ok": True, "targets": {t: {"outputs_ok": True} for t in targets}}
+        (build_dir / "verify.json").write_text(json.dumps(result))
         (build_dir / "report.md").write_text(f"report of {targets}")
-        return {"ok": True, "targets": {t: {"outputs_ok": True} for t in targets}}
+        return result
     monkeypatch.setattr(tscompile.verify, "verify_build", fake)
     return calls
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -59,14 +60,20 @@ def test_build_verifies_and_writes_reports(tiny_build):
     assert "Verdict: **PASS**" in report and "| onnx | ok |" in report and "| arm64 | ok |" in report
 
 
-def test_arm64_speed_says_it_is_the_host_builds(tiny_build, tmp_path):
+def test_speedup_is_the_ratio_of_median_rates_and_arm64_says_it_is_the_host_builds(tiny_build, tmp_path):
     b = copy_build(tiny_build, tmp_path / "b")   # the aarch64 binary runs under an emulator: its speed is not timed
     spec = yaml.safe_load((b / "spec.resolved.yaml").read_text())
-    spec["verify"] |= {"speed_tokens": 4, "repeats": 1}
+    spec["verify"] |= {"speed_tokens": 4, "repeats": 3}
     (b / "spec.resolved.yaml").write_text(yaml.safe_dump(spec))
     r = tsc("verify", str(b))
     assert r.returncode == 0, r.stderr
     res = json.loads((b / "verify.json").read_text())
+    for name, t in res["targets"].items():   # sparse over dense, medians of the interleaved samples
+        sp = t["speed"]
+        assert len(sp["samples_sparse"]) == len(sp["samples_dense"]) == 3 and sp["tokens"] == 4, name
+        assert sp["sparse_tokens_per_s"] == statistics.median(sp["samples_sparse"]), name
+        assert sp["dense_tokens_per_s"] == statistics.median(sp["samples_dense"]), name
+        assert sp["speedup"] == pytest.approx(sp["sparse_tokens_per_s"] / sp["dense_tokens_per_s"], rel=1e-12), name
     assert "measured_on" not in res["targets"]["onnx"]["speed"]
     where = res["targets"]["arm64"]["speed"]["measured_on"]
     assert "host build" in where and f"arm64: tok/s measured on {where}." in (b / "report.md").read_text()
