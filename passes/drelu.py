@@ -15,7 +15,10 @@ class DReLUConfig(PassConfig):
 
 
 def apply_drelu(ir: ModelIR, cfg: DReLUConfig, ctx: Context) -> ModelIR:
+    from tscompile.passes.profile import forget_measurements, refuse_predictors
+    refuse_predictors(ir, "drelu")
     out = ir.clone()
+    forget_measurements(out)   # the old activation's sparsity and frequencies (a later reorder measures again)
     for layer in out.layers:
         layer.activation = cfg.kind          # an MoE layer's own entry too, so it agrees with its experts
     for _, _, ann in out.ffn_units():
@@ -23,5 +26,5 @@ def apply_drelu(ir: ModelIR, cfg: DReLUConfig, ctx: Context) -> ModelIR:
     return out
 
 
-PASS = PassInfo(name="drelu", version="1", config=DReLUConfig, run=apply_drelu,
+PASS = PassInfo(name="drelu", version="2", config=DReLUConfig, run=apply_drelu,
                 doc="set every FFN activation to dReLU (or ReGLU); weights unchanged")

@@ -24,7 +24,8 @@ from pydantic import Field, PositiveInt
 
 from tscompile.api import Context, PassConfig, PassInfo
 from tscompile.errors import UserError
-from tscompile.ir import RELU_KINDS, ModelIR, Predictor, exact_row_shares, ffn_names, predictor_names
+from tscompile.ir import (RELU_KINDS, ModelIR, Predictor, exact_row_shares, ffn_label, ffn_names,
+                          predictor_names)
 
 STATS_KEYS = ("true_sparsity", "gate_sparsity", "bytes_exact", "mode_reason", "samples", "candidate_predictor",
               "recall", "precision", "predicted_sparsity", "rank", "predictor_threshold", "ranks_tried", "epochs",
@@ -436,7 +437,7 @@ def fit_predictors(ir: ModelIR, cfg: PredictorsConfig, calib_ids, device: str = 
         for u in idx:
             layer, expert, ann = units[u]
             tr, va, te = data["train"].pop(u), data["val"].pop(u), data["test"].pop(u)
-            where = f"layer {layer}" + (f" expert {expert}" if expert is not None else "")
+            where = ffn_label(layer, expert)
             s_gate = gate_sparsity(out, layer, expert, va)
             # `mode: auto` decides on val (train where an expert got no val token); test sequences only report
             val = {"true_sparsity": observed_sparsity(va, tr)}

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 from tscompile.api import Context, PassConfig, PassInfo
 from tscompile.errors import UserError
-from tscompile.ir import ModelIR, ffn_prefix
+from tscompile.ir import ModelIR, ffn_label, ffn_prefix
 
 CAPTURE_BYTES = 1 << 30  # h of every FFN for one forward chunk is held at once: about this much at most
 
@@ -37,6 +37,15 @@ def forget_measurements(ir: ModelIR) -> None:
             ann.stats.pop(key, None)
         if frequency_name(layer, expert) in ir.weights:
             del ir.weights[frequency_name(layer, expert)]
+
+
+def refuse_predictors(ir: ModelIR, pass_name: str) -> None:
+    """For a pass that changes what the FFNs compute: a predictor fitted before would gate the new function with
+    the old one's guesses (and report the old recall)."""
+    for layer, expert, ann in ir.ffn_units():
+        if ann.predictor is not None:
+            raise UserError(f"pipeline {pass_name}: {ffn_label(layer, expert)} has a predictor fitted to the FFN "
+                            f"{pass_name} changes; run predictors after {pass_name}")
 
 
 class _OnlyH(list):

@@ -24,7 +24,7 @@ from pydantic import ConfigDict, Field, model_validator
 from tscompile.api import Context, PassConfig, PassInfo
 from tscompile.cache import atomic_file
 from tscompile.errors import UserError
-from tscompile.ir import RELU_KINDS, ModelIR
+from tscompile.ir import RELU_KINDS, ModelIR, ffn_label
 
 DEFAULT_MAX_TRAIN_TOKENS = 32_000_000
 
@@ -100,8 +100,7 @@ class RelufyConfig(PassConfig):
 def _check_activations(ir: ModelIR) -> None:
     for layer, expert, ann in ir.ffn_units():
         if ann.activation not in RELU_KINDS:
-            where = f"layer {layer}" + (f" expert {expert}" if expert is not None else "")
-            raise UserError(f"pipeline relufy: {where} has activation {ann.activation}; put `drelu` (or relu) "
+            raise UserError(f"pipeline relufy: {ffn_label(layer, expert)} has activation {ann.activation}; put `drelu` (or relu) "
                             f"before relufy")
 
 
@@ -193,9 +192,11 @@ def training_data(ir: ModelIR, cfg: RelufyConfig, ctx: Context):
 def apply_relufy(ir: ModelIR, cfg: RelufyConfig, ctx: Context) -> ModelIR:
     import torch
 
+    from tscompile.passes.profile import forget_measurements, refuse_predictors
     from tscompile.reference import ReferenceModel
     from tscompile.trainer import full_state_dict, train
     _check_activations(ir)
+    refuse_predictors(ir, "relufy")
     if cfg.distill > 0 and ctx.source_ir is None:
         raise UserError("pipeline relufy.distill: needs the dense source model as teacher (none in this context)")
     data, heldout = training_data(ir, cfg, ctx)
@@ -217,6 +218,7 @@ def apply_relufy(ir: ModelIR, cfg: RelufyConfig, ctx: Context) -> ModelIR:
                         f"budget; run the build again to resume from {ctx.work_dir}")
     weights = full_state_dict(model)
     out = ir.clone()
+    forget_measurements(out)   # measured on the weights before the fine-tune; its held-out sparsity replaces them
     for name, t in weights.items():
         out.weights[name] = t.to(ir.weights[name].dtype)
     final = result.heldout or {}
@@ -232,5 +234,5 @@ def apply_relufy(ir: ModelIR, cfg: RelufyConfig, ctx: Context) -> ModelIR:
     return out
 
 
-PASS = PassInfo(name="relufy", version="1", doc="ReLUfication fine-tune: LM/KL loss + staged L1 on FFN activations",
+PASS = PassInfo(name="relufy", version="2", doc="ReLUfication fine-tune: LM/KL loss + staged L1 on FFN activations",
                 config=RelufyConfig, run=apply_relufy, needs_data=("train",), gpu="optional", requires=("drelu",))

@@ -9,6 +9,7 @@ profile pass (`{ffn_prefix}.activation_frequency`) or are measured on calibratio
 from __future__ import annotations
 
 from tscompile.api import Context, PassConfig, PassInfo
+from tscompile.errors import UserError
 from tscompile.ir import ModelIR, ffn_names, ffn_prefix, predictor_names
 
 
@@ -57,8 +58,25 @@ def reorder_neurons(ir: ModelIR, freqs: list) -> ModelIR:
     return out
 
 
+def check_per_neuron(ir: ModelIR) -> None:
+    """The per-neuron tensors of every FFN (from a source checkpoint or an earlier pass) index its rows: one of
+    another length would truncate the weights, or fail as an internal error."""
+    import torch
+    from tscompile.passes.profile import frequency_name
+    inter = ir.config.intermediate_size
+    for layer, expert, _ in ir.ffn_units():
+        for name in (frequency_name(layer, expert), order_name(layer, expert)):
+            if name in ir.weights and tuple(ir.weights.info(name)[0]) != (inter,):
+                raise UserError(f"pipeline reorder: tensor {name} has shape {tuple(ir.weights.info(name)[0])}, "
+                                f"expected ({inter},): one value per neuron")
+        name = order_name(layer, expert)
+        if name in ir.weights and not torch.equal(ir.weights[name].long().sort().values, torch.arange(inter)):
+            raise UserError(f"pipeline reorder: tensor {name} is not a permutation of 0..{inter - 1}")
+
+
 def apply_reorder(ir: ModelIR, cfg: ReorderConfig, ctx: Context) -> ModelIR:
     from tscompile.passes.profile import frequency_name
+    check_per_neuron(ir)
     units = list(ir.ffn_units())
     if all(frequency_name(layer, expert) in ir.weights for layer, expert, _ in units):
         freqs = [ir.weights[frequency_name(layer, expert)] for layer, expert, _ in units]

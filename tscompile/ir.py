@@ -315,6 +315,11 @@ def ffn_prefix(layer: int, expert: int | None = None) -> str:
     return f"model.layers.{layer}.block_sparse_moe.experts.{expert}"
 
 
+def ffn_label(layer: int, expert: int | None = None) -> str:
+    """How messages name one FFN: "layer 3", or "layer 3 expert 5"."""
+    return f"layer {layer}" + (f" expert {expert}" if expert is not None else "")
+
+
 def ffn_names(layer: int, expert: int | None = None) -> tuple[str, str, str]:
     """(gate, up, down) weight names. Shapes: gate/up [inter, hidden], down [hidden, inter] (HF layout)."""
     p = ffn_prefix(layer, expert)

@@ -6,10 +6,12 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
+from tscompile.errors import UserError
 from tscompile.ir import ffn_names
 from tscompile.passes.drelu import PASS, DReLUConfig
+from tscompile.passes.profile import frequency_name, profile_model
 from tscompile.reference import ReferenceModel
-from tscompile.tiny import make_tiny_ir
+from tscompile.tiny import add_random_predictors, make_tiny_ir
 
 
 def _ffn_io(ir, ids):
@@ -55,3 +57,18 @@ def test_config_rejects_unknown_kind():
         DReLUConfig(kind="gelu")
     with pytest.raises(ValidationError):
         DReLUConfig(threshold=0.1)
+
+
+def test_the_old_activations_measurements_are_dropped_and_a_predictor_refused():
+    """They describe the SwiGLU FFN: a later reorder would sort by them (all neurons fire) and do nothing."""
+    ir = make_tiny_ir("mistral", "swiglu", seed=3)
+    ids = torch.randint(0, ir.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    profiled = profile_model(ir, ids)
+    assert frequency_name(0, None) in profiled.weights and "sparsity" in profiled.layers[0].stats
+    out = PASS.run(profiled, DReLUConfig(), None)
+    for layer, expert, ann in out.ffn_units():
+        assert frequency_name(layer, expert) not in out.weights and "sparsity" not in ann.stats
+    gated = add_random_predictors(make_tiny_ir("mistral", "relu", seed=3), rank=8, threshold=0.0)
+    with pytest.raises(UserError, match=r"^pipeline drelu: layer 0 has a predictor fitted to the FFN drelu "
+                                        r"changes; run predictors after drelu$"):
+        PASS.run(gated, DReLUConfig(), None)

@@ -11,10 +11,11 @@ import time
 import numpy as np
 import pytest
 import torch
+from tscompile.passes.profile import frequency_name, profile_model
 from tscompile.passes.relufy import L1Ramp, RelufyConfig, Stage, apply_relufy
 
 from tscompile.errors import UserError
-from tscompile.tiny import make_tiny_ir
+from tscompile.tiny import add_random_predictors, make_tiny_ir
 from tscompile.trainer import TokenWindows, l1_at, lr_at, stage_bounds
 
 # A child process that trains the tiny model; `markov_windows` makes learnable, deterministic text.
@@ -146,6 +147,14 @@ def test_needs_relu_activation(tmp_path):
     from tscompile.api import Context
     ir = make_tiny_ir("mistral", "swiglu")
     with pytest.raises(UserError, match="layer 0 has activation swiglu"):
+        apply_relufy(ir, RelufyConfig.model_validate(CONFIG), Context(spec=None, build_dir=tmp_path,
+                                                                        work_dir=tmp_path))
+
+
+def test_refuses_a_predictor_fitted_before(tmp_path):
+    from tscompile.api import Context
+    ir = add_random_predictors(make_tiny_ir("mistral", "drelu"), rank=8, threshold=0.0)
+    with pytest.raises(UserError, match="^pipeline relufy: layer 0 has a predictor fitted to the FFN relufy changes"):
         apply_relufy(ir, RelufyConfig.model_validate(CONFIG), Context(spec=None, build_dir=tmp_path,
                                                                         work_dir=tmp_path))
 
@@ -292,7 +301,7 @@ def test_pass_on_spec_data_writes_weights_and_stats(tmp_path, monkeypatch):
         pipeline: [{{drelu: {{}}}}]
     """), "t.yaml")
     cfg = RelufyConfig.model_validate(dict(CONFIG, eval_tokens=128))
-    ir = make_tiny_ir("mistral", "drelu", seed=0)
+    ir = profile_model(make_tiny_ir("mistral", "drelu", seed=0), torch.randint(3, 384, (2, 16)))
     teacher = make_tiny_ir("mistral", "swiglu", seed=0)
     ctx = Context(spec=spec, build_dir=tmp_path, work_dir=tmp_path / "work", source_ir=teacher, seed=0)
     out = apply_relufy(ir, cfg.model_copy(update={"distill": 0.5}), ctx)
@@ -301,7 +310,11 @@ def test_pass_on_spec_data_writes_weights_and_stats(tmp_path, monkeypatch):
     assert torch.equal(ir.weights[name], make_tiny_ir("mistral", "drelu", seed=0).weights[name])   # input kept
     meta = out.meta["relufy"]
     assert meta["steps"] == 14 and set(meta["heldout"]) == {str(tmp_path / "text.txt")}
-    assert all(0 < layer.stats["sparsity"] < 1 for layer in out.layers)
+    assert all(0 < layer.stats["sparsity"] < 1 for layer in out.layers)   # measured on the held-out text
+    # the profile of the weights before the fine-tune is gone (a later reorder measures again)
+    assert frequency_name(0, None) in ir.weights and frequency_name(0, None) not in out.weights
+    assert all("frequency_p50" in a.stats for a in ir.layers) and not any("frequency_p50" in a.stats
+                                                                          for a in out.layers)
     log = [json.loads(ln) for ln in (tmp_path / "work" / "train_log.jsonl").read_text().splitlines()]
     assert log[0]["kl"] > 0 and len(log) == 14
 

@@ -85,3 +85,17 @@ def test_reorder_measures_frequencies_without_a_profile(tmp_path, ids):
     for i in range(2):
         freq = profiled.weights[frequency_name(i, None)]
         assert freq[0] > freq[-1] and torch.all(freq[:-1] >= freq[1:]), f"layer {i}: not hot first"
+
+
+@pytest.mark.parametrize("which,value,error", [
+    ("frequency", torch.rand(100), r"activation_frequency has shape \(100,\), expected \(48,\): one value per neuron"),
+    ("frequency", torch.rand(300), r"activation_frequency has shape \(300,\), expected \(48,\)"),
+    ("order", torch.zeros(48, dtype=torch.int32), r"neuron_order is not a permutation of 0..47"),
+], ids=["frequencies too few", "frequencies too many", "order not a permutation"])
+def test_per_neuron_tensors_that_do_not_fit_the_ffn_are_refused(which, value, error, ids):
+    """A source checkpoint's frequencies of another length had truncated the FFN (exit 0) or crashed (exit 3)."""
+    from tscompile.errors import UserError
+    ir = profile_model(make_tiny_ir("llama", "relu", seed=6, layers=1, hidden=32, intermediate=48), ids)
+    ir.weights[frequency_name(0, None) if which == "frequency" else order_name(0, None)] = value
+    with pytest.raises(UserError, match=r"^pipeline reorder: tensor model\.layers\.0\.mlp\." + error):
+        ctx_reorder(ir)
