@@ -315,6 +315,17 @@ def ffn_prefix(layer: int, expert: int | None = None) -> str:
     return f"model.layers.{layer}.block_sparse_moe.experts.{expert}"
 
 
+def as_float16(a, name: str, target: str):
+    """A float32 numpy array `a` (tensor `name`) in float16 for a target's weights. A value beyond float16's
+    range would become inf there and the outputs NaN: a UserError naming the tensor instead."""
+    import numpy as np
+    peak = float(np.abs(a).max()) if a.size else 0.0
+    if not peak <= 65504.0:
+        raise UserError(f"{target}: tensor {name} holds {peak:g}, beyond float16's range (65504); use dtype "
+                        "float32 for this target")
+    return a.astype(np.float16)
+
+
 def ffn_label(layer: int, expert: int | None = None) -> str:
     """How messages name one FFN: "layer 3", or "layer 3 expert 5"."""
     return f"layer {layer}" + (f" expert {expert}" if expert is not None else "")

@@ -26,7 +26,9 @@ def arm64_available() -> str | None:
 
 BACKEND = BackendInfo(
     name="arm64",
-    version="3",              # 2: weights.bin v2 (experts); 3: the tensor table fits every tensor
+    # 2: weights.bin v2 (experts); 3: the tensor table fits every tensor; 4: no tokenizer.bin for added tokens
+    # that strip spaces
+    version="4",
     doc="standalone C runtime (NEON fp32/fp16, sparse FFN and MoE experts), cross-compiled for aarch64, run under qemu "
         "off-device",
     config=Arm64Config,

@@ -99,7 +99,7 @@ class Arm64Runner:
         """Text in, continuation text out (tokenizer.bin), stopping at EOS."""
         res = self.run(["--prompt", prompt, "--steps", str(max_new_tokens), "--temperature", str(temperature),
                         "--top-p", str(top_p), "--seed", str(seed)])
-        return res.stdout.decode(errors="replace").rstrip("\n")
+        return res.stdout.decode(errors="replace").removesuffix("\n")   # tsrun's own; the model's newlines stay
 
     def decode_tokens_per_second(self, prompt_ids: list[int], n_tokens: int) -> float:
         """Measured inside tsrun around the decode steps, on the native (arm64 host) or x86_64 host build."""

@@ -60,6 +60,10 @@ def tokenizer_blob(tokenizer_json: str, where: str = "tokenizer.json") -> bytes:
 
     char_to_byte = {c: b for b, c in bytes_to_unicode().items()}
     vocab: dict[str, int] = dict(model["vocab"])
+    for t in spec.get("added_tokens", []):   # tsrun matches an added token's text exactly, as HF does without these
+        if stripping := [k for k in ("lstrip", "rstrip", "single_word") if t.get(k)]:
+            raise UserError(f"{where}: added token {t.get('content')!r} has {' and '.join(stripping)}, which the "
+                            "arm64 tokenizer does not implement")
     specials = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
     n_tokens = max(list(vocab.values()) + list(specials.values())) + 1
     pieces = [b""] * n_tokens

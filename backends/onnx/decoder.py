@@ -19,7 +19,7 @@ import math
 import numpy as np
 
 from tscompile.errors import UserError
-from tscompile.ir import ModelIR, ffn_names, predictor_names
+from tscompile.ir import ModelIR, as_float16, ffn_names, predictor_names
 
 from .builder import DOMAIN, IR_VERSION, OPSET, GraphBuilder, WeightStore
 from .sparse_ffn import dense_ffn, sparse_ffn_node
@@ -27,10 +27,10 @@ from .sparse_ffn import dense_ffn, sparse_ffn_node
 FLOAT, DOUBLE, BOOL = 1, 11, 9  # onnx.TensorProto element types
 
 
-def _np(t, transpose: bool = False, fp16: bool = False) -> np.ndarray:
-    a = t.detach().float().numpy()
+def _np(ir: ModelIR, name: str, transpose: bool = False, fp16: bool = False) -> np.ndarray:
+    a = ir.weights[name].detach().float().numpy()
     a = a.T if transpose else a
-    return np.ascontiguousarray(a.astype(np.float16) if fp16 else a)
+    return np.ascontiguousarray(as_float16(a, name, "onnx") if fp16 else a)
 
 
 class _Shared:
@@ -112,13 +112,13 @@ def _attention(b: GraphBuilder, ir: ModelIR, i: int, x: str, sh: _Shared) -> str
     def proj(name: str, heads: int) -> str:
         y = b.op(
             "MatMul",
-            [x, b.weight(f"{p}.{name}.MatMul.weight", _np(ir.weights[f"{p}.{name}.weight"], True))],
+            [x, b.weight(f"{p}.{name}.MatMul.weight", _np(ir, f"{p}.{name}.weight", True))],
             f"{path}/{name}",
         )
         if cfg.attention_bias:
             y = b.op(
                 "Add",
-                [y, b.weight(f"{p}.{name}.bias", _np(ir.weights[f"{p}.{name}.bias"]))],
+                [y, b.weight(f"{p}.{name}.bias", _np(ir, f"{p}.{name}.bias"))],
                 f"{path}/{name}",
             )
         y = b.op("Reshape", [y, b.const([0, 0, heads, hd])], f"{path}/{name}")
@@ -157,7 +157,7 @@ def _attention(b: GraphBuilder, ir: ModelIR, i: int, x: str, sh: _Shared) -> str
         [b.op("Transpose", [out], f"{path}/pv", perm=[0, 2, 1, 3]), b.const([0, 0, nh * hd])],
         f"{path}/pv",
     )  # [B, T, nh * hd]
-    wo = b.weight(f"{p}.o_proj.MatMul.weight", _np(ir.weights[f"{p}.o_proj.weight"], True))
+    wo = b.weight(f"{p}.o_proj.MatMul.weight", _np(ir, f"{p}.o_proj.weight", True))
     return b.op("MatMul", [out, wo], f"{path}/o_proj")
 
 
@@ -187,23 +187,23 @@ def _ffn(
     where = f"layers[{i}]" if e is None else f"layers[{i}].experts[{e}]"
     if not sparse or ann.mode == "dense":
         w = {
-            "gate": b.weight(f"{gate[:-7]}.MatMul.weight", _np(ir.weights[gate], True)),
-            "up": b.weight(f"{up[:-7]}.MatMul.weight", _np(ir.weights[up], True)),
-            "down_t": b.weight(f"{down[:-7]}.MatMul.weight", _np(ir.weights[down], True)),
+            "gate": b.weight(f"{gate[:-7]}.MatMul.weight", _np(ir, gate, True)),
+            "up": b.weight(f"{up[:-7]}.MatMul.weight", _np(ir, up, True)),
+            "down_t": b.weight(f"{down[:-7]}.MatMul.weight", _np(ir, down, True)),
         }
         return dense_ffn(b, x, w, ann, path, rows=False)
     # sparse layout: rows of [I, H] per neuron, shared by the exact (dense) and the SparseFFN branch
     w = {
-        "gate": b.weight(gate, _np(ir.weights[gate], fp16=fp16)),
-        "up": b.weight(up, _np(ir.weights[up], fp16=fp16)),
-        "down_t": b.weight(f"{down[:-7]}.weight_t", _np(ir.weights[down], True, fp16)),
+        "gate": b.weight(gate, _np(ir, gate, fp16=fp16)),
+        "up": b.weight(up, _np(ir, up, fp16=fp16)),
+        "down_t": b.weight(f"{down[:-7]}.weight_t", _np(ir, down, True, fp16)),
     }
     if ann.mode == "predictor":
         if ann.predictor is None:
             raise UserError(f"{where}: mode 'predictor' but the FFN has no predictor")
         fc1, fc2 = predictor_names(i, e)
-        w["fc1"] = b.weight(fc1, _np(ir.weights[fc1]))
-        w["fc2"] = b.weight(fc2, _np(ir.weights[fc2]))
+        w["fc1"] = b.weight(fc1, _np(ir, fc1))
+        w["fc2"] = b.weight(fc2, _np(ir, fc2))
     prefill, decode = b.sub(), b.sub()
     y_prefill = dense_ffn(prefill, x, w, ann, f"{path}/prefill", rows=True, fp16=fp16)
     y_decode = sparse_ffn_node(decode, x, w, ann, fp16, f"{path}/SparseFFN", functions)
@@ -228,7 +228,7 @@ def _moe(
     cfg = ir.config
     path = f"/model/layers.{i}/block_sparse_moe"
     router = f"model.layers.{i}.block_sparse_moe.gate"
-    wr = b.weight(f"{router}.MatMul.weight", _np(ir.weights[f"{router}.weight"], True))
+    wr = b.weight(f"{router}.MatMul.weight", _np(ir, f"{router}.weight", True))
     probs = b.op("Softmax", [b.op("MatMul", [x, wr], f"{path}/gate")], f"{path}/gate", axis=-1)  # [B, T, E]
     top, idx = b.op("TopK", [probs, b.const([cfg.num_experts_per_tok])], f"{path}/gate", outputs=2, axis=-1)
     w = b.op(
@@ -274,16 +274,16 @@ def build_decoder(ir: ModelIR, weights: WeightStore, sparse: bool, fp16: bool = 
     cfg = ir.config
     b = GraphBuilder(weights)
     sh = _Shared(b, ir)
-    embed = b.weight("model.embed_tokens.weight", _np(ir.weights["model.embed_tokens.weight"]))
+    embed = b.weight("model.embed_tokens.weight", _np(ir, "model.embed_tokens.weight"))
     x = b.op("Gather", [embed, "input_ids"], "/model/embed_tokens", axis=0)  # [B, T, H]
     functions: dict = {}
     for i in range(cfg.num_layers):
         p, path = f"model.layers.{i}", f"/model/layers.{i}"
-        ln1 = b.weight(f"{p}.input_layernorm.weight", _np(ir.weights[f"{p}.input_layernorm.weight"]))
+        ln1 = b.weight(f"{p}.input_layernorm.weight", _np(ir, f"{p}.input_layernorm.weight"))
         a = _attention(b, ir, i, _rms_norm(b, x, ln1, cfg.rms_norm_eps, f"{path}/input_layernorm"), sh)
         x = b.op("Add", [x, a], f"{path}/residual_attn")
         ln2 = b.weight(
-            f"{p}.post_attention_layernorm.weight", _np(ir.weights[f"{p}.post_attention_layernorm.weight"])
+            f"{p}.post_attention_layernorm.weight", _np(ir, f"{p}.post_attention_layernorm.weight")
         )
         h = _rms_norm(b, x, ln2, cfg.rms_norm_eps, f"{path}/post_attention_layernorm")
         if cfg.is_moe:
@@ -291,12 +291,12 @@ def build_decoder(ir: ModelIR, weights: WeightStore, sparse: bool, fp16: bool = 
         else:
             y = _ffn(b, ir, (i, None), h, sh.is_prefill, sparse, fp16, functions)
         x = b.op("Add", [x, y], f"{path}/residual_mlp")
-    normw = b.weight("model.norm.weight", _np(ir.weights["model.norm.weight"]))
+    normw = b.weight("model.norm.weight", _np(ir, "model.norm.weight"))
     x = _rms_norm(b, x, normw, cfg.rms_norm_eps, "/model/norm")
     # tied embeddings get a transposed copy: MatMul on [H, V] streams rows at batch 1 without prepacking
     # (the sparse model runs unpacked, see runner.py); Gemm with transB on the embedding ran at half the speed
     head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-    head = b.weight("lm_head.MatMul.weight", _np(ir.weights[head_name], True))
+    head = b.weight("lm_head.MatMul.weight", _np(ir, head_name, True))
     b.op("MatMul", [x, head], "/lm_head", out_names=["logits"])
 
     kv = ["batch_size", cfg.num_kv_heads, "past_sequence_length", cfg.head_dim]

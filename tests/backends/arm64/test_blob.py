@@ -164,3 +164,17 @@ def test_moe_blob_fields_are_checked(built, tmp_path):
         path = tmp_path / f"{name}.bin"
         path.write_bytes(data)
         check_rejected(run_blob([str(b.outdir / "bin" / "tsrun-host-asan")], path), needle, name)
+
+
+def test_a_weight_beyond_float16_is_refused_naming_it(tmp_path):
+    """It became inf in weights.bin, and tsrun's logits NaN, with nothing said at lowering."""
+    from tscompile.backends.arm64 import BACKEND
+
+    from tscompile.errors import UserError
+    from tscompile.tiny import make_tiny_ir
+    ir = make_tiny_ir("llama", "swiglu", seed=1)
+    ir.weights["model.layers.0.mlp.up_proj.weight"][3, 5] = 1e5
+    with pytest.raises(UserError, match=r"^arm64: tensor model\.layers\.0\.mlp\.up_proj\.weight holds 100000, "
+                                        r"beyond float16's range \(65504\); use dtype float32 for this target$"):
+        BACKEND.lower(ir, BACKEND.config(dtype="float16", compile=False), tmp_path / "arm64", None)
+    assert not (tmp_path / "arm64" / "weights.bin").exists()

@@ -123,6 +123,10 @@ def test_text_in_text_out_and_sampling(built):
     text = greedy[:greedy.index(2)] if 2 in greedy else greedy        # EOS (2) ends the text
     want = b"".join(bytes(to_byte[c] for c in tok.id_to_token(i)) for i in text) + b"\n"
     assert runner.run(["--prompt", prompt, "--steps", "6"]).stdout == want
+    ids = runner.generate(tok.encode("a relu dog relu brown lazy").ids, 4)   # a continuation ending in "\n"
+    assert ids[-1] == tok.token_to_id("Ċ") and 2 not in ids
+    text = b"".join(bytes(to_byte[c] for c in tok.id_to_token(i)) for i in ids).decode()
+    assert runner.generate_text("a relu dog relu brown lazy", 4) == text and text.endswith("\n")
     a = runner.generate_text(prompt, 8, temperature=0.9, top_p=0.8, seed=7)
     assert a == runner.generate_text(prompt, 8, temperature=0.9, top_p=0.8, seed=7)   # seeded
     samples = {runner.generate_text(prompt, 8, temperature=1.5, seed=s) for s in range(4)}

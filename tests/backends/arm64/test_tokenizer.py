@@ -1,6 +1,7 @@
 """tsrun's byte-level BPE against the `tokenizers` library: identical ids, exact round trips."""
 from __future__ import annotations
 
+import re
 import subprocess
 
 import pytest
@@ -99,3 +100,9 @@ def test_unsupported_tokenizers_are_user_errors():
     spec["model"]["type"] = "Unigram"
     with pytest.raises(UserError, match="byte-level BPE"):
         tokenizer_blob(json.dumps(spec))
+    for flags, said in [({"lstrip": True}, "lstrip"), ({"rstrip": True, "single_word": True}, "rstrip and single_word")]:
+        spec = json.loads(tiny_tokenizer_json())   # HF strips the spaces around such a token; tsrun kept them
+        spec["added_tokens"][-1] |= flags
+        content = spec["added_tokens"][-1]["content"]
+        with pytest.raises(UserError, match="^" + re.escape(f"tokenizer.json: added token {content!r} has {said}, which")):
+            tokenizer_blob(json.dumps(spec))

@@ -198,6 +198,23 @@ def test_float16_weights(lowered):
         assert rel_l2(BACKEND.load(art.outdir, native=native).logits(PROMPT, FORCED), want) <= 1e-4
 
 
+def test_a_weight_beyond_float16_is_refused_naming_it(tmp_path):
+    """It became inf in the float16 weights, and the outputs NaN, with nothing said at lowering."""
+    from onnx_tiny import sparsify
+    from tscompile.backends.onnx import BACKEND, OnnxConfig
+
+    from tscompile.api import Context
+    from tscompile.errors import UserError
+    from tscompile.tiny import make_tiny_ir
+
+    ir = sparsify(make_tiny_ir("mistral", "drelu", seed=3), "exact")
+    ir.weights["model.layers.1.mlp.up_proj.weight"][3, 5] = -1e5
+    ctx = Context(spec=None, build_dir=tmp_path, work_dir=tmp_path)
+    with pytest.raises(UserError, match=r"^onnx: tensor model\.layers\.1\.mlp\.up_proj\.weight holds 100000, "
+                                        r"beyond float16's range \(65504\); use dtype float32 for this target$"):
+        BACKEND.lower(ir, OnnxConfig(dtype="float16"), tmp_path, ctx)
+
+
 def test_batched_decode_masks_each_token(lowered):
     """Two sequences in one call: the union of active rows is gathered and each token keeps its own gate."""
     import onnxruntime as ort
