@@ -315,15 +315,13 @@ def ffn_prefix(layer: int, expert: int | None = None) -> str:
     return f"model.layers.{layer}.block_sparse_moe.experts.{expert}"
 
 
-def as_float16(a, name: str, target: str):
-    """A float32 numpy array `a` (tensor `name`) in float16 for a target's weights. A value beyond float16's
-    range would become inf there and the outputs NaN: a UserError naming the tensor instead."""
-    import numpy as np
-    peak = float(np.abs(a).max()) if a.size else 0.0
+def check_float16_range(a, name: str, target: str, instead: str = "float32") -> None:
+    """For a target that stores tensor `name` (torch or numpy) in float16: a value beyond its range would become
+    inf there and the outputs NaN, so a UserError names the tensor and the dtype to use instead."""
+    peak = max(float(a.max()), -float(a.min())) if 0 not in a.shape else 0.0   # no |a| copy of a big tensor
     if not peak <= 65504.0:
         raise UserError(f"{target}: tensor {name} holds {peak:g}, beyond float16's range (65504); use dtype "
-                        "float32 for this target")
-    return a.astype(np.float16)
+                        f"{instead} for this target")
 
 
 def ffn_label(layer: int, expert: int | None = None) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from tscompile.cache import atomic_file
-from tscompile.ir import ModelIR, as_float16, ffn_names, predictor_names
+from tscompile.ir import ModelIR, check_float16_range, ffn_names, predictor_names
 
 BLOB_MAGIC = b"TSRUNWB\0"
 BLOB_VERSION = 2                # 2: experts and top-k in the header, one FFN spec per expert
@@ -98,8 +98,9 @@ def _tensor_array(ir: ModelIR, t: TensorPlan, dtype: str) -> np.ndarray:
         arr = ir.weights[t.source].detach().float().numpy()
     if t.transpose:
         arr = arr.T
-    arr = np.ascontiguousarray(as_float16(arr, t.source, "arm64") if t.matrix and dtype == "float16"
-                               else arr.astype(np.float32))
+    if t.matrix and dtype == "float16":
+        check_float16_range(arr, t.source, "arm64")
+    arr = np.ascontiguousarray(arr, dtype=np.float16 if (t.matrix and dtype == "float16") else np.float32)
     return arr.reshape(1, -1) if arr.ndim == 1 else arr
 
 

@@ -15,7 +15,7 @@ import json
 import logging
 from pathlib import Path
 
-from tscompile.ir import ModelIR, ffn_names, predictor_names
+from tscompile.ir import ModelIR, check_float16_range, ffn_names, predictor_names
 
 from .kernels import LIBRARY, KernelShape, check_shape, compile_library, nvcc_path, render_source
 from .model import layer_weight_names
@@ -85,6 +85,9 @@ def gpu_weights(ir: ModelIR, dtype) -> dict:
             pad = -fc1.shape[0] % 8
             out[n["fc1"]] = torch.cat([fc1, fc1.new_zeros(pad, fc1.shape[1])])
             out[n["fc2"]] = torch.cat([fc2, fc2.new_zeros(fc2.shape[0], pad)], dim=1)
+    if dtype == torch.float16:
+        for k, v in out.items():
+            check_float16_range(v, k, "cuda", "bfloat16")
     return {k: v.to(dtype).contiguous() for k, v in out.items()}
 
 

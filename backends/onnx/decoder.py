@@ -19,7 +19,7 @@ import math
 import numpy as np
 
 from tscompile.errors import UserError
-from tscompile.ir import ModelIR, as_float16, ffn_names, predictor_names
+from tscompile.ir import ModelIR, check_float16_range, ffn_names, predictor_names
 
 from .builder import DOMAIN, IR_VERSION, OPSET, GraphBuilder, WeightStore
 from .sparse_ffn import dense_ffn, sparse_ffn_node
@@ -30,7 +30,9 @@ FLOAT, DOUBLE, BOOL = 1, 11, 9  # onnx.TensorProto element types
 def _np(ir: ModelIR, name: str, transpose: bool = False, fp16: bool = False) -> np.ndarray:
     a = ir.weights[name].detach().float().numpy()
     a = a.T if transpose else a
-    return np.ascontiguousarray(as_float16(a, name, "onnx") if fp16 else a)
+    if fp16:
+        check_float16_range(a, name, "onnx")
+    return np.ascontiguousarray(a.astype(np.float16) if fp16 else a)
 
 
 class _Shared:

@@ -13,7 +13,7 @@ from golden_cases import CASES, case_ir
 from tscompile.backends.cuda import BACKEND, CudaConfig
 from tscompile.backends.cuda.kernels import (LIBRARY, KernelShape, check_shape, compile_library, nvcc_path,
                                              render_source)
-from tscompile.backends.cuda.lower import ffn_specs, lower_cuda
+from tscompile.backends.cuda.lower import ffn_specs, gpu_weights, lower_cuda
 from tscompile.errors import UserError
 from tscompile.tiny import make_tiny_ir
 
@@ -122,3 +122,13 @@ def test_decoder_matches_reference_on_cpu(name):
     got, want = decode_on_cpu(case_ir(name), (5, 77), gating="exact")   # prompt, then two decode steps
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5)
+
+
+def test_a_weight_beyond_float16_is_refused_naming_it():
+    """In float16 weights it became inf, and the outputs NaN; bfloat16 has the range."""
+    ir = make_tiny_ir("llama", "drelu", seed=1)
+    ir.weights["model.layers.1.mlp.down_proj.weight"][3, 5] = -7e4
+    with pytest.raises(UserError, match=r"^cuda: tensor layers\.1\.down_t holds 70000, beyond float16's range "
+                                        r"\(65504\); use dtype bfloat16 for this target$"):
+        gpu_weights(ir, torch.float16)
+    assert torch.isfinite(gpu_weights(ir, torch.bfloat16)["layers.1.down_t"].float()).all()
