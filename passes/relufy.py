@@ -100,8 +100,8 @@ class RelufyConfig(PassConfig):
 def _check_activations(ir: ModelIR) -> None:
     for layer, expert, ann in ir.ffn_units():
         if ann.activation not in RELU_KINDS:
-            raise UserError(f"pipeline relufy: {ffn_label(layer, expert)} has activation {ann.activation}; put `drelu` (or relu) "
-                            f"before relufy")
+            raise UserError(f"pipeline relufy: {ffn_label(layer, expert)} has activation {ann.activation}; put "
+                            "`drelu` (or relu) before relufy")
 
 
 def _distributed_device(ctx: Context) -> str:
