@@ -535,9 +535,11 @@ def apply_predictors(ir: ModelIR, cfg: PredictorsConfig, ctx: Context) -> ModelI
 
     from tscompile.data import calibration_batch
     c = ir.config
-    if cfg.rank != "auto" and cfg.rank > min(c.hidden_size, c.intermediate_size):   # neither low-rank nor cheap
-        raise UserError(f"pipeline predictors: rank {cfg.rank} is more than min(hidden, intermediate) = "
-                        f"{min(c.hidden_size, c.intermediate_size)} of this model")
+    low = min(c.hidden_size, c.intermediate_size)
+    # neither low-rank nor cheap; `auto` falls back to its smallest rank when none fits the byte budget
+    if (cfg.rank if cfg.rank != "auto" else min(cfg.ranks)) > low:
+        what = f"rank {cfg.rank}" if cfg.rank != "auto" else f"rank auto's smallest of ranks {sorted(cfg.ranks)}"
+        raise UserError(f"pipeline predictors: {what} is more than min(hidden, intermediate) = {low} of this model")
     calib = calib_spec(ctx, "predictors")
     if cfg.tokens is not None:   # predictors may want more (or less) text than the other passes' data.calib
         calib = calib.model_copy(update={"tokens": cfg.tokens})

@@ -376,3 +376,6 @@ def test_a_rank_above_the_models_dimensions_is_refused(tmp_path):
     with pytest.raises(UserError, match=f"rank 100000 is more than min.hidden, intermediate. = "
                                         f"{min(ir.config.hidden_size, ir.config.intermediate_size)}"):
         apply_predictors(ir, PredictorsConfig(rank=100000), None)
+    with pytest.raises(UserError, match=r"rank auto's smallest of ranks \[1000, 2000\] is more than min.hidden, "
+                                        f"intermediate. = {min(ir.config.hidden_size, ir.config.intermediate_size)}"):
+        apply_predictors(ir, PredictorsConfig(rank="auto", ranks=[2000, 1000]), None)
