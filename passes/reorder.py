@@ -66,12 +66,12 @@ def check_per_neuron(ir: ModelIR) -> None:
     inter = ir.config.intermediate_size
     for layer, expert, _ in ir.ffn_units():
         for name in (frequency_name(layer, expert), order_name(layer, expert)):
-            if name in ir.weights and tuple(ir.weights.info(name)[0]) != (inter,):
-                raise UserError(f"pipeline reorder: tensor {name} has shape {tuple(ir.weights.info(name)[0])}, "
-                                f"expected ({inter},): one value per neuron")
-        name = order_name(layer, expert)
-        if name in ir.weights and not torch.equal(ir.weights[name].long().sort().values, torch.arange(inter)):
-            raise UserError(f"pipeline reorder: tensor {name} is not a permutation of 0..{inter - 1}")
+            if name in ir.weights and (shape := tuple(ir.weights.info(name)[0])) != (inter,):
+                raise UserError(f"pipeline reorder: tensor {name} has shape {shape}, expected ({inter},): one value "
+                                "per neuron")
+        order = order_name(layer, expert)
+        if order in ir.weights and not torch.equal(ir.weights[order].long().sort().values, torch.arange(inter)):
+            raise UserError(f"pipeline reorder: tensor {order} is not a permutation of 0..{inter - 1}")
 
 
 def apply_reorder(ir: ModelIR, cfg: ReorderConfig, ctx: Context) -> ModelIR:

@@ -24,7 +24,7 @@ from .api import BackendInfo, Context, PassConfig, PassInfo
 from .errors import UserError
 from .sources import describe_source, load_source, source_key, tree_hash, worth_caching
 from .spec import Spec
-from .verify import file_digests
+from .verify import file_digests, skipped_targets
 
 log = logging.getLogger("tscompile")
 DATA_SECTIONS = {"train": "training text", "calib": "calibration text"}    # the spec.data sections passes read
@@ -411,7 +411,6 @@ class _Build:
             log.info("verify: cached (passed before; %s)", report)
             return
         self.result.verify = verify_dir(build_dir, self.plan.spec, [t.name for t in self.plan.targets])
-        from .verify import skipped_targets
         # only after it passed (a missed goal is checked again) and judged every target (one that could not run
         # here, e.g. without a GPU, is verified once it can)
         if not skipped_targets(self.result.verify):

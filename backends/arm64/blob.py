@@ -98,9 +98,10 @@ def _tensor_array(ir: ModelIR, t: TensorPlan, dtype: str) -> np.ndarray:
         arr = ir.weights[t.source].detach().float().numpy()
     if t.transpose:
         arr = arr.T
-    if t.matrix and dtype == "float16":
+    fp16 = t.matrix and dtype == "float16"
+    if fp16:
         check_float16_range(arr, t.source, "arm64")
-    arr = np.ascontiguousarray(arr, dtype=np.float16 if (t.matrix and dtype == "float16") else np.float32)
+    arr = np.ascontiguousarray(arr, dtype=np.float16 if fp16 else np.float32)
     return arr.reshape(1, -1) if arr.ndim == 1 else arr
 
 
