@@ -53,7 +53,8 @@ def host_decode_tokens_per_second(outdir: Path, dense: bool, steps: int = 9, rep
     rates, computed = [], None
     for _ in range(repeats):
         res = subprocess.run([str(outdir / "bin" / "tsrun-host"), str(outdir / "weights.bin"), "--prompt-ids", "1",
-                              "--steps", str(steps + 1), "--print-ids", "--ignore-eos"] + (["--dense"] if dense else []),
+                              "--steps", str(steps + 1), "--print-ids", "--ignore-eos",
+                              *(["--dense"] if dense else [])],
                              check=True, capture_output=True, text=True)
         m = re.search(r"decode (\d+) tokens in ([0-9.]+) s.*computed ([0-9.]+)%", res.stderr)
         rates.append(int(m.group(1)) / float(m.group(2)))
@@ -138,7 +139,8 @@ def main() -> int:
         "instructions_ratio": step_dense["instructions"] / step_sparse["instructions"],
         # predictors share matvec_f32 with attention in tsrun, so their cost comes from the FFN harness
         # (input-independent: fixed-size products), times the layer count
-        "instructions_without_predictor_estimate": step_sparse["instructions"] - LAYERS * sparse["predictor_instructions"],
+        "instructions_without_predictor_estimate":
+            step_sparse["instructions"] - LAYERS * sparse["predictor_instructions"],
         "instructions_ratio_without_predictor_estimate":
             step_dense["instructions"] / (step_sparse["instructions"] - LAYERS * sparse["predictor_instructions"]),
         "loaded_bytes_ratio": step_dense["loaded_bytes"] / step_sparse["loaded_bytes"],

@@ -353,9 +353,8 @@ def main():
             rows += bench_real_smollm2(args.repeats)
             continue
         rows.append(bench_exact(args.repeats) if name == EXACT else bench_model(name, args.repeats))
-        print(json.dumps({k: v for k, v in rows[-1].items()
-                          if k not in ("active_fraction_per_layer", "positive_gate_fraction_per_layer", "step_census")}),
-              flush=True)
+        per_layer = ("active_fraction_per_layer", "positive_gate_fraction_per_layer", "step_census")
+        print(json.dumps({k: v for k, v in rows[-1].items() if k not in per_layer}), flush=True)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "command": " ".join(["python", *sys.argv]), "models": rows}
     out = Path(args.out)

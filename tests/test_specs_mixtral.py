@@ -80,4 +80,5 @@ def test_mixtral_spec_without_the_user_directory_is_a_one_line_error(args):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
-    assert re.fullmatch(rf"error: specs/mixtral\.yaml:\d+: source\.path: file not found: {MIXTRAL_PLACEHOLDER}", lines[0])
+    want = rf"error: specs/mixtral\.yaml:\d+: source\.path: file not found: {MIXTRAL_PLACEHOLDER}"
+    assert re.fullmatch(want, lines[0])

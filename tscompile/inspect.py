@@ -139,7 +139,8 @@ def _layer_row(layer: dict[str, Any]) -> list[str]:
     ranks = [u["predictor"]["rank"] for u in units if u["predictor"]]
     pbytes = sum(u["predictor"]["bytes"] for u in units if u["predictor"])
     sp = [u["stats"]["sparsity"] for u in units if "sparsity" in u["stats"]]
-    return [str(layer["layer"]), one([u["activation"] for u in units]), one([u["threshold"] for u in units], "{:g}".format),
+    return [str(layer["layer"]), one([u["activation"] for u in units]),
+            one([u["threshold"] for u in units], "{:g}".format),
             one([u["mode"] for u in units]), one(ranks) if ranks else "-", _size(pbytes) if ranks else "-",
             f"{sum(sp) / len(sp):.3f}" if sp else "-"]
 

@@ -51,7 +51,8 @@ def lower_arm64(ir: ModelIR, cfg: Arm64Config, outdir: Path, ctx=None) -> dict:
         tokenizer_note = "the model has no tokenizer"
     binaries = build_binaries(outdir) if cfg.compile else {}
     if cfg.compile and "tsrun" not in binaries:
-        binaries["tsrun"] = {"skipped": "no aarch64 compiler (apt-get install gcc-aarch64-linux-gnu, or set ANDROID_NDK)"}
+        binaries["tsrun"] = {"skipped": "no aarch64 compiler "
+                                        "(apt-get install gcc-aarch64-linux-gnu, or set ANDROID_NDK)"}
     c = ir.config
     manifest = {
         "backend": "arm64",

@@ -1,4 +1,4 @@
-"""Helpers shared by the reliability tests (the hypothesis profiles `ci` / `long` are registered in tests/conftest.py)."""
+"""Helpers shared by the reliability tests (the hypothesis profiles `ci` / `long`: tests/conftest.py)."""
 from __future__ import annotations
 
 import os

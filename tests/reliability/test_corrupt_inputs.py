@@ -53,7 +53,8 @@ def gguf_variants(path: Path) -> dict[str, tuple[bytes, str]]:
         struct.pack_into(fmt, b, offset, value)
         return bytes(b)
 
-    value = lambda key: at(f[key], 3)
+    def value(key):
+        return at(f[key], 3)
     readable = "not a readable GGUF file"
     return {
         "gguf only the magic": (data[:4], readable),
@@ -204,7 +205,8 @@ def test_corrupt_inputs_are_one_line_errors_under_a_memory_limit(corrupt_cases, 
     (tmp_path / "cases.json").write_text(json.dumps({k: str(p) for k, (p, _) in corrupt_cases.items()}))
     res = subprocess.run([sys.executable, str(Path(__file__).with_name("load_worker.py")),
                           str(tmp_path / "cases.json"), str(tmp_path / "out.json")], capture_output=True, text=True,
-                         timeout=300, preexec_fn=limit_memory, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}, check=False)
+                         timeout=300, preexec_fn=limit_memory, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+                         check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     outcomes = json.loads((tmp_path / "out.json").read_text())
     bad = {}

@@ -35,7 +35,8 @@ def compile_library(source: str, out: Path, include: Path) -> subprocess.Popen:
 
 @pytest.fixture(scope="module")
 def sanitized(tmp_path_factory):
-    """(good library, library with the injected overflow, {case: model.onnx}, {case: (forced ids, reference logits)})."""
+    """(good library, library with the injected overflow, {case: model.onnx},
+    {case: (forced ids, reference logits)})."""
     if shutil.which("g++") is None:
         pytest.skip("g++ is not installed")
     from tscompile.backends.onnx.native import ort_include_dir, render_source
@@ -64,7 +65,8 @@ def sanitized(tmp_path_factory):
 
 
 def run_under_asan(library: Path, models: list[Path], forced: list[int], out: Path) -> subprocess.CompletedProcess:
-    asan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True, check=False).stdout.strip()
+    asan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True,
+                          check=False).stdout.strip()
     env = {**os.environ, "LD_PRELOAD": asan, "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1",
            "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1", "OMP_WAIT_POLICY": "PASSIVE"}
     out.mkdir(exist_ok=True)

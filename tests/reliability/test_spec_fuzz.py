@@ -249,8 +249,9 @@ def test_text_mutations_give_one_line_errors():
             text = text[:at] + data.draw(st.characters()) + text[at + 1:]
         else:
             n = data.draw(st.integers(1, 3000))
-            text = text[:at] + data.draw(st.sampled_from(["[" * n + "]" * n, "{a: " * n + "1" + "}" * n,
-                                                          "".join(" " * k + "- \n" for k in range(n // 10))])) + text[at:]
+            deep = data.draw(st.sampled_from(["[" * n + "]" * n, "{a: " * n + "1" + "}" * n,
+                                              "".join(" " * k + "- \n" for k in range(n // 10))]))
+            text = text[:at] + deep + text[at:]
         if "plugins" not in text:
             check(text)
     assert run_examples(one) >= fuzz_settings().max_examples

@@ -31,7 +31,8 @@ def spec_of(pipeline: str = PIPELINE, targets: str = "{ckpt: {}}", extra: str = 
 
 
 @pytest.mark.parametrize("pipeline, want", [
-    ("[after_scale: {}]", "s.yaml:5: pipeline[0].after_scale: needs pass 'scale' earlier, but it is not in the pipeline"),
+    ("[after_scale: {}]",
+     "s.yaml:5: pipeline[0].after_scale: needs pass 'scale' earlier, but it is not in the pipeline"),
     ("[after_scale: {}, scale: {}]", "s.yaml:5: pipeline[0].after_scale: needs pass 'scale' earlier, "
                                      "but it comes later (pipeline[1])"),
     ("[scale: {}, wants_data: {}]", "s.yaml:5: pipeline[1].wants_data: needs text data: add a data: section "
@@ -125,7 +126,8 @@ def test_dry_run_plan_lists_source_passes_targets_and_cache_state(tmp_path):
     text = format_plan(plan_build(spec, tmp_path / "b", dry_run=True))
     lines = text.splitlines()
     assert lines[0] == f"plan for t -> {tmp_path / 'b'}/ (cache: on)"
-    assert lines[1].startswith("  source   tiny llama/swiglu (1 layers, hidden 32, seed 0)  [") and lines[1].endswith("run")
+    assert lines[1].startswith("  source   tiny llama/swiglu (1 layers, hidden 32, seed 0)  [")
+    assert lines[1].endswith("run")
     assert [ln.split()[2:4] for ln in lines[2:5]] == [["scale", "v1"], ["after_scale", "v1"], ["prune_neurons", "v1"]]
     assert lines[5].startswith("  target   ckpt v1  [") and lines[5].endswith("] run")
     assert lines[6] == '  verify   goals {"min_top1": 0.9}'

@@ -11,20 +11,13 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-import torch.nn.functional as F
-from tscompile.backends.cuda.kernels import compile_library, device_arch
-from tscompile.backends.cuda.library import KernelLibrary, default_grid
-from tscompile.backends.cuda.model import FFNSpec
-from tscompile.backends.cuda.moe import (
-    MoEKernels,
-    MoELayer,
-    MoEShape,
-    MoEWorkspace,
-    expert_params,
-    render_moe_source,
-)
-
-from tscompile.reference import activate
+import torch.nn.functional as F  # noqa: E402
+from tscompile.backends.cuda.kernels import compile_library, device_arch  # noqa: E402
+from tscompile.backends.cuda.library import KernelLibrary, default_grid  # noqa: E402
+from tscompile.backends.cuda.model import FFNSpec  # noqa: E402
+from tscompile.backends.cuda.moe import (MoEKernels, MoELayer, MoEShape, MoEWorkspace, expert_params,  # noqa: E402
+                                         render_moe_source)
+from tscompile.reference import activate  # noqa: E402
 
 KINDS = ("swiglu", "drelu")
 SHAPES = {"small": (1024, 2816, 8, 2), "odd": (200, 999, 5, 3)}   # hidden, inter, experts, top_k

@@ -84,10 +84,8 @@ def test_dense_export_matches_dense_reference(lowered):
     dense = onnx.load(str(art.outdir / "dense" / "model.onnx"))
     sparse = onnx.load(str(art.outdir / "model.onnx"))
     assert not dense.functions and all(n.domain == "" for n in dense.graph.node)
-    io = lambda m: (
-        [(i.name, i.type.tensor_type.elem_type) for i in m.graph.input],
-        [o.name for o in m.graph.output],
-    )
+    def io(m):
+        return [(i.name, i.type.tensor_type.elem_type) for i in m.graph.input], [o.name for o in m.graph.output]
     assert io(dense) == io(sparse)
 
 
