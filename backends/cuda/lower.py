@@ -64,6 +64,10 @@ def gpu_weights(ir: ModelIR, dtype) -> dict:
     """The weight table in the runtime's names and layouts (see the module docstring)."""
     import torch
     c, w = ir.config, ir.weights
+    if dtype == torch.float16:   # checked under the checkpoint's names: the table's are the runtime's
+        for k, v in w.items():
+            if v.is_floating_point():
+                check_float16_range(v, k, "cuda", "bfloat16")
     out = {"embed": w["model.embed_tokens.weight"], "norm": w["model.norm.weight"]}
     if not c.tie_word_embeddings:
         out["lm_head"] = w["lm_head.weight"]
@@ -85,9 +89,6 @@ def gpu_weights(ir: ModelIR, dtype) -> dict:
             pad = -fc1.shape[0] % 8
             out[n["fc1"]] = torch.cat([fc1, fc1.new_zeros(pad, fc1.shape[1])])
             out[n["fc2"]] = torch.cat([fc2, fc2.new_zeros(fc2.shape[0], pad)], dim=1)
-    if dtype == torch.float16:
-        for k, v in out.items():
-            check_float16_range(v, k, "cuda", "bfloat16")
     return {k: v.to(dtype).contiguous() for k, v in out.items()}
 
 

@@ -128,7 +128,8 @@ def test_a_weight_beyond_float16_is_refused_naming_it():
     """In float16 weights it became inf, and the outputs NaN; bfloat16 has the range."""
     ir = make_tiny_ir("llama", "drelu", seed=1)
     ir.weights["model.layers.1.mlp.down_proj.weight"][3, 5] = -7e4
-    with pytest.raises(UserError, match=r"^cuda: tensor layers\.1\.down_t holds 70000, beyond float16's range "
+    with pytest.raises(UserError, match=r"^cuda: tensor model\.layers\.1\.mlp\.down_proj\.weight holds 70000, "
+                                        r"beyond float16's range "
                                         r"\(65504\); use dtype bfloat16 for this target$"):
         gpu_weights(ir, torch.float16)
     assert torch.isfinite(gpu_weights(ir, torch.bfloat16)["layers.1.down_t"].float()).all()
