@@ -71,8 +71,9 @@ class ArchConfig:
         }
         if self.family in ("mistral", "mixtral", "qwen2"):
             d["sliding_window"] = self.sliding_window
-        if self.family == "qwen2":
+        if self.family == "qwen2":   # the window on every layer or on none
             d["use_sliding_window"] = self.sliding_window is not None
+            d["max_window_layers"] = 0 if self.sliding_window is not None else self.num_layers
         if self.family == "llama":
             d["attention_bias"] = self.attention_bias
         if self.is_moe:
@@ -87,15 +88,16 @@ class ArchConfig:
         family = d.get("model_type")
         if family not in FAMILIES:
             raise UserError(f"{where}: model_type {family!r} is not supported (supported: {', '.join(FAMILIES)})")
-        def num(key: str, default: Any = ..., kind: type = int) -> Any:
-            """d[key] as `kind`: an int must be a JSON integer (a bool is not), a float any JSON number."""
-            if key not in d or (d[key] is None and default is not ...):
+        def num(key: str, default: Any = ..., kind: type = int, src: dict = d, label: str = "") -> Any:
+            """src[key] as `kind`: an int must be a JSON integer (a bool is not), a float any JSON number."""
+            label = label or key
+            if key not in src or (src[key] is None and default is not ...):
                 if default is ...:
-                    raise UserError(f"{where}: missing key {key!r}")
+                    raise UserError(f"{where}: missing key {label!r}")
                 return default
-            v = d[key]
+            v = src[key]
             if not _is_number(v) or (kind is int and v != int(v)):
-                raise UserError(f"{where}: {key} must be {'an integer' if kind is int else 'a number'}, got {v!r}")
+                raise UserError(f"{where}: {label} must be {'an integer' if kind is int else 'a number'}, got {v!r}")
             return kind(v)
 
         def flag(key: str) -> bool:
@@ -104,19 +106,31 @@ class ArchConfig:
                 raise UserError(f"{where}: {key} must be true or false, got {v!r}")
             return v
 
-        heads, hidden = num("num_attention_heads"), num("hidden_size")
-        window = num("sliding_window", None)
-        if family == "qwen2" and not flag("use_sliding_window"):
-            window = None
+        heads, hidden, layers = num("num_attention_heads"), num("hidden_size"), num("num_hidden_layers")
+        # transformers' defaults where a key is absent (an explicit null means none)
+        window = num("sliding_window", 4096 if family == "mistral" and "sliding_window" not in d else None)
+        if family == "qwen2":
+            window = window if flag("use_sliding_window") and _qwen2_windowed(d, layers, where) else None
         if window is not None and window <= 0:
             raise UserError(f"{where}: sliding_window must be positive or null, got {window}")
+        theta = 1e6 if family == "mixtral" else 1e4
+        rope, scaling = d.get("rope_parameters"), d.get("rope_scaling")
+        if rope is not None:   # transformers >= 5 keeps rope_theta and the scaling here
+            if not isinstance(rope, dict):
+                raise UserError(f"{where}: rope_parameters must be a mapping or null, got {rope!r}")
+            theta = num("rope_theta", theta, float, rope, "rope_parameters.rope_theta")
+            scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+            scaling = None if scaling.get("rope_type", "default") == "default" else scaling
+        else:
+            theta = num("rope_theta", theta, float)
         cfg = cls(
             family=family, vocab_size=num("vocab_size"), hidden_size=hidden,
-            intermediate_size=num("intermediate_size"), num_layers=num("num_hidden_layers"),
+            intermediate_size=num("intermediate_size"), num_layers=layers,
             num_heads=heads, num_kv_heads=num("num_key_value_heads", heads),
             head_dim=num("head_dim", hidden // heads if heads > 0 else 0),
-            rope_theta=num("rope_theta", 10000.0, float), rope_scaling=d.get("rope_scaling"),
-            rms_norm_eps=num("rms_norm_eps", 1e-5, float), tie_word_embeddings=flag("tie_word_embeddings"),
+            rope_theta=theta, rope_scaling=scaling,
+            rms_norm_eps=num("rms_norm_eps", 1e-5 if family == "mixtral" else 1e-6, float),
+            tie_word_embeddings=flag("tie_word_embeddings"),
             sliding_window=window, attention_bias=family == "qwen2" or flag("attention_bias"),
             num_experts=num("num_local_experts", 0), num_experts_per_tok=num("num_experts_per_tok", 0),
             max_position_embeddings=num("max_position_embeddings", 4096),
@@ -162,6 +176,27 @@ class ArchConfig:
             v = self.rope_scaling.get(key)
             if not _is_number(v) or v <= 0:
                 raise UserError(f"{where}: rope_scaling {kind} needs {key} as a positive number, got {v!r}")
+
+
+def _qwen2_windowed(d: dict, layers: int, where: str) -> bool:
+    """Whether Qwen2's sliding window applies, which transformers decides per layer (`layer_types`, else the
+    layers from `max_window_layers` on): every layer or none is supported."""
+    types = d.get("layer_types")
+    if layers <= 0:   # check() says what is wrong
+        return False
+    if types is None:
+        first = d.get("max_window_layers", 28)
+        if not _is_number(first) or first != int(first):
+            raise UserError(f"{where}: max_window_layers must be an integer, got {first!r}")
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+    if not isinstance(types, list) or len(types) != layers or \
+            not set(types) <= {"sliding_attention", "full_attention"}:
+        raise UserError(f"{where}: layer_types must list sliding_attention or full_attention for each of the "
+                        f"{layers} layers")
+    if len(set(types)) > 1:
+        raise UserError(f"{where}: a sliding window on {types.count('sliding_attention')} of {layers} layers "
+                        "(layer_types / max_window_layers) is not supported: every layer or none")
+    return types[0] == "sliding_attention"
 
 
 def _first(x):

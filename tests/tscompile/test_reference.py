@@ -54,6 +54,47 @@ def test_rope_scaling_equals_transformers(tmp_path, scaling):
     assert (ReferenceModel.from_ir(plain)(ids) - got).abs().max() > 1e-3   # the scaling matters here
 
 
+@pytest.mark.parametrize("family,kw,edit", [
+    ("llama", {}, {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+                                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                             "original_max_position_embeddings": 8}}),
+    ("mixtral", {"experts": 4, "top_k": 2}, {"rope_theta": 1e6}),
+    ("qwen2", {"sliding_window": 5}, {}),
+])
+def test_a_checkpoint_saved_by_transformers_loads_equal(tmp_path, family, kw, edit):
+    """transformers >= 5 writes rope_parameters (not rope_theta / rope_scaling) and Qwen2's per-layer windows;
+    its own save must load back to its logits (the old keys fell back to theta 10000, unscaled, in silence)."""
+    transformers = pytest.importorskip("transformers")
+    from tscompile.checkpoint import load_checkpoint
+    ir = make_tiny_ir(family, seed=4, **kw)
+    for k, v in edit.items():
+        setattr(ir.config, k, v)
+    ir.save(tmp_path / "ours")
+    model = getattr(transformers, HF_CLASSES[family]).from_pretrained(
+        tmp_path / "ours", dtype=torch.float32, attn_implementation="eager").eval()
+    model.save_pretrained(tmp_path / "theirs")
+    ids = torch.arange(3, 15)[None] * 5 % ir.config.vocab_size
+    with torch.no_grad():
+        want = model(input_ids=ids).logits.float()
+    got = ReferenceModel.from_ir(load_checkpoint(tmp_path / "theirs"))(ids)
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_config_defaults_are_transformers_defaults():
+    """Keys a config.json leaves out take transformers' defaults for the family."""
+    transformers = pytest.importorskip("transformers")
+    from tscompile.ir import ArchConfig
+    for family, cls in (("llama", "LlamaConfig"), ("mistral", "MistralConfig"), ("qwen2", "Qwen2Config"),
+                        ("mixtral", "MixtralConfig")):
+        theirs = getattr(transformers, cls)()
+        ours = ArchConfig.from_hf({"model_type": family, "vocab_size": 64, "hidden_size": 32,
+                                   "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4})
+        assert ours.rms_norm_eps == theirs.rms_norm_eps, family
+        assert ours.rope_theta == theirs.rope_parameters["rope_theta"], family
+        windowed = getattr(theirs, "use_sliding_window", True)
+        assert ours.sliding_window == (getattr(theirs, "sliding_window", None) if windowed else None), family
+
+
 def test_sliding_window_changes_the_function():
     # guards the test above: with a window shorter than the sequence, later logits must differ
     ids = torch.arange(3, 15)[None]
