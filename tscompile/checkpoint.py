@@ -96,6 +96,10 @@ def read_safetensors_header(path: Path) -> dict:
     if not isinstance(header, dict):
         raise UserError(f"{path}: corrupt safetensors header")
     data_len = size - 8 - n
+    meta = header.get("__metadata__", {})
+    if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise UserError(f"{path}: corrupt safetensors header (__metadata__ must map names to strings)")
+    spans = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -111,6 +115,15 @@ def read_safetensors_header(path: Path) -> dict:
         if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)) or \
                 math.prod(shape) * ST_DTYPES[dtype] != hi - lo:
             raise UserError(f"{path}: tensor {name}: shape {shape} and dtype {dtype} do not match its data size")
+        spans.append((lo, hi, name))
+    end = 0   # the tensors tile the data section, as the safetensors reader requires
+    for lo, hi, name in sorted(spans):
+        if lo != end:
+            raise UserError(f"{path}: tensor {name}: data at byte {lo} " + (
+                "overlaps another tensor's" if lo < end else f"leaves bytes {end}-{lo} of the data unused"))
+        end = hi
+    if end != data_len:
+        raise UserError(f"{path}: {data_len - end} bytes after the last tensor's data (corrupt or not safetensors)")
     return header
 
 

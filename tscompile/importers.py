@@ -8,6 +8,7 @@ cached checkpoint (weights memory-mapped), so repeated builds and tests skip the
 """
 from __future__ import annotations
 
+import numbers
 import os
 import re
 import subprocess
@@ -178,13 +179,34 @@ def _int_field(reader, key: str, path: Path, default=KeyError):
     value = _field(reader, key, path, default)
     if isinstance(value, list):   # per-layer values (e.g. variable head counts) are not supported
         raise UserError(f"{path}: GGUF metadata {key} varies per layer, which is not supported")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+        raise UserError(f"{path}: GGUF metadata {key} must be an integer, got {value!r}")
     return value if value is None else int(value)
 
 
 def _float_field(reader, key: str, path: Path, default=KeyError) -> float:
     """GGUF stores floats as float32: take the shortest decimal that rounds to it (1e-05, not 9.99999974e-06)."""
     import numpy as np
-    return float(str(np.float32(_field(reader, key, path, default))))
+    value = _field(reader, key, path, default)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise UserError(f"{path}: GGUF metadata {key} must be a number, got {value!r}")
+    return float(str(np.float32(value)))
+
+
+def _list_field(reader, key: str, path: Path, kind: type, default=KeyError) -> list:
+    """A GGUF array whose items are all `kind` (str, or numbers.Real)."""
+    value = _field(reader, key, path, default)
+    if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+        raise UserError(f"{path}: GGUF metadata {key} must be an array of "
+                        f"{'strings' if kind is str else 'numbers'}")
+    return value
+
+
+def _token_id_field(reader, key: str, path: Path, tokens: list, default=KeyError) -> int | None:
+    i = _int_field(reader, key, path, default)
+    if i is not None and not 0 <= i < len(tokens):
+        raise UserError(f"{path}: GGUF metadata {key} {i} is not one of the {len(tokens)} tokens")
+    return i
 
 
 def gguf_config(reader, path: Path, vocab: int) -> ArchConfig:
@@ -196,9 +218,12 @@ def gguf_config(reader, path: Path, vocab: int) -> ArchConfig:
     experts = _int_field(reader, f"{arch}.expert_count", path, 0)
     window = _int_field(reader, f"{arch}.attention.sliding_window", path, None)
     family = "qwen2" if arch == "qwen2" else "mixtral" if experts else "mistral" if window else "llama"
-    scaling = None
-    if _field(reader, f"{arch}.rope.scaling.type", path, None) == "linear":
+    scaling, kind = None, _field(reader, f"{arch}.rope.scaling.type", path, None)
+    if kind == "linear":
         scaling = {"rope_type": "linear", "factor": _float_field(reader, f"{arch}.rope.scaling.factor", path)}
+    elif kind not in (None, "none"):   # dropping it would change the model at long context in silence
+        raise UserError(f"{path}: GGUF metadata {arch}.rope.scaling.type {kind!r} is not supported "
+                        "(supported: none, linear)")
     cfg = ArchConfig(
         family=family, vocab_size=vocab, hidden_size=hidden,
         intermediate_size=_int_field(reader, f"{arch}.feed_forward_length", path),
@@ -275,6 +300,9 @@ def import_gguf(path: Path) -> ModelIR:
     by_name = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in by_name:
         raise UserError(f"{path}: missing tensor token_embd.weight")
+    if len(by_name["token_embd.weight"].shape) != 2:
+        raise UserError(f"{path}: tensor token_embd.weight must have 2 dimensions, "
+                        f"has {len(by_name['token_embd.weight'].shape)}")
     vocab = int(by_name["token_embd.weight"].shape[1])
     cfg = gguf_config(reader, path, vocab)
     names = {n: hf_names(n, path) for n in by_name}   # fail on unknown names before the slow part
@@ -285,6 +313,9 @@ def import_gguf(path: Path) -> ModelIR:
         name = names[gname]
         proj = name.rsplit(".", 1)[0].split(".", 3)[-1]
         if cfg.family != "qwen2" and proj in heads:   # llama.cpp permutes q/k for llama-arch models only
+            if w.shape[0] != heads[proj] * cfg.head_dim:   # checked here: the un-permute reshapes by it
+                raise UserError(f"{path}: tensor {gname} has {w.shape[0]} rows, expected {heads[proj]} heads x "
+                                f"{cfg.head_dim}")
             w = unpermute_rope(w, heads[proj])
         if "{e}" in name:
             for e in range(w.shape[0]):
@@ -319,15 +350,18 @@ def gguf_tokenizer_json(reader, path: Path) -> tuple[str | None, str | None]:
         print(f"warning: {path}: {note}", file=sys.stderr)
         return None, note
     from tokenizers import AddedToken, processors
-    tokens = _field(reader, "tokenizer.ggml.tokens", path)
-    types = _field(reader, "tokenizer.ggml.token_type", path, [1] * len(tokens))
+    tokens = _list_field(reader, "tokenizer.ggml.tokens", path, str)
+    types = _list_field(reader, "tokenizer.ggml.token_type", path, numbers.Integral, [1] * len(tokens))
+    if len(types) != len(tokens):
+        raise UserError(f"{path}: GGUF metadata tokenizer.ggml.token_type has {len(types)} entries for "
+                        f"{len(tokens)} tokens")
     tok = _byte_level_bpe(reader, path, tokens, pre) if model == "gpt2" else _sentencepiece_bpe(reader, path,
                                                                                                  tokens, types)
     # token types (llama.cpp): 3 control -> special; 4 user-defined -> added, not special
     tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
                             for i, ty in enumerate(types) if ty == 3])
     tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i, ty in enumerate(types) if ty == 4])
-    bos = _int_field(reader, "tokenizer.ggml.bos_token_id", path, None)
+    bos = _token_id_field(reader, "tokenizer.ggml.bos_token_id", path, tokens, None)
     # llama.cpp's default: SentencePiece vocabularies add BOS, byte-level BPE ones do not
     if _field(reader, "tokenizer.ggml.add_bos_token", path, model == "llama") and bos is not None:
         tok.post_processor = processors.TemplateProcessing(
@@ -337,7 +371,10 @@ def gguf_tokenizer_json(reader, path: Path) -> tuple[str | None, str | None]:
 
 def _byte_level_bpe(reader, path: Path, tokens: list[str], pre: str):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", path)]
+    merges = [tuple(m.split(" ", 1)) for m in _list_field(reader, "tokenizer.ggml.merges", path, str)]
+    if any(len(m) != 2 for m in merges):
+        raise UserError(f"{path}: GGUF metadata tokenizer.ggml.merges holds a merge that is not two tokens "
+                        "separated by a space")
     # llama.cpp (like HF's tokenizer.json) takes a whole pre-token found in the vocab as is for llama 3
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
                                ignore_merges=pre == "llama-bpe"))
@@ -360,12 +397,15 @@ def _sentencepiece_bpe(reader, path: Path, tokens: list[str], types: list[int]):
     whose joined piece has the highest score merges first; characters outside the vocabulary fall back to
     <0xXX> byte tokens."""
     from tokenizers import Tokenizer, decoders, models, normalizers
-    scores = _field(reader, "tokenizer.ggml.scores", path)
+    scores = _list_field(reader, "tokenizer.ggml.scores", path, numbers.Real)
+    if len(scores) != len(tokens):
+        raise UserError(f"{path}: GGUF metadata tokenizer.ggml.scores has {len(scores)} entries for "
+                        f"{len(tokens)} tokens")
     vocab = {t: i for i, t in enumerate(tokens)}
     normal = {t for t, ty in zip(tokens, types) if ty == 1}
     ranked = sorted(((-scores[vocab[p]], vocab[p], p[:k], p[k:]) for p in normal for k in range(1, len(p))
                      if p[:k] in normal and p[k:] in normal))
-    unk = _int_field(reader, "tokenizer.ggml.unknown_token_id", path, 0)
+    unk = _token_id_field(reader, "tokenizer.ggml.unknown_token_id", path, tokens, 0)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for _, _, a, b in ranked], unk_token=tokens[unk],
                                byte_fallback=True, fuse_unk=True))
     prefix = _field(reader, "tokenizer.ggml.add_space_prefix", path, True)

@@ -296,11 +296,14 @@ class Weights(Mapping):
         self._handles: dict[Path, Any] = {}
 
     def _handle(self, name):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
         path = self._files[name]
         h = self._handles.get(path)
         if h is None:
-            h = self._handles[path] = safe_open(str(path), framework="pt")
+            try:
+                h = self._handles[path] = safe_open(str(path), framework="pt")
+            except SafetensorError as e:   # what read_safetensors_header does not check
+                raise UserError(f"{path}: not a readable safetensors file ({e})") from None
         return h
 
     def __getitem__(self, name):

@@ -346,6 +346,27 @@ def test_malformed_expert_annotations(tmp_path, experts):
     assert load_error(path) == f"{path}/config.json: tscompile.layers[0].experts: expected a list of 2 objects"
 
 
+def with_header(data: bytes, edit) -> bytes:
+    """The file with its header replaced by edit(header) (a new header size)."""
+    n = struct.unpack("<Q", data[:8])[0]
+    raw = json.dumps(edit(json.loads(data[8:8 + n]))).encode()
+    return struct.pack("<Q", len(raw)) + raw + data[8 + n:]
+
+
+@pytest.mark.parametrize("corrupt,expect", [   # what the safetensors reader refuses (it raised, exit 3)
+    (lambda data: data + bytes(16), "16 bytes after the last tensor's data"),
+    (lambda data: with_header(data, lambda h: h | {"__metadata__": {"format": 1}}),
+     "corrupt safetensors header (__metadata__ must map names to strings)"),
+    (lambda data: with_header(data, lambda h: h | {"extra": h[DOWN]}), "overlaps another tensor's"),
+])
+def test_safetensors_data_must_tile_the_file(tmp_path, corrupt, expect):
+    path = saved(tmp_path)
+    f = path / "model.safetensors"
+    f.write_bytes(corrupt(f.read_bytes()))
+    msg = load_error(path)
+    assert msg.startswith(f"{f}: ") and expect in msg
+
+
 def test_unhashable_dtype_in_a_safetensors_header(tmp_path):
     path = saved(tmp_path)
     f = path / "model.safetensors"

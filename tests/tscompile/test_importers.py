@@ -237,6 +237,43 @@ def test_gguf_missing_tensor(tmp_path):
     assert str(p) in msg and "model.layers.1.mlp.up_proj.weight" in msg
 
 
+def bad_merges(monkeypatch):
+    orig = gguf.GGUFWriter.add_token_merges
+    monkeypatch.setattr(gguf.GGUFWriter, "add_token_merges", lambda self, merges: orig(self, ["ab", *merges]))
+    return {}
+
+
+@pytest.mark.parametrize("how,expect", [   # each raised inside the importer (exit 3) or was dropped in silence
+    (lambda mp: {"skip_keys": ("attention.head_count",), "extra_kv": {"llama.attention.head_count": "four"}},
+     "GGUF metadata llama.attention.head_count must be an integer, got 'four'"),
+    (lambda mp: {"extra_kv": {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": "x"}},
+     "GGUF metadata llama.rope.scaling.factor must be a number, got 'x'"),
+    (lambda mp: {"extra_kv": {"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0}},
+     "GGUF metadata llama.rope.scaling.type 'yarn' is not supported (supported: none, linear)"),
+    (lambda mp: {"extra_tensors": {"blk.0.attn_q.weight": np.ones((60, 64), np.float32)}},
+     "tensor blk.0.attn_q.weight has 60 rows, expected 4 heads x 16"),
+    (lambda mp: {"extra_tensors": {"token_embd.weight": np.ones(64, np.float32)}},
+     "tensor token_embd.weight must have 2 dimensions, has 1"),
+    (bad_merges, "GGUF metadata tokenizer.ggml.merges holds a merge that is not two tokens separated by a space"),
+])
+def test_gguf_malformed_metadata_and_tensors(tmp_path, monkeypatch, how, expect):
+    p = tmp_path / "bad.gguf"
+    write_gguf(make_tiny_ir("llama"), p, **how(monkeypatch))
+    assert _error(lambda: import_source(str(p))) == f"{p}: {expect}"
+
+
+def test_gguf_token_ids_must_be_tokens(tmp_path):
+    """Ids inside vocab_size but past the token list (padded embeddings) indexed the list out of range."""
+    ir = make_tiny_ir("llama")
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + ["▁a", "b"]
+    types = [2, 3, 3] + [6] * 256 + [1, 1]
+    ir.config.bos_token_id = 300
+    p = tmp_path / "bos.gguf"
+    write_gguf(ir, p, sentencepiece=(pieces, [0.0] * len(pieces), types))
+    assert _error(lambda: import_source(str(p))) == f"{p}: GGUF metadata tokenizer.ggml.bos_token_id 300 is not " \
+                                                     f"one of the {len(pieces)} tokens"
+
+
 def test_gguf_truncated(tmp_path):
     p = tmp_path / "cut.gguf"
     write_gguf(make_tiny_ir("llama"), p)
