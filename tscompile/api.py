@@ -86,3 +86,6 @@ class BackendInfo:
     lower: Callable[..., dict]     # (ir, cfg, outdir: Path, ctx) -> manifest dict; writes outdir
     load: Callable[..., Runner]    # (outdir: Path, dense: bool = False, **opts) -> Runner
     available: Callable[[], str | None] = lambda: None   # None, or why this machine cannot run artifacts
+    # the optional tools lower() would use here, e.g. "aarch64 cc: none": part of the target's cache key, so an
+    # artifact lowered without a compiler is lowered again once there is one
+    toolchain: Callable[[], str] = lambda: ""

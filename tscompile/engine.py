@@ -46,6 +46,7 @@ class PlannedTarget:
     config: PassConfig
     key: str
     cached: bool
+    toolchain: str   # the backend's optional tools here (in the key; BackendInfo.toolchain)
 
 
 @dataclass
@@ -119,8 +120,8 @@ def _step_key(prev: str, spec: Spec, info: PassInfo, cfg: PassConfig, data: dict
     return cache.chain_key(prev, "pass", info.name, info.version, cfg.model_dump(mode="json"), spec.seed, data)
 
 
-def _target_key(model_key: str, name: str, version: str, config: dict) -> str:
-    return cache.chain_key(model_key, "target", name, version, config)
+def _target_key(model_key: str, name: str, version: str, config: dict, toolchain: str) -> str:
+    return cache.chain_key(model_key, "target", name, version, config, toolchain)
 
 
 def _select_targets(spec: Spec, names: list[str] | None) -> list[tuple[str, BackendInfo, PassConfig]]:
@@ -190,11 +191,12 @@ def plan_build(spec: Spec, out_dir: Path | None = None, targets: list[str] | Non
         steps.append(PlannedStep(step.name, key, can_read and pass_cache.has(key), info, step.config))
     planned_targets = []
     for name, info, cfg in selected:
-        tkey = _target_key(key, name, info.version, cfg.model_dump(mode="json"))
+        tools = info.toolchain()
+        tkey = _target_key(key, name, info.version, cfg.model_dump(mode="json"), tools)
         manifest = cache.read_manifest(build_dir / name)
         hit = (can_read and manifest is not None and manifest.get("cache_key") == tkey
                and manifest.get("files") == file_digests(build_dir / name, memo, write_memo))   # edited: rebuilt
-        planned_targets.append(PlannedTarget(name, info, cfg, tkey, hit))
+        planned_targets.append(PlannedTarget(name, info, cfg, tkey, hit, tools))
     return Plan(spec, build_dir, policy, source, steps, planned_targets, verify)
 
 
@@ -356,6 +358,7 @@ class _Build:
         model_dir, key_file = self.plan.build_dir / "model", self.plan.build_dir / ".model.key"
         key = self.plan.final_key
         key_file.unlink(missing_ok=True)     # model/ is about to change: never let the old key vouch for it
+        forget_verification(self.plan.build_dir)   # nor the old report (a failed or killed build keeps none)
         if self.plan.policy != "off" and self.passes.has(key):    # "off" never reads the cache
             with cache.atomic_dir(model_dir) as tmp:
                 cache.link_tree(self.passes.path(key), tmp)
@@ -367,6 +370,7 @@ class _Build:
     def lower(self, target: PlannedTarget, ir) -> None:
         log.info("target %s v%s: lowering", target.name, target.info.version)
         t0 = time.time()
+        forget_verification(self.plan.build_dir)
         with cache.atomic_dir(self.plan.build_dir / target.name) as tmp:
             with _work_dir(self.plan, target.key) as work:
                 manifest = target.info.lower(ir, target.config, tmp, self.context(work, _device("optional")))
@@ -374,7 +378,8 @@ class _Build:
                 raise TypeError(f"backend {target.name}: lower() returned {type(manifest).__name__}, not a dict")
             # "files": sha256 of every file as lowered, so the verifier can tell a tampered artifact
             manifest = {**manifest, "target": target.name, "backend_version": target.info.version,
-                        "config": target.config.model_dump(mode="json"), "cache_key": target.key,
+                        "config": target.config.model_dump(mode="json"), "toolchain": target.toolchain,
+                        "cache_key": target.key,
                         "files": file_digests(tmp)}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
         self.done(f"target {target.name}")
@@ -419,9 +424,11 @@ class _Build:
 
 
 def forget_verification(build_dir: Path) -> None:
-    """Remove verify.json and report.md (and the key vouching for them): they describe earlier outputs."""
+    """Remove verify.json, report.md and its plots (and the key vouching for them): they describe earlier
+    outputs."""
     for name in (".verify.key", "verify.json", "report.md"):
         (build_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(build_dir / "plots", ignore_errors=True)
 
 
 def verify_dir(build_dir: Path, spec: Spec, targets: list[str]) -> dict:
@@ -440,7 +447,7 @@ def lowered_from_current_model(build_dir: Path, target: str) -> bool:
         return False
     manifest = cache.load_manifest(build_dir / target)   # a damaged one is an error, not "built earlier"
     return manifest.get("cache_key") == _target_key(key_file.read_text(), target, manifest.get("backend_version"),
-                                                   manifest.get("config"))
+                                                   manifest.get("config"), manifest.get("toolchain", ""))
 
 
 def run_build(plan: Plan) -> BuildResult:

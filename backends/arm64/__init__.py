@@ -24,6 +24,11 @@ def arm64_available() -> str | None:
     return None
 
 
+def arm64_toolchain() -> str:
+    cc, host = cross_compiler(), host_compiler()
+    return f"aarch64 cc: {' '.join(cc) if cc else 'none'}; host cc: {' '.join(host) if host else 'none'}"
+
+
 BACKEND = BackendInfo(
     name="arm64",
     # 2: weights.bin v2 (experts); 3: the tensor table fits every tensor; 4: no tokenizer.bin for added tokens
@@ -35,4 +40,5 @@ BACKEND = BackendInfo(
     lower=lower_arm64,
     load=load_arm64,
     available=arm64_available,
+    toolchain=arm64_toolchain,
 )

@@ -43,6 +43,11 @@ def available() -> str | None:
     return None
 
 
+def toolchain() -> str:
+    from .kernels import nvcc_path
+    return f"nvcc: {nvcc_path() or 'none'}"
+
+
 # version: part of a target's cache key; bump it whenever what lower() writes changes (templates, the C interface)
 BACKEND = BackendInfo(name="cuda", version="4", doc="generated CUDA sparse-FFN kernels + CUDA-graph decode runtime",
-                      config=CudaConfig, lower=lower, load=load, available=available)
+                      config=CudaConfig, lower=lower, load=load, available=available, toolchain=toolchain)

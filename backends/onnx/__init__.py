@@ -51,6 +51,11 @@ def _available() -> str | None:
     return None
 
 
+def _toolchain() -> str:
+    from .native import native_possible
+    return f"native kernels: {'possible' if native_possible() else 'not possible'}"
+
+
 BACKEND = BackendInfo(
     name="onnx",
     version="3",
@@ -59,4 +64,5 @@ BACKEND = BackendInfo(
     lower=_lower,
     load=_load,
     available=_available,
+    toolchain=_toolchain,
 )

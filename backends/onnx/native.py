@@ -131,6 +131,14 @@ def ort_include_dir() -> tuple[Path | None, str]:
     return inc, ""
 
 
+def native_possible() -> bool:
+    """Whether build_library can build here (a C++ compiler, and the ORT headers at hand or npm to fetch them),
+    without fetching anything."""
+    cxx = os.environ.get("CXX") or shutil.which("g++")
+    headers = (cache_root() / "ort-headers" / HEADERS_VERSION / "include" / "onnxruntime_c_api.h").is_file()
+    return bool(cxx) and (headers or bool(os.environ.get("ORT_INCLUDE_DIR")) or shutil.which("npm") is not None)
+
+
 def build_library(outdir: Path, log=None) -> Path | None:
     """Write outdir/libtscompile_ort.{cpp,so}; None (after one warning per process) without headers."""
     global _warned

@@ -277,6 +277,30 @@ def test_report_is_shown_only_when_it_describes_this_build(tmp_path, capsys, mon
     assert not (out / "report.md").exists() and not (out / "verify.json").exists()   # it described the old model
 
 
+def test_a_build_that_fails_after_changing_outputs_leaves_no_old_report(tmp_path, capsys, monkeypatch):
+    """The old verify.json, report.md and plots described the model/ the failed build replaced."""
+    from tscompile import registry
+    from tscompile.api import BackendInfo, PassConfig
+    from tscompile.errors import UserError
+
+    def boom(ir, cfg, outdir, ctx):
+        raise UserError("boom: cannot lower")
+    _fake_verifier(monkeypatch)
+    registry.register_backend(BackendInfo("boom", "1", "fails to lower (test)", PassConfig, boom, None))
+    try:
+        spec, out = tmp_path / "s.yaml", tmp_path / "b"
+        spec.write_text(tiny_spec(pipeline="[scale: {factor: 2}]", targets="{ckpt: {}}"))
+        assert run_main(capsys, "build", str(spec), "--out", str(out))[0] == 0
+        (out / "plots").mkdir()
+        (out / "plots" / "speedup.png").write_bytes(b"png")
+        spec.write_text(tiny_spec(pipeline="[scale: {factor: 3}]", targets="{ckpt: {}, boom: {}}"))
+        rc, stdout, err = run_main(capsys, "build", str(spec), "--out", str(out))
+        assert rc == 2 and err.endswith("boom: cannot lower\n"), err
+        assert [p.name for p in out.iterdir() if p.name in ("verify.json", "report.md", ".verify.key", "plots")] == []
+    finally:
+        registry.unregister("boom")
+
+
 def test_verify_skips_targets_built_from_an_earlier_model(tmp_path, capsys, monkeypatch):
     from tsc_test_plugin import CkptConfig, lower_ckpt
 

@@ -176,7 +176,7 @@ def test_build_dir_layout_manifest_log_and_resolved_spec(built):
     manifest = json.loads((out / "ckpt" / "manifest.json").read_text())
     digests = manifest.pop("files")
     assert manifest == {"n_files": 3, "dtype": "float16", "target": "ckpt", "backend_version": "1",
-                        "config": {"dtype": "float16", "pause": 0.0}, "cache_key": plan.targets[0].key}
+                        "config": {"dtype": "float16", "pause": 0.0}, "toolchain": "", "cache_key": plan.targets[0].key}
     assert sorted(digests) == ["checksums.json", "model/config.json", "model/model.safetensors", "model/tokenizer.json"]
     assert digests["model/config.json"] == hashlib.sha256((out / "ckpt/model/config.json").read_bytes()).hexdigest()
     assert (out / "ckpt").stat().st_mode & 0o777 == 0o777 & ~_umask()
@@ -187,6 +187,27 @@ def test_build_dir_layout_manifest_log_and_resolved_spec(built):
     log = (out / "build.log").read_text()
     assert "pass prune_neurons v1: running" in log and "prune_neurons: zeroed 16 neurons" in log
     assert {p.name for p in (out / ".cache" / "passes").iterdir()} == {plan.source.key} | {s.key for s in plan.steps}
+
+
+def test_a_target_lowered_without_a_tool_is_lowered_again_once_it_is_there(tmp_path):
+    """arm64 without the cross compiler writes no aarch64 binary, onnx without npm no native kernels: installing
+    the tool must not leave the weaker artifact cached (BackendInfo.toolchain is in the target's key)."""
+    from tsc_test_plugin import CkptConfig, lower_ckpt
+
+    from tscompile.engine import lowered_from_current_model
+    tools = {"cc": "none"}
+    registry.register_backend(BackendInfo("tooled", "1", "ckpt with a toolchain (test)", CkptConfig, lower_ckpt,
+                                          None, toolchain=lambda: f"cc: {tools['cc']}"))
+    try:
+        spec, out = spec_of("[scale: {}]", targets="{tooled: {}}"), tmp_path / "b"
+        assert build(spec, out_dir=out, verify=False).ran == ["source", "scale", "target tooled"]
+        assert build(spec, out_dir=out, verify=False).ran == []
+        tools["cc"] = "/usr/bin/gcc"
+        assert build(spec, out_dir=out, verify=False).ran == ["target tooled"]
+        assert json.loads((out / "tooled" / "manifest.json").read_text())["toolchain"] == "cc: /usr/bin/gcc"
+        assert lowered_from_current_model(out, "tooled")
+    finally:
+        registry.unregister("tooled")
 
 
 def test_target_selection(tmp_path):
