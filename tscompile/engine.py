@@ -176,6 +176,11 @@ def plan_build(spec: Spec, out_dir: Path | None = None, targets: list[str] | Non
             raise spec.error_at(where, "needs a CUDA GPU and none is available (use --dry-run to only check the plan)")
         seen.append(step.name)
     selected = _select_targets(spec, targets)
+    if not dry_run:   # the spec checked: the first write (the source's file-hash memo) goes here
+        try:
+            build_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--out {build_dir}: cannot create it ({e.strerror}: {e.filename})") from None
 
     pass_cache = cache.PassCache(build_dir / ".cache" / "passes")
     can_read = cache.reads(policy)
@@ -207,11 +212,16 @@ def _check_build_dir(build_dir: Path, spec: Spec) -> None:
     """A build replaces model/ and its target dirs whole: refuse a dir that is neither empty nor an earlier
     build, and one that holds the spec's own source."""
     out = build_dir.resolve()
+    if build_dir.is_symlink() and not build_dir.exists():
+        raise UserError(f"--out {build_dir}: a symbolic link to {out}, which does not exist")
     if spec.source.path and not spec.source.path.startswith("pypi:"):
         src = Path(spec.source.path).resolve()
         if src == out or out in src.parents:
             raise UserError(f"--out {build_dir}: holds the spec's source {spec.source.path}; a build would replace "
                             "it (choose another build dir)")
+        if src in out.parents:   # its files would be hashed into the source's key, which then never repeats
+            raise UserError(f"--out {build_dir}: is inside the spec's source {spec.source.path}; the build's "
+                            "outputs would change the source's key on every run (choose a dir outside it)")
     try:
         if out.is_dir() and any(out.iterdir()) and not any((out / m).exists() for m in BUILD_DIR_MARKS):
             raise UserError(f"--out {build_dir}: exists and is not a tscompile build dir (refusing to write into "

@@ -152,7 +152,10 @@ def load_plugin(module: str) -> None:
         if getattr(mod, one, None) is not None:
             items.append(getattr(mod, one))
         for info in items:
-            _register(group, info)
+            try:
+                _register(group, info)
+            except UserError as e:
+                raise UserError(f"plug-in {module!r}: {e}") from None
     _loaded_plugins.add(module)
 
 

@@ -96,6 +96,24 @@ def test_plugin_module_calling_register_pass(tmp_path, monkeypatch):
     assert "plug_b" not in registry.pass_names()
 
 
+def test_what_a_plugin_module_exposes_wrongly_names_the_module(tmp_path, monkeypatch):
+    (tmp_path / "tsc_plug_c.py").write_text("PASSES = [{'name': 'c'}]\n")
+    for module, version in (("tsc_plug_e1", 3), ("tsc_plug_e2", 1)):
+        (tmp_path / f"{module}.py").write_text(
+            "from tscompile.api import PassConfig, PassInfo\n"
+            f"PASS = PassInfo('plug_e', '{version}', 'e', PassConfig, lambda ir, cfg, ctx: ir)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UserError, match=r"^plug-in 'tsc_plug_c': register_pass: expected a PassInfo, got dict$"):
+        registry.load_plugin("tsc_plug_c")
+    registry.load_plugin("tsc_plug_e1")
+    try:
+        with pytest.raises(UserError, match=r"^plug-in 'tsc_plug_e2': pass 'plug_e' is registered twice "
+                                            r"\(versions 3 and 1\)$"):
+            registry.load_plugin("tsc_plug_e2")
+    finally:
+        registry.unregister("plug_e")
+
+
 def test_plugin_import_failure_is_one_line():
     with pytest.raises(UserError) as e:
         registry.load_plugin("tsc_no_such_module_xyz")
