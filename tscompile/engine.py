@@ -205,7 +205,7 @@ def plan_build(spec: Spec, out_dir: Path | None = None, targets: list[str] | Non
     return Plan(spec, build_dir, policy, source, steps, planned_targets, verify)
 
 
-BUILD_DIR_MARKS = (".cache", "spec.resolved.yaml", "build.log")   # what a build writes first
+BUILD_DIR_MARKS = (".lock", ".cache", "spec.resolved.yaml", "build.log")   # what a build writes first
 
 
 def _check_build_dir(build_dir: Path, spec: Spec) -> None:
@@ -252,6 +252,21 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"  verify   {'goals ' + json.dumps(goals) if goals else 'no goals'}" if plan.verify
                  else "  verify   skipped (--no-verify)")
     return "\n".join(lines)
+
+
+@contextmanager
+def _build_lock(build_dir: Path):
+    """One build at a time in a build dir: a second one would share the steps' work dirs and replace the same
+    outputs under the first (the lock is the kernel's: it goes with the process, however it ends)."""
+    import fcntl
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"--out {build_dir}: another tscompile build is writing it; wait for it to finish or "
+                            "choose another --out") from None
+        yield
 
 
 @contextmanager
@@ -466,8 +481,8 @@ def run_build(plan: Plan) -> BuildResult:
     build_dir = plan.build_dir
     from tqdm import tqdm
     total = len(plan.steps) + len(plan.targets) + plan.verify
-    with _build_log(build_dir), tqdm(total=total, desc=f"build {plan.spec.name}", unit="step", disable=None,
-                                     leave=False) as bar:
+    with _build_lock(build_dir), _build_log(build_dir), \
+            tqdm(total=total, desc=f"build {plan.spec.name}", unit="step", disable=None, leave=False) as bar:
         cache.sweep_stale(build_dir)
         log.debug("plan:\n%s", format_plan(plan))
         b = _Build(plan, bar)

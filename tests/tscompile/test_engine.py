@@ -210,6 +210,19 @@ def test_a_target_lowered_without_a_tool_is_lowered_again_once_it_is_there(tmp_p
         registry.unregister("tooled")
 
 
+def test_a_second_build_of_the_same_dir_is_refused_while_one_runs(tmp_path):
+    import fcntl
+    spec, out = spec_of("[scale: {}]", targets="{}"), tmp_path / "b"
+    out.mkdir()
+    with open(out / ".lock", "a") as held:   # as a running build holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(UserError, match=f"^--out {out}: another tscompile build is writing it; wait for it to "
+                                            "finish or choose another --out$"):
+            build(spec, out_dir=out, verify=False)
+        assert not (out / "model").exists()
+    assert build(spec, out_dir=out, verify=False).ran == ["source", "scale"]
+
+
 def test_target_selection(tmp_path):
     spec = spec_of(targets="{ckpt: {dtype: float16}}")
     assert [(t.name, t.config.dtype) for t in plan_build(spec, tmp_path, targets=["ckpt"]).targets] == [
