@@ -84,6 +84,9 @@ def verify(build_dir: Path, targets: tuple[str, ...]) -> None:
     from .verify import skipped_targets
     built = [t for t in spec.targets if (build_dir / t / "manifest.json").is_file()]
     for t in targets:
+        if t not in built and (build_dir / t / "manifest.json").is_file():   # left by a build with --target
+            raise UserError(f"--target {t}: {build_dir / t} is not a target of the spec its last build used "
+                            f"(spec.resolved.yaml); build it again (tscompile build SPEC --target {t})")
         if t not in built:
             raise UserError(f"--target {t}: not built in {build_dir} (built: {', '.join(built) or 'none'})")
     stale = [t for t in targets or built if not lowered_from_current_model(build_dir, t)]

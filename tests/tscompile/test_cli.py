@@ -301,6 +301,25 @@ def test_a_build_that_fails_after_changing_outputs_leaves_no_old_report(tmp_path
         registry.unregister("boom")
 
 
+def test_verify_of_a_target_the_last_spec_lacks_says_so(tmp_path, capsys):
+    from tsc_test_plugin import CkptConfig, lower_ckpt
+
+    from tscompile import registry
+    from tscompile.api import BackendInfo
+    registry.register_backend(BackendInfo("ckpt3", "1", "a third ckpt (test)", CkptConfig, lower_ckpt, None))
+    try:
+        spec, out = tmp_path / "s.yaml", tmp_path / "b"
+        spec.write_text(tiny_spec(pipeline="[scale: {factor: 2}]", targets="{ckpt: {}}"))
+        assert run_main(capsys, "build", str(spec), "--out", str(out), "--no-verify", "--target", "ckpt3")[0] == 0
+        assert run_main(capsys, "build", str(spec), "--out", str(out), "--no-verify")[0] == 0
+        rc, stdout, err = run_main(capsys, "verify", str(out), "--target", "ckpt3")
+        assert rc == 2 and err == (f"error: --target ckpt3: {out / 'ckpt3'} is not a target of the spec its last "
+                                   "build used (spec.resolved.yaml); build it again (tscompile build SPEC --target "
+                                   "ckpt3)\n")
+    finally:
+        registry.unregister("ckpt3")
+
+
 def test_verify_skips_targets_built_from_an_earlier_model(tmp_path, capsys, monkeypatch):
     from tsc_test_plugin import CkptConfig, lower_ckpt
 
