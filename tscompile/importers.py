@@ -194,11 +194,11 @@ def _float_field(reader, key: str, path: Path, default=KeyError) -> float:
 
 
 def _list_field(reader, key: str, path: Path, kind: type, default=KeyError) -> list:
-    """A GGUF array whose items are all `kind` (str, or numbers.Real)."""
+    """A GGUF array whose items are all `kind` (str, numbers.Integral or numbers.Real)."""
     value = _field(reader, key, path, default)
     if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
-        raise UserError(f"{path}: GGUF metadata {key} must be an array of "
-                        f"{'strings' if kind is str else 'numbers'}")
+        what = {str: "strings", numbers.Integral: "integers"}.get(kind, "numbers")
+        raise UserError(f"{path}: GGUF metadata {key} must be an array of {what}")
     return value
 
 

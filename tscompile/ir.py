@@ -190,7 +190,7 @@ def _qwen2_windowed(d: dict, layers: int, where: str) -> bool:
             raise UserError(f"{where}: max_window_layers must be an integer, got {first!r}")
         types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
     if not isinstance(types, list) or len(types) != layers or \
-            not set(types) <= {"sliding_attention", "full_attention"}:
+            not all(t in ("sliding_attention", "full_attention") for t in types):
         raise UserError(f"{where}: layer_types must list sliding_attention or full_attention for each of the "
                         f"{layers} layers")
     if len(set(types)) > 1:

@@ -85,6 +85,11 @@ def render_source() -> str:
     )
 
 
+def fetched_headers_dir() -> Path:
+    """Where ort_include_dir keeps the headers npm fetched."""
+    return cache_root() / "ort-headers" / HEADERS_VERSION / "include"
+
+
 def ort_include_dir() -> tuple[Path | None, str]:
     """(directory holding onnxruntime_c_api.h, or None) and why not when None."""
     env = os.environ.get("ORT_INCLUDE_DIR")
@@ -92,8 +97,8 @@ def ort_include_dir() -> tuple[Path | None, str]:
         if (Path(env) / "onnxruntime_c_api.h").is_file():
             return Path(env), ""
         raise UserError(f"ORT_INCLUDE_DIR={env}: no onnxruntime_c_api.h there")
-    root = cache_root() / "ort-headers" / HEADERS_VERSION
-    inc = root / "include"
+    inc = fetched_headers_dir()
+    root = inc.parent
     if (inc / "onnxruntime_c_api.h").is_file():
         return inc, ""
     npm = shutil.which("npm")
@@ -135,7 +140,7 @@ def native_possible() -> bool:
     """Whether build_library can build here (a C++ compiler, and the ORT headers at hand or npm to fetch them),
     without fetching anything."""
     cxx = os.environ.get("CXX") or shutil.which("g++")
-    headers = (cache_root() / "ort-headers" / HEADERS_VERSION / "include" / "onnxruntime_c_api.h").is_file()
+    headers = (fetched_headers_dir() / "onnxruntime_c_api.h").is_file()
     return bool(cxx) and (headers or bool(os.environ.get("ORT_INCLUDE_DIR")) or shutil.which("npm") is not None)
 
 

@@ -274,6 +274,8 @@ def test_config_missing(tmp_path):
      "a sliding window on 1 of 2 layers (layer_types / max_window_layers) is not supported: every layer or none"),
     (lambda c: c.update(model_type="qwen2", use_sliding_window=True, layer_types=["full_attention"]),
      "layer_types must list sliding_attention or full_attention for each of the 2 layers"),
+    (lambda c: c.update(model_type="qwen2", use_sliding_window=True, layer_types=[{}, {}]),
+     "layer_types must list sliding_attention or full_attention for each of the 2 layers"),
     (lambda c: c["tscompile"].update(format_version=7), "tscompile.format_version 7 is not supported"),
     (lambda c: c["tscompile"]["layers"].pop(), "tscompile.layers must list 2 layers"),
     (lambda c: c["tscompile"]["layers"][1].update(activation="gelu"), "tscompile.layers[1].activation: 'gelu'"),
