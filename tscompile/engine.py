@@ -180,7 +180,10 @@ def plan_build(spec: Spec, out_dir: Path | None = None, targets: list[str] | Non
         try:
             build_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UserError(f"--out {build_dir}: cannot create it ({e.strerror}: {e.filename})") from None
+            at = Path(e.filename or build_dir)
+            why = f"{at} is a symbolic link to {at.resolve()}, which does not exist" if at.is_symlink() else \
+                f"{e.strerror}: {at}"
+            raise UserError(f"--out {build_dir}: cannot create it ({why})") from None
 
     pass_cache = cache.PassCache(build_dir / ".cache" / "passes")
     can_read = cache.reads(policy)
@@ -212,8 +215,6 @@ def _check_build_dir(build_dir: Path, spec: Spec) -> None:
     """A build replaces model/ and its target dirs whole: refuse a dir that is neither empty nor an earlier
     build, and one that holds the spec's own source."""
     out = build_dir.resolve()
-    if build_dir.is_symlink() and not build_dir.exists():
-        raise UserError(f"--out {build_dir}: a symbolic link to {out}, which does not exist")
     if spec.source.path and not spec.source.path.startswith("pypi:"):
         src = Path(spec.source.path).resolve()
         if src == out or out in src.parents:
@@ -271,8 +272,7 @@ def _build_lock(build_dir: Path):
 
 @contextmanager
 def _build_log(build_dir: Path):
-    """Everything logged during the build also goes to build/<name>/build.log."""
-    build_dir.mkdir(parents=True, exist_ok=True)
+    """Everything logged during the build also goes to build/<name>/build.log (the dir: _build_lock)."""
     handler = logging.FileHandler(build_dir / "build.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     handler.setLevel(logging.DEBUG)
@@ -383,7 +383,6 @@ class _Build:
         model_dir, key_file = self.plan.build_dir / "model", self.plan.build_dir / ".model.key"
         key = self.plan.final_key
         key_file.unlink(missing_ok=True)     # model/ is about to change: never let the old key vouch for it
-        forget_verification(self.plan.build_dir)   # nor the old report (a failed or killed build keeps none)
         if self.plan.policy != "off" and self.passes.has(key):    # "off" never reads the cache
             with cache.atomic_dir(model_dir) as tmp:
                 cache.link_tree(self.passes.path(key), tmp)
@@ -395,7 +394,6 @@ class _Build:
     def lower(self, target: PlannedTarget, ir) -> None:
         log.info("target %s v%s: lowering", target.name, target.info.version)
         t0 = time.time()
-        forget_verification(self.plan.build_dir)
         with cache.atomic_dir(self.plan.build_dir / target.name) as tmp:
             with _work_dir(self.plan, target.key) as work:
                 manifest = target.info.lower(ir, target.config, tmp, self.context(work, _device("optional")))
@@ -486,14 +484,15 @@ def run_build(plan: Plan) -> BuildResult:
         cache.sweep_stale(build_dir)
         log.debug("plan:\n%s", format_plan(plan))
         b = _Build(plan, bar)
-        ir = None
-        if b.model_is_current() and all(t.cached for t in plan.targets):
+        ir, model_current = None, b.model_is_current()
+        if model_current and all(t.cached for t in plan.targets):
             for s in plan.steps:                                  # nothing needs the model in memory
                 b.done(s.label, reused=True)
             log.info("model: cached")
         else:
+            forget_verification(build_dir)   # outputs are about to change: a failed or killed build keeps no old report
             ir = b.final_ir()
-            if not b.model_is_current():
+            if not model_current:
                 b.write_model(ir)
         cache.write_text_atomic(build_dir / "spec.resolved.yaml", plan.spec.to_yaml())
         for target in plan.targets:

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from tscompile.errors import UserError
-from tscompile.ir import ModelIR
+from tscompile.ir import ModelIR, ffn_label
 
 from .blob import BLOB_VERSION, ffn_spec_values
 
@@ -53,7 +53,7 @@ def template_context(ir: ModelIR, dtype: str) -> dict:
         summary = f"{ann.activation}, {ann.mode}, threshold {thr:g}"
         if rank:
             summary += f", predictor rank {rank}{'' if relu else ' (linear)'} >= {pthr:g}"
-        ffns.append({"unit": f"layer {i}" if e is None else f"layer {i} expert {e}",
+        ffns.append({"unit": ffn_label(i, e),
                      "act_enum": ACT_ENUMS[ann.activation], "mode_enum": MODE_ENUMS[ann.mode], "rank": rank,
                      "relu": relu, "threshold": c_float(thr), "pred_threshold": c_float(pthr),
                      "summary": summary})

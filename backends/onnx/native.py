@@ -136,10 +136,14 @@ def ort_include_dir() -> tuple[Path | None, str]:
     return inc, ""
 
 
+def cxx_compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++")
+
+
 def native_possible() -> bool:
     """Whether build_library can build here (a C++ compiler, and the ORT headers at hand or npm to fetch them),
     without fetching anything."""
-    cxx = os.environ.get("CXX") or shutil.which("g++")
+    cxx = cxx_compiler()
     headers = (fetched_headers_dir() / "onnxruntime_c_api.h").is_file()
     return bool(cxx) and (headers or bool(os.environ.get("ORT_INCLUDE_DIR")) or shutil.which("npm") is not None)
 
@@ -147,7 +151,7 @@ def native_possible() -> bool:
 def build_library(outdir: Path, log=None) -> Path | None:
     """Write outdir/libtscompile_ort.{cpp,so}; None (after one warning per process) without headers."""
     global _warned
-    cxx = os.environ.get("CXX") or shutil.which("g++")
+    cxx = cxx_compiler()
     if cxx and shutil.which(cxx) is None:
         raise UserError(f"CXX={cxx}: no such compiler (unset CXX to use g++)")
     inc, why = ort_include_dir() if cxx else (None, "g++ is not installed")
