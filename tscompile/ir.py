@@ -50,7 +50,13 @@ class ArchConfig:
     num_experts_per_tok: int = 0
     max_position_embeddings: int = 4096
     bos_token_id: int | None = 1
-    eos_token_id: int | None = 2
+    eos_token_id: int | list[int] | None = 2   # HF's form: several ids end the text (Llama-3 instruct: 128001, 128009)
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Every id that ends generated text, the primary (config.json's first) first."""
+        ids = self.eos_token_id
+        return tuple(ids) if isinstance(ids, list) else () if ids is None else (ids,)
 
     @property
     def is_moe(self) -> bool:
@@ -134,7 +140,7 @@ class ArchConfig:
             sliding_window=window, attention_bias=family == "qwen2" or flag("attention_bias"),
             num_experts=num("num_local_experts", 0), num_experts_per_tok=num("num_experts_per_tok", 0),
             max_position_embeddings=num("max_position_embeddings", 4096),
-            bos_token_id=_first(d.get("bos_token_id")), eos_token_id=_first(d.get("eos_token_id")),
+            bos_token_id=_first(d.get("bos_token_id")), eos_token_id=_eos(d.get("eos_token_id")),
         )
         cfg.check(where)
         return cfg
@@ -163,7 +169,7 @@ class ArchConfig:
         for key in ("bos_token_id", "eos_token_id"):
             ids = getattr(self, key)
             for i in ids if isinstance(ids, list) else [ids]:
-                if i is not None and not (isinstance(i, int) and 0 <= i < self.vocab_size):
+                if i is not None and not (type(i) is int and 0 <= i < self.vocab_size):
                     raise UserError(f"{where}: {key} {i} is outside the vocabulary (size {self.vocab_size})")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
             raise UserError(f"{where}: rope_scaling must be a mapping or null, got {self.rope_scaling!r}")
@@ -201,6 +207,11 @@ def _qwen2_windowed(d: dict, layers: int, where: str) -> bool:
 
 def _first(x):
     return x[0] if isinstance(x, list) and x else x
+
+
+def _eos(x):
+    """config.json's eos_token_id: a list of one id reads as the id, an empty list as none."""
+    return (x[0] if len(x) == 1 else x or None) if isinstance(x, list) else x
 
 
 @dataclass

@@ -289,7 +289,7 @@ class ReferenceModel(nn.Module):
         for _ in range(max_new_tokens):
             tok = sample(logits.cpu(), temperature, top_p, gen)
             out.append(tok)
-            if stop_at_eos and tok == self.cfg.eos_token_id:
+            if stop_at_eos and tok in self.cfg.eos_ids:
                 break
             logits = self(torch.tensor([[tok]], device=dev), cache=cache)[0, -1]
         return out

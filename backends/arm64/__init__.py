@@ -32,8 +32,8 @@ def arm64_toolchain() -> str:
 BACKEND = BackendInfo(
     name="arm64",
     # 2: weights.bin v2 (experts); 3: the tensor table fits every tensor; 4: no tokenizer.bin for added tokens
-    # that strip spaces
-    version="4",
+    # that strip spaces; 5: generation stops at any of the EOS ids
+    version="5",
     doc="standalone C runtime (NEON fp32/fp16, sparse FFN and MoE experts), cross-compiled for aarch64, run under qemu "
         "off-device",
     config=Arm64Config,

@@ -87,7 +87,7 @@ def header_dims(ir: ModelIR) -> list[int]:
     return [c.vocab_size, c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads, c.num_kv_heads,
             c.head_dim, c.sliding_window or 0, int(c.attention_bias), int(c.tie_word_embeddings),
             -1 if c.bos_token_id is None else int(c.bos_token_id),
-            -1 if c.eos_token_id is None else int(c.eos_token_id), c.num_experts, c.num_experts_per_tok]
+            c.eos_ids[0] if c.eos_ids else -1, c.num_experts, c.num_experts_per_tok]
 
 
 def _tensor_array(ir: ModelIR, t: TensorPlan, dtype: str) -> np.ndarray:

@@ -64,7 +64,7 @@ def template_context(ir: ModelIR, dtype: str) -> dict:
         "n_experts": c.num_experts, "top_k": c.num_experts_per_tok,
         "sliding_window": c.sliding_window or 0, "rms_eps": c_float(c.rms_norm_eps),
         "bos_id": -1 if c.bos_token_id is None else c.bos_token_id,
-        "eos_id": -1 if c.eos_token_id is None else c.eos_token_id,
+        "eos_id": c.eos_ids[0] if c.eos_ids else -1, "eos_ids": c.eos_ids or (-1,),
         "dtype_name": dtype, "dtype_enum": 1 if dtype == "float16" else 0,
         "attn_bias": c.attention_bias, "tied": c.tie_word_embeddings, "ffns": ffns,
         "blob_version": BLOB_VERSION,

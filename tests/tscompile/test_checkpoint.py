@@ -424,11 +424,22 @@ def test_saved_checkpoint_has_ordinary_permissions(tmp_path):
     assert len(list(path.glob("model-*.safetensors"))) > 1
 
 
-def test_token_id_lists_keep_their_first_id(tmp_path):   # HF configs may list several BOS/EOS ids
+def test_a_bos_list_keeps_its_first_id_and_an_eos_list_every_id(tmp_path):   # HF configs may list several
     path = saved(tmp_path)
     edit_config(path, lambda c: c.update(bos_token_id=[1, 2], eos_token_id=[2, 1]))
     cfg = ModelIR.load(path).config
-    assert (cfg.bos_token_id, cfg.eos_token_id) == (1, 2)
+    assert (cfg.bos_token_id, cfg.eos_ids) == (1, (2, 1))
+    edit_config(path, lambda c: c.update(eos_token_id=[7]))
+    assert ModelIR.load(path).config.eos_token_id == 7
+
+
+def test_generation_config_adds_its_eos_ids(tmp_path):   # Llama-3 instruct lists <|eot_id|> there only
+    path = saved(tmp_path)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 2, 9]}))
+    assert ModelIR.load(path).config.eos_ids == (2, 5, 9)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": 10**6}))
+    with pytest.raises(UserError, match=r"generation_config.json: eos_token_id 1000000 is outside the vocabulary"):
+        ModelIR.load(path)
 
 
 def test_a_null_flag_reads_as_false(tmp_path):

@@ -75,7 +75,7 @@ def write_gguf(ir: ModelIR, path, arch: str | None = None, types: dict[str, Q] |
     w.add_bos_token_id(cfg.bos_token_id)
     w.add_eos_token_id(cfg.eos_token_id)
     for key, value in extra_kv.items():
-        {bool: w.add_bool, str: w.add_string, float: w.add_float32}[type(value)](key, value)
+        {bool: w.add_bool, str: w.add_string, float: w.add_float32, int: w.add_uint32}[type(value)](key, value)
     tensors = {}
     for name in sorted(ir.weights):
         t = ir.weights[name].numpy()
@@ -288,6 +288,13 @@ def test_bad_sources(tmp_path):
     (tmp_path / "x.bin").write_bytes(b"\x80\x04junk")
     assert "not a checkpoint directory, GGUF file" in _error(lambda: import_source(str(tmp_path / "x.bin")))
     assert "pypi:PACKAGE" in _error(lambda: import_source("pypi:bad name!"))
+
+
+def test_gguf_end_of_turn_and_message_ids_end_the_text_too(tmp_path):   # llama.cpp stops on each
+    p = tmp_path / "m.gguf"
+    write_gguf(make_tiny_ir("llama", seed=0), p,
+               extra_kv={"tokenizer.ggml.eot_token_id": 7, "tokenizer.ggml.eom_token_id": 2})
+    assert import_source(str(p)).config.eos_ids == (2, 7)
 
 
 # ---- the real model ----------------------------------------------------------------------------------

@@ -189,3 +189,11 @@ def test_generate_with_a_seed_repeats():
     m = ReferenceModel.from_ir(make_tiny_ir("llama", seed=3))
     runs = [m.generate([1, 2, 3], 12, temperature=0.9, top_p=0.95, seed=s) for s in (7, 7, 8)]
     assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_generate_stops_at_any_of_several_eos_ids():   # Llama-3 instruct ends a turn with 128009, not 128001
+    ir = make_tiny_ir("llama", seed=3)
+    free = ReferenceModel.from_ir(ir).generate([1, 2, 3], 8, stop_at_eos=False)
+    stop = next(t for i, t in enumerate(free) if i >= 2 and t not in free[:i])
+    ir.config.eos_token_id = [next(t for t in range(ir.config.vocab_size) if t not in free), stop]
+    assert ReferenceModel.from_ir(ir).generate([1, 2, 3], 8) == free[:free.index(stop) + 1]

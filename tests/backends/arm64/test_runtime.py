@@ -6,7 +6,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from arm64_cases import FORCED, PROMPT, VARIANTS, needs, stepwise_greedy
+from arm64_cases import FORCED, PROMPT, VARIANTS, make_variant, needs, stepwise_greedy
 from tscompile.verify import rel_l2
 from tscompile.backends.arm64 import BACKEND
 from tscompile.backends.arm64.build import build_binaries
@@ -134,6 +134,18 @@ def test_text_in_text_out_and_sampling(built):
     asan = BACKEND.load(b.outdir, where="host-asan")
     for temperature, top_p in ((0.7, 1.0), (1.0, 0.5), (2.0, 1e-6)):
         asan.generate_text(prompt, 12, temperature=temperature, top_p=top_p, seed=3)
+
+
+def test_generation_stops_at_any_of_several_eos_ids(tmp_path):   # Llama-3 instruct: 128001 and 128009
+    ir, dtype = make_variant("mistral-relu-drelu-predictor-f32")
+    greedy = stepwise_greedy(ir, PROMPT, 6)
+    stop = next(t for i, t in enumerate(greedy) if i >= 2 and t not in greedy[:i] and t != 2)
+    ir.config.eos_token_id = [2, stop]
+    BACKEND.lower(ir, BACKEND.config(dtype=dtype), tmp_path, None)
+    build_binaries(tmp_path, aarch64=False)
+    out = BACKEND.load(tmp_path, where="host").run(["--prompt-ids", ",".join(map(str, PROMPT)), "--steps", "6",
+                                                    "--print-ids"]).stdout.decode().strip()
+    assert [int(t) for t in out.split(",")] == greedy[:greedy.index(stop) + 1]
 
 
 def test_manifest_describes_the_artifact(built):

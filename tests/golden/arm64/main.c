@@ -36,6 +36,13 @@ typedef struct {
     unsigned long long seed;
 } Options;
 
+static int is_eos(int id) {
+    static const int eos_ids[] = EOS_IDS;
+    for (size_t i = 0; i < sizeof eos_ids / sizeof eos_ids[0]; i++)
+        if (id == eos_ids[i]) return 1;
+    return 0;
+}
+
 static void die(int code, const char *fmt, const char *arg) {
     fprintf(stderr, "tsrun: ");
     fprintf(stderr, fmt, arg);
@@ -300,7 +307,7 @@ int main(int argc, char **argv) {
         for (int step = 0; step < o.steps; step++) {
             write_logits(dump, s.logits);
             int next = sample(s.logits, o.temperature, o.top_p, scratch);
-            int stop = !o.ignore_eos && next == EOS_ID;
+            int stop = !o.ignore_eos && is_eos(next);
             if (o.print_ids || !have_tok) {
                 printf(step ? ",%d" : "%d", next);
             } else if (!stop) {                                // text mode: EOS ends the text, unprinted

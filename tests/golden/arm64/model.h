@@ -26,7 +26,8 @@
 #define SLIDING_WINDOW 64      // 0: attend to every earlier position
 #define RMS_EPS        9.99999975e-06f
 #define BOS_ID         1
-#define EOS_ID         2
+#define EOS_ID         2       // the weights file's EOS id (-1: none)
+#define EOS_IDS        {2}     // every id that ends the text, EOS_ID first
 #define WEIGHT_DTYPE   1       // 0 float32, 1 float16: the matrices; norms, biases, predictors are float32
 #define N_FFNS         N_LAYERS // FFNs in the model: one per layer
 

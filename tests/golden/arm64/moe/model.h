@@ -27,7 +27,8 @@
 #define SLIDING_WINDOW 0       // 0: attend to every earlier position
 #define RMS_EPS        9.99999975e-06f
 #define BOS_ID         1
-#define EOS_ID         2
+#define EOS_ID         2       // the weights file's EOS id (-1: none)
+#define EOS_IDS        {2}     // every id that ends the text, EOS_ID first
 #define WEIGHT_DTYPE   0       // 0 float32, 1 float16: the matrices; norms, biases, predictors are float32
 #define N_EXPERTS      3       // expert FFNs per layer (each with HIDDEN_DIM neurons)
 #define TOP_K          2       // experts each token is routed to
