@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -71,7 +71,7 @@ class RelufyConfig(PassConfig):
     micro_batch: int = Field(8, gt=0, description="sequences per forward (gradient accumulation)")
     seq_len: int | None = Field(None, gt=0, description="default: spec data.train.seq_len")
     weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
     grad_clip: float = Field(1.0, gt=0)
     distill: float = Field(0.0, ge=0, le=1, description="weight of KL from the dense source model vs CE")
     l1_control: L1Control | None = None

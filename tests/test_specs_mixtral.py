@@ -30,7 +30,7 @@ def test_tiny_mixtral_builds_and_verifies(tmp_path):
         t = res["targets"][name]
         assert t["outputs_ok"] and t["greedy_match"] and t["top1"] == 1.0 and t["rel_l2"] < 1e-4, name
     cuda_here = "skipped" not in res["targets"]["cuda"]
-    verdict = "PASS" if cuda_here else "PASS, except cuda: not verified here"
+    verdict = "PASS" if cuda_here else "PASS, except cuda: not verified"
     assert f"Verdict: **{verdict}**" in (out / "report.md").read_text()
     # every expert of every layer carries its own trained predictor, gated in each backend
     model = ModelIR.load(out / "model")

@@ -83,7 +83,9 @@ class BackendInfo:
     version: str
     doc: str
     config: type[PassConfig]
-    lower: Callable[..., dict]     # (ir, cfg, outdir: Path, ctx) -> manifest dict; writes outdir
+    # (ir, cfg, outdir: Path, ctx) -> manifest dict; writes outdir. A manifest's "cannot_run" (a reason) marks an
+    # artifact that runs nowhere as lowered (arm64 sources without binaries): verify reports it, generate refuses it
+    lower: Callable[..., dict]
     load: Callable[..., Runner]    # (outdir: Path, dense: bool = False, **opts) -> Runner
     available: Callable[[], str | None] = lambda: None   # None, or why this machine cannot run artifacts
     # the optional tools lower() would use here, e.g. "aarch64 cc: none": part of the target's cache key, so an

@@ -80,7 +80,7 @@ def verify(build_dir: Path, targets: tuple[str, ...]) -> None:
     if not resolved.is_file():
         raise UserError(f"{build_dir}: not a build directory (no spec.resolved.yaml)")
     spec = load_spec(resolved)
-    from .engine import lowered_from_current_model, verify_dir
+    from .engine import verify_dir, why_not_current
     from .verify import skipped_targets
     built = [t for t in spec.targets if (build_dir / t / "manifest.json").is_file()]
     for t in targets:
@@ -89,14 +89,15 @@ def verify(build_dir: Path, targets: tuple[str, ...]) -> None:
                             f"(spec.resolved.yaml); build it again (tscompile build SPEC --target {t})")
         if t not in built:
             raise UserError(f"--target {t}: not built in {build_dir} (built: {', '.join(built) or 'none'})")
-    stale = [t for t in targets or built if not lowered_from_current_model(build_dir, t)]
-    for t in stale:
-        if t in targets:
-            raise UserError(f"--target {t}: {build_dir / t} was built from an earlier model than model/; "
-                            f"build it again (tscompile build SPEC --target {t})")
-        click.echo(f"note: skipping {t}: {build_dir / t} was built from an earlier model than model/", err=True)
-    built = [t for t in built if t not in stale]
-    results = verify_dir(build_dir, spec, list(targets) or built)
+    # a target of the spec that cannot be verified is reported as such (the verdict names it), never dropped
+    not_current = {t: "not built" for t in ([] if targets else spec.targets) if t not in built}
+    for t in targets or built:
+        why = why_not_current(build_dir, t)
+        if why and t in targets:
+            raise UserError(f"--target {t}: {why}; build it again (tscompile build SPEC --target {t})")
+        if why:
+            not_current[t] = f"{why}; build it again"
+    results = verify_dir(build_dir, spec, [t for t in targets or built if t not in not_current], not_current)
     skipped = skipped_targets(results)
     for t in skipped:
         click.echo(f"note: not verified {t}: {results['targets'][t]['skipped']}", err=True)
@@ -285,10 +286,19 @@ def generate(path: str, target: str | None, prompt: str, max_new_tokens: int, te
         artifact = Path(path) / target
         if not (artifact / "manifest.json").is_file():
             raise UserError(f"{artifact}: no built target {target!r} here (expected a build dir)")
-        from .engine import lowered_from_current_model
-        if not lowered_from_current_model(Path(path), target):
-            raise UserError(f"--target {target}: {artifact} was built from an earlier model than model/; "
-                            f"build it again (tscompile build SPEC --target {target})")
+        from .engine import why_not_current
+        why = why_not_current(Path(path), target)
+        if why:
+            raise UserError(f"--target {target}: {why}; build it again (tscompile build SPEC --target {target})")
+        from .cache import load_manifest
+        from .verify import check_integrity
+        cannot_run = load_manifest(artifact).get("cannot_run")
+        if cannot_run:
+            raise UserError(f"--target {target}: {artifact} cannot run: {cannot_run}")
+        tampered = check_integrity(artifact)   # as the verifier: changed bytes are never run
+        if tampered:
+            raise UserError(f"--target {target}: {artifact} has changed since it was built "
+                            f"({', '.join(tampered[:3])}); build it again (tscompile build SPEC --target {target})")
         out = registry.backend(target).load(artifact).generate(ids, max_new_tokens)
         # runners decode a fixed count (the verifier's); the text ends at the first EOS
         ends = [i for i, t in enumerate(out) if t in ir.config.eos_ids]

@@ -399,10 +399,15 @@ class _Build:
                 manifest = target.info.lower(ir, target.config, tmp, self.context(work, _device("optional")))
             if not isinstance(manifest, dict):
                 raise TypeError(f"backend {target.name}: lower() returned {type(manifest).__name__}, not a dict")
+            tools = target.info.toolchain()   # as lowering left it: it may have fetched a tool, or failed to
+            if tools != target.toolchain:
+                target.toolchain = tools
+                target.key = _target_key(self.plan.final_key, target.name, target.info.version,
+                                         target.config.model_dump(mode="json"), tools)
             # "files": sha256 of every file as lowered, so the verifier can tell a tampered artifact
             manifest = {**manifest, "target": target.name, "backend_version": target.info.version,
                         "config": target.config.model_dump(mode="json"), "toolchain": target.toolchain,
-                        "cache_key": target.key,
+                        "model_key": self.plan.final_key, "cache_key": target.key,
                         "files": file_digests(tmp)}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
         self.done(f"target {target.name}")
@@ -451,26 +456,36 @@ def forget_verification(build_dir: Path) -> None:
     outputs."""
     for name in (".verify.key", "verify.json", "report.md"):
         (build_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(build_dir / "plots", ignore_errors=True)
+    plots = build_dir / "plots"
+    if plots.is_dir() and not plots.is_symlink():
+        shutil.rmtree(plots)
+    else:   # a file or a link where the report's plots go
+        plots.unlink(missing_ok=True)
 
 
-def verify_dir(build_dir: Path, spec: Spec, targets: list[str]) -> dict:
+def verify_dir(build_dir: Path, spec: Spec, targets: list[str], not_verified: dict[str, str] | None = None) -> dict:
     """Run the verifier on a build dir, first forgetting any earlier verification (a verifier that fails
-    half-way leaves no report of other outputs)."""
+    half-way leaves no report of other outputs). not_verified: targets reported as skipped, with the reason."""
     forget_verification(build_dir)
     from .verify import verify_build  # a missing verifier fails the build: never skip silently
-    return verify_build(build_dir, spec, targets)
+    return verify_build(build_dir, spec, targets, not_verified)
 
 
-def lowered_from_current_model(build_dir: Path, target: str) -> bool:
-    """Whether build_dir/target was lowered from the model now in model/: its manifest's cache key chains from
-    .model.key. A target left from a build of an earlier model does not."""
+def why_not_current(build_dir: Path, target: str) -> str | None:
+    """None when build_dir/target was lowered from the model now in model/ by these tools (its manifest's cache
+    key chains from .model.key); else why not, for a message."""
     key_file = build_dir / ".model.key"
     if not key_file.is_file():
-        return False
+        return f"{build_dir}: no model/ of a finished build"
+    model_key = key_file.read_text()
     manifest = cache.load_manifest(build_dir / target)   # a damaged one is an error, not "built earlier"
-    return manifest.get("cache_key") == _target_key(key_file.read_text(), target, manifest.get("backend_version"),
-                                                   manifest.get("config"), manifest.get("toolchain", ""))
+    if manifest.get("cache_key") == _target_key(model_key, target, manifest.get("backend_version"),
+                                                manifest.get("config"), manifest.get("toolchain", "")):
+        return None
+    if manifest.get("model_key") == model_key:   # the same model: what differs is in every key (cache.tool_versions)
+        return (f"{build_dir / target} was built by other versions of tscompile, torch, onnx or onnxruntime "
+                f"than these")
+    return f"{build_dir / target} was built from an earlier model than model/"
 
 
 def run_build(plan: Plan) -> BuildResult:

@@ -84,5 +84,5 @@ def evaluate_text(ir: ModelIR, path: str, tokens: int | None = None, seq_len: in
         layer_zeros[layer] += c.zeros
         layer_total[layer] += c.total
     layer_sparsity = [z / t if t else 0.0 for z, t in zip(layer_zeros, layer_total)]
-    return {"perplexity": math.exp(nll / predicted), "tokens": len(ids),
+    return {"perplexity": math.exp(nll / predicted), "tokens": sum(map(len, windows)),   # a 1-token tail is not read
             "sparsity": sum(layer_sparsity) / len(layer_sparsity), "layer_sparsity": layer_sparsity}

@@ -19,7 +19,7 @@ import os
 import sys
 from importlib.metadata import EntryPoint, entry_points
 
-from .api import BackendInfo, PassInfo
+from .api import BackendInfo, PassConfig, PassInfo
 from .errors import UserError
 
 PASS_GROUP = "tscompile.passes"
@@ -111,6 +111,8 @@ def _register(group: str, info) -> None:
     kind, cls = _KINDS[group]
     if not isinstance(info, cls):
         raise UserError(f"register_{kind}: expected a {cls.__name__}, got {type(info).__name__}")
+    if not (isinstance(info.config, type) and issubclass(info.config, PassConfig)):   # unknown keys would be dropped
+        raise UserError(f"{kind} {info.name!r}: config must be a PassConfig subclass, got {info.config!r}")
     old = _registered[group].get(info.name)
     if old is not None and old is not info:
         raise UserError(f"{kind} {info.name!r} is registered twice (versions {old.version} and {info.version})")
@@ -148,7 +150,10 @@ def load_plugin(module: str) -> None:
     except Exception as e:
         raise UserError(f"plug-in {module!r} failed to import: {type(e).__name__}: {_one_line(e)}") from e
     for one, many, group in (("PASS", "PASSES", PASS_GROUP), ("BACKEND", "BACKENDS", BACKEND_GROUP)):
-        items = list(getattr(mod, many, ()))
+        items = getattr(mod, many, ())
+        if not isinstance(items, (list, tuple)):
+            raise UserError(f"plug-in {module!r}: {many} must be a list, got {type(items).__name__}")
+        items = list(items)
         if getattr(mod, one, None) is not None:
             items.append(getattr(mod, one))
         for info in items:

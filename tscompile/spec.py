@@ -41,6 +41,8 @@ def resolve_text_path(text: str, info: ValidationInfo) -> str:
     if not text.startswith("corpus:"):
         path = Path(resolve_local_path(text, info))
         try:
+            if not (path.is_file() or path.is_dir()):   # a device or a FIFO
+                raise ValueError(f"not a regular file or a directory: {text}")
             if path.is_dir() and next(text_files(path), None) is None:
                 raise ValueError(f"directory holds no text files: {text}")
         except OSError as e:
@@ -149,7 +151,7 @@ class Step(BaseModel):
 
     @model_serializer
     def _as_yaml_item(self) -> dict:
-        return {self.name: self.config.model_dump(mode="json")}
+        return {self.name: self.config.model_dump(mode="json", by_alias=True)}   # L1Ramp.from_ as `from`
 
 
 class Spec(Strict):
@@ -508,6 +510,8 @@ def parse_spec(text: str, file: str = "spec", spec_dir: str | None = None) -> Sp
 
 def load_spec(path: str | os.PathLike) -> Spec:
     p = Path(path)
+    if p.exists() and not p.is_file() and not p.is_dir():   # a device or a FIFO would be read forever
+        raise UserError(f"{p}: not a regular file")
     try:
         text = p.read_text()
     except FileNotFoundError:

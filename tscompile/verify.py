@@ -37,12 +37,15 @@ def file_digests(root: Path, memo_file: Path | None = None, write_memo: bool = F
 
 
 def check_integrity(target_dir: Path) -> list[str]:
-    """Files whose bytes differ from the digests recorded at lowering time (missing ones included)."""
+    """Files whose bytes differ from the digests recorded at lowering time, missing ones and files added since."""
     recorded = load_manifest(target_dir).get("files")
     if not recorded:
         return ["manifest.json records no file digests"]
+    if not (isinstance(recorded, dict) and all(isinstance(h, str) for h in recorded.values())):
+        raise UserError(f"{target_dir / 'manifest.json'}: files: expected a mapping of file names to digests")
     now = file_digests(target_dir)
-    return [f if f in now else f"{f} (missing)" for f, h in recorded.items() if now.get(f) != h]
+    return ([f if f in now else f"{f} (missing)" for f, h in recorded.items() if now.get(f) != h]
+            + [f"{f} (not built)" for f in now if f not in recorded])
 
 
 def prompt_ids(tokenizer, prompts: list[str], bos: int | None) -> list[list[int]]:
@@ -157,7 +160,8 @@ def measure_quality(ir, source_ir, texts: dict[str, str], tokens: int, seq_len: 
 
 
 def skipped_targets(results: dict[str, Any]) -> list[str]:
-    """The targets the verifier could not run here (e.g. cuda without a GPU): reported, not judged."""
+    """The targets the verifier did not run (cuda without a GPU; not built, or not from this model): reported, not
+    judged."""
     return [name for name, r in results["targets"].items() if "skipped" in r]
 
 
@@ -169,8 +173,9 @@ def check_goals(goals, results: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({"goal": goal, "target": target, "value": value, "limit": limit, "ok": bool(ok)})
 
     for name, r in results["targets"].items():
-        row("integrity", name, ", ".join(r["tampered"]) or "intact", "intact", not r["tampered"])
-        if "skipped" in r:   # cannot run here (e.g. no GPU): reported, not judged
+        if "tampered" in r:   # not when the target was not looked at (not built, or built from another model)
+            row("integrity", name, ", ".join(r["tampered"]) or "intact", "intact", not r["tampered"])
+        if "skipped" in r:   # cannot run here (e.g. no GPU), or not current: reported, not judged
             continue
         row("outputs", name, r["outputs_ok"], True, r["outputs_ok"])
         if goals.min_top1 is not None:
@@ -205,7 +210,8 @@ def environment_info() -> dict[str, Any]:
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def verify_build(build_dir: Path, spec, targets: list[str] | None = None) -> dict[str, Any]:
+def verify_build(build_dir: Path, spec, targets: list[str] | None = None,
+                 not_verified: dict[str, str] | None = None) -> dict[str, Any]:
     from tokenizers import Tokenizer
     from . import registry
     from .ir import ModelIR
@@ -228,13 +234,13 @@ def verify_build(build_dir: Path, spec, targets: list[str] | None = None) -> dic
     ids = prompt_ids(Tokenizer.from_str(ir.tokenizer_json), prompts, ir.config.bos_token_id)
     t0 = time.time()
     results: dict[str, Any] = {"build_dir": str(build_dir), "spec": spec.name, "environment": environment_info(),
-                               "targets": {}}
+                               "targets": {t: {"skipped": why} for t, why in (not_verified or {}).items()}}
     refs: dict[str, ReferenceRunner] = {}
     for name in names:
         tdir = build_dir / name
         backend = registry.backend(name)
         tampered = check_integrity(tdir)
-        why = backend.available()
+        why = load_manifest(tdir).get("cannot_run") or backend.available()
         if why:
             results["targets"][name] = {"skipped": why, "tampered": tampered}
             continue

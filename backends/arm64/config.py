@@ -12,4 +12,6 @@ class Arm64Config(PassConfig):
     dtype: Literal["float32", "float16"] = "float32"   # matrices; norms, biases, predictors stay float32
     compile: bool = True            # build bin/tsrun (when a cross compiler is present) and bin/tsrun-host
     threads: int = Field(1, ge=1, le=256)   # --threads the Runner passes
-    qemu_cpu: str = "cortex-a76"    # -cpu for qemu-aarch64 on non-arm64 hosts (cortex-a53: no fp16 arithmetic)
+    # -cpu for qemu-aarch64 on non-arm64 hosts (cortex-a53: no fp16 arithmetic); also written into the CMake
+    # toolchain file, so a name only
+    qemu_cpu: str = Field("cortex-a76", pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")

@@ -56,6 +56,7 @@ def lower_arm64(ir: ModelIR, cfg: Arm64Config, outdir: Path, ctx=None) -> dict:
     c = ir.config
     manifest = {
         "backend": "arm64",
+        **({} if cfg.compile else {"cannot_run": "lowered with compile: false (sources only, no binaries)"}),
         "blob_version": BLOB_VERSION,
         "dtype": cfg.dtype,
         "dtypes": {"matrices": cfg.dtype, "embedding": cfg.dtype, "norms": "float32", "biases": "float32",

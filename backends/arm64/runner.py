@@ -64,6 +64,8 @@ class Arm64Runner:
             res = subprocess.run(cmd, check=False, capture_output=True, timeout=self.timeout)
         except subprocess.TimeoutExpired:
             raise UserError(f"tsrun timed out after {self.timeout:.0f} s: {' '.join(cmd)}") from None
+        except OSError as e:   # E2BIG: a prompt of tens of thousands of ids is past the kernel's argument limit
+            raise UserError(f"tsrun could not start ({e.strerror}): {' '.join(cmd[:3])} ...") from None
         if res.returncode != 0:
             msg = res.stderr.decode(errors="replace").strip().splitlines() or [f"exit status {res.returncode}"]
             raise UserError(f"tsrun failed ({' '.join(cmd[:3])} ...): {msg[-1]}")

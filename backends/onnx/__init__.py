@@ -52,8 +52,11 @@ def _available() -> str | None:
 
 
 def _toolchain() -> str:
-    from .native import native_possible
-    return f"native kernels: {'possible' if native_possible() else 'not possible'}"
+    """Headers at hand and to be fetched are told apart: a lowering whose fetch failed is redone once they are here."""
+    from .native import cxx_compiler, native_possible, ort_headers_here
+    if not native_possible():
+        return "native kernels: not possible"
+    return f"native kernels: {cxx_compiler()}, ORT headers {'here' if ort_headers_here() else 'to fetch'}"
 
 
 BACKEND = BackendInfo(

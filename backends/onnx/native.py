@@ -140,12 +140,15 @@ def cxx_compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++")
 
 
+def ort_headers_here() -> bool:
+    """The ORT C API headers are at hand (fetched earlier, or ORT_INCLUDE_DIR)."""
+    return (fetched_headers_dir() / "onnxruntime_c_api.h").is_file() or bool(os.environ.get("ORT_INCLUDE_DIR"))
+
+
 def native_possible() -> bool:
     """Whether build_library can build here (a C++ compiler, and the ORT headers at hand or npm to fetch them),
     without fetching anything."""
-    cxx = cxx_compiler()
-    headers = (fetched_headers_dir() / "onnxruntime_c_api.h").is_file()
-    return bool(cxx) and (headers or bool(os.environ.get("ORT_INCLUDE_DIR")) or shutil.which("npm") is not None)
+    return bool(cxx_compiler()) and (ort_headers_here() or shutil.which("npm") is not None)
 
 
 def build_library(outdir: Path, log=None) -> Path | None:

@@ -149,7 +149,7 @@ def test_a_passed_verification_is_reused_a_missed_one_is_not(tmp_path, monkeypat
     from tscompile.errors import GoalMissed
     calls, verdicts = [], ["pass", "pass", "miss", "pass"]
 
-    def fake_verify(build_dir, spec, targets):   # stands in for the verifier: writes verify.json like it does
+    def fake_verify(build_dir, spec, targets, not_verified=None):   # the verifier: writes verify.json like it does
         calls.append(spec.verify.steps)
         (build_dir / "verify.json").write_text(json.dumps({"ok": verdicts[len(calls) - 1] == "pass"}))
         if verdicts[len(calls) - 1] == "miss":
@@ -172,7 +172,7 @@ def test_verification_is_redone_when_eval_text_changes_or_a_target_could_not_run
     import tscompile.verify
     calls, skipped = [], {}
 
-    def fake_verify(build_dir, spec, targets):
+    def fake_verify(build_dir, spec, targets, not_verified=None):
         calls.append(1)
         result = {"ok": True, "targets": {"ckpt": skipped}}
         (build_dir / "verify.json").write_text(json.dumps(result))

@@ -237,7 +237,7 @@ def test_verify_reads_the_resolved_spec_and_maps_goal_missed_to_exit_1(cli_build
     d = cli_build[0]
     calls = []
 
-    def record(build_dir, spec, targets):
+    def record(build_dir, spec, targets, not_verified=None):
         calls.append((build_dir, spec.pipeline[0].config.factor, targets))
         raise GoalMissed("verification goals missed:\n  min_top1  ckpt  0.5  0.99")
     monkeypatch.setattr(tscompile.verify, "verify_build", record)
@@ -253,9 +253,10 @@ def _fake_verifier(monkeypatch) -> list:
     import tscompile.verify
     calls = []
 
-    def fake(build_dir, spec, targets):
+    def fake(build_dir, spec, targets, not_verified=None):
         calls.append(targets)
-        result = {"ok": True, "targets": {t: {"outputs_ok": True} for t in targets}}
+        result = {"ok": True, "targets": {**{t: {"skipped": why} for t, why in (not_verified or {}).items()},
+                                          **{t: {"outputs_ok": True} for t in targets}}}
         (build_dir / "verify.json").write_text(json.dumps(result))
         (build_dir / "report.md").write_text(f"report of {targets}")
         return result
@@ -335,7 +336,8 @@ def test_verify_skips_targets_built_from_an_earlier_model(tmp_path, capsys, monk
         assert run_main(capsys, "build", str(spec), "--out", str(out), "--no-verify", "--target", "ckpt")[0] == 0
         rc, stdout, err = run_main(capsys, "verify", str(out))
         assert rc == 0 and calls == [["ckpt"]]
-        assert err == f"note: skipping ckpt2: {out / 'ckpt2'} was built from an earlier model than model/\n"
+        assert err == (f"note: not verified ckpt2: {out / 'ckpt2'} was built from an earlier model than model/; "
+                       "build it again\n")
         rc, stdout, err = run_main(capsys, "verify", str(out), "--target", "ckpt2")
         assert rc == 2 and calls == [["ckpt"]]
         assert err == (f"error: --target ckpt2: {out / 'ckpt2'} was built from an earlier model than model/; "
@@ -404,7 +406,7 @@ def test_verify_says_which_targets_it_could_not_run(tmp_path):
     r = tsc("verify", "build/t", cwd=tmp_path, TSC_TEST_CKPT_UNAVAILABLE="no ckpt runner here")
     assert r.returncode == 0 and "note: not verified ckpt: no ckpt runner here\n" in r.stderr
     assert r.stdout.startswith("verified build/t: no target (reference only)")
-    assert "Verdict: **PASS, except ckpt: not verified here**" in (tmp_path / "build/t/report.md").read_text()
+    assert "Verdict: **PASS, except ckpt: not verified**" in (tmp_path / "build/t/report.md").read_text()
 
 
 def test_data_build_says_what_it_built(capsys):

@@ -176,7 +176,8 @@ def test_build_dir_layout_manifest_log_and_resolved_spec(built):
     manifest = json.loads((out / "ckpt" / "manifest.json").read_text())
     digests = manifest.pop("files")
     assert manifest == {"n_files": 3, "dtype": "float16", "target": "ckpt", "backend_version": "1",
-                        "config": {"dtype": "float16", "pause": 0.0}, "toolchain": "", "cache_key": plan.targets[0].key}
+                        "config": {"dtype": "float16", "pause": 0.0}, "toolchain": "", "model_key": plan.final_key,
+                        "cache_key": plan.targets[0].key}
     assert sorted(digests) == ["checksums.json", "model/config.json", "model/model.safetensors", "model/tokenizer.json"]
     assert digests["model/config.json"] == hashlib.sha256((out / "ckpt/model/config.json").read_bytes()).hexdigest()
     assert (out / "ckpt").stat().st_mode & 0o777 == 0o777 & ~_umask()
@@ -194,7 +195,7 @@ def test_a_target_lowered_without_a_tool_is_lowered_again_once_it_is_there(tmp_p
     the tool must not leave the weaker artifact cached (BackendInfo.toolchain is in the target's key)."""
     from tsc_test_plugin import CkptConfig, lower_ckpt
 
-    from tscompile.engine import lowered_from_current_model
+    from tscompile.engine import why_not_current
     tools = {"cc": "none"}
     registry.register_backend(BackendInfo("tooled", "1", "ckpt with a toolchain (test)", CkptConfig, lower_ckpt,
                                           None, toolchain=lambda: f"cc: {tools['cc']}"))
@@ -205,9 +206,34 @@ def test_a_target_lowered_without_a_tool_is_lowered_again_once_it_is_there(tmp_p
         tools["cc"] = "/usr/bin/gcc"
         assert build(spec, out_dir=out, verify=False).ran == ["target tooled"]
         assert json.loads((out / "tooled" / "manifest.json").read_text())["toolchain"] == "cc: /usr/bin/gcc"
-        assert lowered_from_current_model(out, "tooled")
+        assert why_not_current(out, "tooled") is None
     finally:
         registry.unregister("tooled")
+
+
+def test_the_key_records_the_toolchain_as_lowering_left_it(tmp_path):
+    """onnx fetches its headers while lowering: the artifact was made with them, so the next build must not lower
+    it again; had the fetch failed, headers arriving later must (the key said 'to fetch' both times)."""
+    from tsc_test_plugin import CkptConfig, lower_ckpt
+    tools = {"headers": "to fetch", "fetch": "here"}
+
+    def lower_fetching(*args):
+        tools["headers"] = tools["fetch"]
+        return lower_ckpt(*args)
+    registry.register_backend(BackendInfo("fetching", "1", "ckpt fetching a tool (test)", CkptConfig, lower_fetching,
+                                          None, toolchain=lambda: f"headers: {tools['headers']}"))
+    try:
+        spec, out = spec_of("[scale: {}]", targets="{fetching: {}}"), tmp_path / "b"
+        assert build(spec, out_dir=out, verify=False).ran == ["source", "scale", "target fetching"]
+        assert json.loads((out / "fetching" / "manifest.json").read_text())["toolchain"] == "headers: here"
+        assert build(spec, out_dir=out, verify=False).ran == []
+        tools |= {"headers": "to fetch", "fetch": "to fetch"}   # another machine, offline: the fetch fails
+        assert build(spec, out_dir=out, verify=False).ran == ["target fetching"]
+        assert build(spec, out_dir=out, verify=False).ran == []
+        tools["headers"] = "here"   # fetched since
+        assert build(spec, out_dir=out, verify=False).ran == ["target fetching"]
+    finally:
+        registry.unregister("fetching")
 
 
 def test_a_second_build_of_the_same_dir_is_refused_while_one_runs(tmp_path):
@@ -258,7 +284,7 @@ def test_verifier_gets_build_dir_spec_and_targets(tmp_path, monkeypatch):
     import tscompile.verify
     calls = []
 
-    def record(build_dir, spec, targets):
+    def record(build_dir, spec, targets, not_verified=None):
         calls.append((build_dir, spec.name, targets))
         raise GoalMissed("min_top1 missed")
     monkeypatch.setattr(tscompile.verify, "verify_build", record)

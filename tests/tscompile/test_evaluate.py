@@ -68,7 +68,7 @@ def test_all_tokens_and_short_last_window(text_file):
     ir = make_tiny_ir("qwen2", seed=1)
     n = len(Tokenizer.from_str(ir.tokenizer_json).encode(TEXT).ids)
     r = evaluate_text(ir, str(text_file), seq_len=n - 1)          # windows of n-1 and 1 (the 1 is skipped)
-    assert r["tokens"] == n
+    assert r["tokens"] == n - 1                                   # the tokens read, not those of the text
     assert r["perplexity"] == pytest.approx(direct(ir, Tokenizer.from_str(ir.tokenizer_json).encode(TEXT).ids,
                                                    n - 1)[0], rel=1e-5)
 

@@ -105,6 +105,15 @@ def test_what_a_plugin_module_exposes_wrongly_names_the_module(tmp_path, monkeyp
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(UserError, match=r"^plug-in 'tsc_plug_c': register_pass: expected a PassInfo, got dict$"):
         registry.load_plugin("tsc_plug_c")
+    (tmp_path / "tsc_plug_f.py").write_text("PASSES = 5\n")
+    (tmp_path / "tsc_plug_g.py").write_text(
+        "from pydantic import BaseModel\nfrom tscompile.api import PassInfo\n"
+        "PASS = PassInfo('plug_g', '1', 'g', BaseModel, lambda ir, cfg, ctx: ir)\n")
+    with pytest.raises(UserError, match=r"^plug-in 'tsc_plug_f': PASSES must be a list, got int$"):
+        registry.load_plugin("tsc_plug_f")
+    with pytest.raises(UserError, match=r"^plug-in 'tsc_plug_g': pass 'plug_g': config must be a PassConfig "
+                                        r"subclass, got <class 'pydantic.main.BaseModel'>$"):
+        registry.load_plugin("tsc_plug_g")   # a plain model would drop unknown keys without a word
     registry.load_plugin("tsc_plug_e1")
     try:
         with pytest.raises(UserError, match=r"^plug-in 'tsc_plug_e2': pass 'plug_e' is registered twice "

@@ -128,6 +128,10 @@ BAD |= {   # spec errors the build would otherwise meet only once running
                                   "x.yaml:8: data.eval.seq_len: must be >= 2, got 1"),
     "calibration windows of one token": (tiny_spec(extra="data:\n  calib: {path: corpus:prose, seq_len: 1}\n"),
                                          "x.yaml:8: data.calib.seq_len: must be >= 2, got 1"),
+    "AdamW beta of 1 or more": (tiny_spec(pipeline="[relufy: {betas: [0.9, 1.5], stages: [{name: a, steps: 1}]}]"),
+                                "x.yaml:5: pipeline[0].relufy.betas[1]: must be < 1, got 1.5"),
+    "a device as calibration text": (tiny_spec(extra="data:\n  calib: {path: /dev/zero}\n"),
+                                     "x.yaml:8: data.calib.path: not a regular file or a directory: /dev/zero"),
     "huge tiny vocab": (tiny_spec().replace("vocab: 300", "vocab: 50000000"),
                         "x.yaml:4: source.tiny.vocab: must be <= 262144, got 50000000"),
     "tiny model too big in all": (tiny_spec().replace("hidden: 32, intermediate: 64", "hidden: 8192, "
@@ -166,6 +170,8 @@ def test_missing_spec_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match=r"^nope\.yaml: spec file not found$"):
         load_spec("nope.yaml")
+    with pytest.raises(UserError, match=r"^/dev/zero: not a regular file$"):   # it would be read forever
+        load_spec("/dev/zero")
 
 
 def test_good_spec_defaults_and_typed_configs():
@@ -231,3 +237,10 @@ def test_corpus_paths_that_the_build_reads_pass():
         "  eval: {texts: {p: corpus:prose@heldout, c: corpus:code}}\n"
         "verify:\n  speed_tokens: 0\n  goals: {max_rel_err_by_target: {ckpt: 0.1}}\n")), "x.yaml")
     assert spec.data.eval.texts == {"p": "corpus:prose@heldout", "c": "corpus:code"}
+
+
+def test_the_resolved_spec_writes_aliased_keys_as_the_spec_does():   # L1Ramp's `from` (from_ in Python)
+    ramp = "{schedule: sine, from: 0.5, to: 1}"
+    spec = parse_spec(tiny_spec(pipeline=f"[relufy: {{stages: [{{name: a, steps: 1, l1: {ramp}}}]}}]"), "x.yaml")
+    again = parse_spec(spec.to_yaml(), "y.yaml")
+    assert "from: 0.5" in spec.to_yaml() and again.pipeline[0].config.stages[0].l1.from_ == 0.5

@@ -98,6 +98,55 @@ def test_tampered_artifact_fails(tiny_build, tmp_path, target, rel):
     assert json.loads((build / "verify.json").read_text())["targets"][target]["tampered"] == [f"{rel} (missing)"]
 
 
+def test_a_file_added_to_an_artifact_is_tampering_and_generate_refuses_it(tiny_build, tmp_path):
+    build = copy_build(tiny_build, tmp_path / "b")   # a library dropped in beside the model would be loaded
+    (build / "onnx" / "libextra.so").write_bytes(b"\x7fELF")
+    r = tsc("verify", str(build), "--target", "onnx")
+    assert r.returncode == 1
+    assert json.loads((build / "verify.json").read_text())["targets"]["onnx"]["tampered"] == ["libextra.so (not built)"]
+    r = tsc("generate", str(build), "--target", "onnx", "--prompt", "dog")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"error: --target onnx: {build / 'onnx'} has changed since it was built (libextra.so (not built)); "
+        "build it again (tscompile build SPEC --target onnx)")
+    manifest = json.loads((build / "arm64" / "manifest.json").read_text())
+    (build / "arm64" / "manifest.json").write_text(json.dumps(manifest | {"files": ["weights.bin"]}))
+    r = tsc("verify", str(build), "--target", "arm64")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"error: {build / 'arm64' / 'manifest.json'}: files: expected a mapping of file names to digests")
+
+
+def test_a_target_that_is_not_verified_is_named_in_the_verdict(tiny_build, tmp_path):
+    build = copy_build(tiny_build, tmp_path / "b")   # it was dropped, and the verdict read a plain PASS
+    manifest = json.loads((build / "arm64" / "manifest.json").read_text())
+    (build / "arm64" / "manifest.json").write_text(json.dumps(manifest | {"cache_key": "0" * 64}))   # other tools
+    r = tsc("verify", str(build))
+    assert r.returncode == 0, r.stderr
+    why = (f"{build / 'arm64'} was built by other versions of tscompile, torch, onnx or onnxruntime than these; "
+           "build it again")
+    assert f"note: not verified arm64: {why}" in r.stderr
+    assert "Verdict: **PASS, except arm64: not verified**" in (build / "report.md").read_text()
+    assert json.loads((build / "verify.json").read_text())["targets"]["arm64"] == {"skipped": why}
+    shutil.rmtree(build / "arm64")   # a target of the spec never built
+    r = tsc("verify", str(build))
+    assert r.returncode == 0 and "note: not verified arm64: not built" in r.stderr
+    (build / "onnx" / "manifest.json").write_text(json.dumps(json.loads((build / "onnx" / "manifest.json").read_text())
+                                                            | {"cannot_run": "lowered without binaries"}))
+    r = tsc("verify", str(build))
+    assert r.returncode == 0 and "note: not verified onnx: lowered without binaries" in r.stderr
+    r = tsc("generate", str(build), "--target", "onnx", "--prompt", "dog")
+    assert r.returncode == 2 and r.stderr.strip() == (f"error: --target onnx: {build / 'onnx'} cannot run: "
+                                                      "lowered without binaries")
+
+
+def test_a_file_where_the_plots_go_is_replaced(tiny_build, tmp_path):
+    build = copy_build(tiny_build, tmp_path / "b")
+    shutil.rmtree(build / "plots", ignore_errors=True)
+    (build / "plots").write_text("not a directory")
+    r = tsc("verify", str(build), "--target", "onnx")
+    assert r.returncode == 0, r.stderr   # was exit 3 (FileExistsError)
+    assert not (build / "plots").is_file()
+
+
 def test_goal_out_of_reach_exits_1(tiny_build, tmp_path):
     build = copy_build(tiny_build, tmp_path / "b")
     spec = yaml.safe_load((build / "spec.resolved.yaml").read_text())

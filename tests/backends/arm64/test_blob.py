@@ -178,3 +178,17 @@ def test_a_weight_beyond_float16_is_refused_naming_it(tmp_path):
                                         r"beyond float16's range \(65504\); use dtype float32 for this target$"):
         BACKEND.lower(ir, BACKEND.config(dtype="float16", compile=False), tmp_path / "arm64", None)
     assert not (tmp_path / "arm64" / "weights.bin").exists()
+
+
+def test_sources_only_say_they_cannot_run_and_qemu_cpu_is_a_name(tmp_path):
+    """Verify reports the artifact as not verified (it failed the build on a missing binary); the cpu name is
+    written into the CMake toolchain file, so nothing else may pass."""
+    from pydantic import ValidationError
+
+    from tscompile.backends.arm64 import BACKEND
+    from tscompile.tiny import make_tiny_ir
+    manifest = BACKEND.lower(make_tiny_ir("llama", "swiglu", seed=1), BACKEND.config(compile=False), tmp_path, None)
+    assert manifest["cannot_run"] == "lowered with compile: false (sources only, no binaries)"
+    BACKEND.config(qemu_cpu="cortex-a53")
+    with pytest.raises(ValidationError):
+        BACKEND.config(qemu_cpu='cortex-a76)\nmessage(FATAL_ERROR "x")\n#')
