@@ -90,14 +90,14 @@ def verify(build_dir: Path, targets: tuple[str, ...]) -> None:
         if t not in built:
             raise UserError(f"--target {t}: not built in {build_dir} (built: {', '.join(built) or 'none'})")
     # a target of the spec that cannot be verified is reported as such (the verdict names it), never dropped
-    not_current = {t: "not built" for t in ([] if targets else spec.targets) if t not in built}
+    not_verified = {t: "not built" for t in ([] if targets else spec.targets) if t not in built}
     for t in targets or built:
         why = why_not_current(build_dir, t)
         if why and t in targets:
             raise UserError(f"--target {t}: {why}; build it again (tscompile build SPEC --target {t})")
         if why:
-            not_current[t] = f"{why}; build it again"
-    results = verify_dir(build_dir, spec, [t for t in targets or built if t not in not_current], not_current)
+            not_verified[t] = f"{why}; build it again"
+    results = verify_dir(build_dir, spec, [t for t in targets or built if t not in not_verified], not_verified)
     skipped = skipped_targets(results)
     for t in skipped:
         click.echo(f"note: not verified {t}: {results['targets'][t]['skipped']}", err=True)
@@ -290,16 +290,16 @@ def generate(path: str, target: str | None, prompt: str, max_new_tokens: int, te
         why = why_not_current(Path(path), target)
         if why:
             raise UserError(f"--target {target}: {why}; build it again (tscompile build SPEC --target {target})")
-        from .cache import load_manifest
-        from .verify import check_integrity
-        cannot_run = load_manifest(artifact).get("cannot_run")
-        if cannot_run:
-            raise UserError(f"--target {target}: {artifact} cannot run: {cannot_run}")
+        from .verify import check_integrity, why_cannot_run
+        backend = registry.backend(target)
+        why = why_cannot_run(artifact, backend)
+        if why:
+            raise UserError(f"--target {target}: {artifact} cannot run here: {why}")
         tampered = check_integrity(artifact)   # as the verifier: changed bytes are never run
         if tampered:
             raise UserError(f"--target {target}: {artifact} has changed since it was built "
                             f"({', '.join(tampered[:3])}); build it again (tscompile build SPEC --target {target})")
-        out = registry.backend(target).load(artifact).generate(ids, max_new_tokens)
+        out = backend.load(artifact).generate(ids, max_new_tokens)
         # runners decode a fixed count (the verifier's); the text ends at the first EOS
         ends = [i for i, t in enumerate(out) if t in ir.config.eos_ids]
         out = out[:ends[0] + 1] if ends else out

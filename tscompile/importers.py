@@ -21,7 +21,7 @@ from packaging.version import Version
 from .cache import scratch_dir, sha256_file
 from .checkpoint import load_checkpoint, validate_weights
 from .errors import UserError
-from .ir import ArchConfig, ModelIR, Weights
+from .ir import ArchConfig, ModelIR, Weights, eos_field
 from .sources import expand_home
 
 IMPORTER_VERSION = 3   # bump when conversion changes: invalidates cached imports and builds from a path source
@@ -213,8 +213,7 @@ def _token_id_field(reader, key: str, path: Path, tokens: list, default=KeyError
 def _eos_ids(reader, path: Path) -> int | list[int] | None:
     """EOS, then end-of-turn and end-of-message (llama.cpp stops on each; Llama-3 instruct ends a turn with EOT)."""
     ids = [_int_field(reader, f"tokenizer.ggml.{k}_token_id", path, None) for k in ("eos", "eot", "eom")]
-    ids = list(dict.fromkeys(i for i in ids if i is not None))
-    return ids[0] if len(ids) == 1 else ids or None
+    return eos_field(list(dict.fromkeys(i for i in ids if i is not None)))
 
 
 def gguf_config(reader, path: Path, vocab: int) -> ArchConfig:

@@ -140,7 +140,7 @@ class ArchConfig:
             sliding_window=window, attention_bias=family == "qwen2" or flag("attention_bias"),
             num_experts=num("num_local_experts", 0), num_experts_per_tok=num("num_experts_per_tok", 0),
             max_position_embeddings=num("max_position_embeddings", 4096),
-            bos_token_id=_first(d.get("bos_token_id")), eos_token_id=_eos(d.get("eos_token_id")),
+            bos_token_id=_first(d.get("bos_token_id")), eos_token_id=eos_field(d.get("eos_token_id")),
         )
         cfg.check(where)
         return cfg
@@ -209,8 +209,8 @@ def _first(x):
     return x[0] if isinstance(x, list) and x else x
 
 
-def _eos(x):
-    """config.json's eos_token_id: a list of one id reads as the id, an empty list as none."""
+def eos_field(x):
+    """eos_token_id as ArchConfig keeps it (HF's form): a list of one id is the id, an empty list none."""
     return (x[0] if len(x) == 1 else x or None) if isinstance(x, list) else x
 
 

@@ -48,6 +48,11 @@ def check_integrity(target_dir: Path) -> list[str]:
             + [f"{f} (not built)" for f in now if f not in recorded])
 
 
+def why_cannot_run(target_dir: Path, backend) -> str | None:
+    """Why this artifact cannot run here: as lowered (its manifest's cannot_run) or on this machine (no GPU, ...)."""
+    return load_manifest(target_dir).get("cannot_run") or backend.available()
+
+
 def prompt_ids(tokenizer, prompts: list[str], bos: int | None) -> list[list[int]]:
     out = []
     for p in prompts:
@@ -240,7 +245,7 @@ def verify_build(build_dir: Path, spec, targets: list[str] | None = None,
         tdir = build_dir / name
         backend = registry.backend(name)
         tampered = check_integrity(tdir)
-        why = load_manifest(tdir).get("cannot_run") or backend.available()
+        why = why_cannot_run(tdir, backend)
         if why:
             results["targets"][name] = {"skipped": why, "tampered": tampered}
             continue

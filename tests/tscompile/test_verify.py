@@ -134,7 +134,7 @@ def test_a_target_that_is_not_verified_is_named_in_the_verdict(tiny_build, tmp_p
     r = tsc("verify", str(build))
     assert r.returncode == 0 and "note: not verified onnx: lowered without binaries" in r.stderr
     r = tsc("generate", str(build), "--target", "onnx", "--prompt", "dog")
-    assert r.returncode == 2 and r.stderr.strip() == (f"error: --target onnx: {build / 'onnx'} cannot run: "
+    assert r.returncode == 2 and r.stderr.strip() == (f"error: --target onnx: {build / 'onnx'} cannot run here: "
                                                       "lowered without binaries")
 
 
